@@ -1,0 +1,109 @@
+//! Bringing the guest up as PID 1: pseudo filesystems, kernel modules, the shared directory,
+//! and powering off.
+
+use std::fs;
+use std::os::fd::AsFd;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use nix::errno::Errno;
+use nix::kmod::{finit_module, ModuleInitFlags};
+use nix::mount::{mount, MsFlags};
+
+/// Where the load order written by the image builder lives (module paths, dependencies first).
+pub const MODULE_ORDER: &str = "/lib/modules/load-order";
+/// Where the virtio-fs share is mounted in the guest.
+pub const SHARED_MOUNT: &str = "/run/cocoon/shared";
+/// The virtio-fs tag the host exports the share under.
+pub const SHARED_TAG: &str = "cocoon";
+
+fn mount_fs(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<()> {
+    fs::create_dir_all(target).with_context(|| format!("mkdir {target}"))?;
+    match mount(Some(source), target, Some(fstype), flags, data) {
+        Ok(()) | Err(Errno::EBUSY) => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("mount {fstype} on {target}")),
+    }
+}
+
+/// /proc first: everything after it (the command line, module list) reads it.
+pub fn mount_proc() -> Result<()> {
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount_fs("proc", "/proc", "proc", nosuid, None)
+}
+
+/// The rest of the pseudo filesystems a container runtime expects.
+pub fn mount_base() -> Result<()> {
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount_fs("sysfs", "/sys", "sysfs", nosuid, None)?;
+    mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
+    mount_fs("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=0620"))?;
+    mount_fs("shm", "/dev/shm", "tmpfs", nosuid, Some("mode=1777"))?;
+    mount_fs("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid, None)?;
+    mount_fs("run", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
+    mount_fs("tmp", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
+    Ok(())
+}
+
+/// Loads the modules listed in `order_file`, in that order. The image builder resolved the
+/// order from modules.dep, so each module's dependencies are already in.
+pub fn load_modules(order_file: &Path) -> Result<Vec<String>> {
+    let list = fs::read_to_string(order_file).with_context(|| format!("read {}", order_file.display()))?;
+    let dir = order_file.parent().unwrap_or(Path::new("/"));
+    let mut loaded = vec![];
+    for rel in list.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let path = dir.join(rel);
+        let file = fs::File::open(&path).with_context(|| format!("open module {}", path.display()))?;
+        match finit_module(file.as_fd(), c"", ModuleInitFlags::empty()) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(e) => return Err(e).with_context(|| format!("load module {}", path.display())),
+        }
+        loaded.push(module_name(rel));
+    }
+    Ok(loaded)
+}
+
+/// `kernel/fs/fuse/virtiofs.ko` -> `virtiofs`.
+fn module_name(rel: &str) -> String {
+    let file = rel.rsplit('/').next().unwrap_or(rel);
+    file.split(".ko").next().unwrap_or(file).to_owned()
+}
+
+/// Mounts the host's virtio-fs share; returns whether it is there.
+pub fn mount_shared() -> Result<()> {
+    mount_fs(SHARED_TAG, SHARED_MOUNT, "virtiofs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None)
+}
+
+/// Flushes and powers the VM off. Never returns on success.
+pub fn power_off() -> Result<()> {
+    nix::unistd::sync();
+    nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF).context("reboot(POWER_OFF)")?;
+    Ok(())
+}
+
+/// `key=value` pairs from the kernel command line that belong to the agent (`cocoon.*`).
+pub fn cmdline_param(cmdline: &str, key: &str) -> Option<String> {
+    cmdline
+        .split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_params() {
+        let c = "console=ttyS0 quiet cocoon.log=debug cocoon.mode=bare";
+        assert_eq!(cmdline_param(c, "cocoon.log").as_deref(), Some("debug"));
+        assert_eq!(cmdline_param(c, "cocoon.mode").as_deref(), Some("bare"));
+        assert_eq!(cmdline_param(c, "cocoon.none"), None);
+    }
+
+    #[test]
+    fn module_names() {
+        assert_eq!(module_name("kernel/fs/fuse/virtiofs.ko"), "virtiofs");
+        assert_eq!(module_name("kernel/net/vmw_vsock/vsock.ko.xz"), "vsock");
+    }
+}

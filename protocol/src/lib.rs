@@ -1,0 +1,22 @@
+//! The Cocoon agent API, generated from `proto/agent.proto`.
+//!
+//! Host and guest share this crate so both ends always agree on the wire format.
+
+#![allow(clippy::all, clippy::unwrap_used, clippy::expect_used, missing_debug_implementations, rust_2018_idioms, unsafe_code)]
+
+mod generated {
+    include!(concat!(env!("OUT_DIR"), "/mod.rs"));
+}
+
+pub use generated::agent;
+pub use generated::agent_ttrpc;
+
+/// vsock port of the agent's ttrpc API.
+pub const AGENT_PORT: u32 = 1024;
+/// vsock port the agent accepts per-process stdio streams on.
+pub const STDIO_PORT: u32 = 1025;
+/// Bumped on every incompatible change to `agent.proto`.
+pub const API_VERSION: u32 = 1;
+
+pub use protobuf;
+pub use ttrpc;

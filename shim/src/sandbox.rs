@@ -1,0 +1,122 @@
+//! A sandbox is one VM with a connected agent. Booting is all-or-nothing: if any step fails,
+//! the VM and its helpers are stopped before the error is returned.
+
+use std::time::{Duration, Instant};
+
+use cocoon_protocol::agent::{CheckRequest, GuestDetailsRequest, GuestDetailsResponse, ShutdownRequest};
+use cocoon_protocol::agent_ttrpc::AgentServiceClient;
+use cocoon_protocol::{AGENT_PORT, API_VERSION};
+use ttrpc::context;
+use ttrpc::r#async::transport::Socket;
+use ttrpc::r#async::Client;
+use vmm_driver::{Config, Vmm, VmSpec};
+
+use crate::{Error, Result};
+
+/// Per-call deadline for agent calls that should answer at once.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a guest may take to power off after Shutdown before it is stopped forcibly.
+const POWEROFF_GRACE: Duration = Duration::from_secs(5);
+
+/// Where boot time went, measured on the host from the start of [`Sandbox::boot`].
+#[derive(Debug, Clone, Copy)]
+pub struct BootTimings {
+    /// Helpers and VMM running, QMP answering.
+    pub vmm_started: Duration,
+    /// The agent's vsock port accepted a connection.
+    pub agent_connected: Duration,
+    /// The agent answered its first call.
+    pub agent_ready: Duration,
+}
+
+/// A running pod VM and its agent.
+pub struct Sandbox {
+    pub id: String,
+    vm: Box<dyn Vmm>,
+    agent: AgentServiceClient,
+    pub timings: BootTimings,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox").field("id", &self.id).field("vm", &self.vm).finish_non_exhaustive()
+    }
+}
+
+fn ctx() -> context::Context {
+    context::with_duration(CALL_TIMEOUT)
+}
+
+impl Sandbox {
+    /// Boots the VM and waits until its agent answers.
+    pub async fn boot(cfg: &Config, spec: &VmSpec) -> Result<Sandbox> {
+        let t0 = Instant::now();
+        let mut vm = vmm_driver::launch(cfg, spec).await?;
+        let vmm_started = t0.elapsed();
+        match Self::connect(cfg, vm.as_mut(), t0).await {
+            Ok((agent, agent_connected)) => {
+                let timings = BootTimings { vmm_started, agent_connected, agent_ready: t0.elapsed() };
+                log::info!("sandbox {}: agent ready after {:?} ({timings:?})", spec.id, timings.agent_ready);
+                Ok(Sandbox { id: spec.id.clone(), vm, agent, timings })
+            }
+            Err(e) => {
+                if let Err(stop) = vm.stop().await {
+                    log::warn!("sandbox {}: cleanup after failed boot: {stop}", spec.id);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn connect(cfg: &Config, vm: &mut dyn Vmm, t0: Instant) -> Result<(AgentServiceClient, Duration)> {
+        let timeout = Duration::from_millis(cfg.agent.connect_timeout_ms).saturating_sub(t0.elapsed());
+        let stream = vmm_driver::connect_guest(vm, AGENT_PORT, timeout).await?;
+        let connected = t0.elapsed();
+        let agent = AgentServiceClient::new(Client::new(Socket::new(stream)));
+        let check = agent.check(ctx(), &CheckRequest::new()).await.map_err(|source| Error::Agent {
+            call: "Check",
+            source,
+            console_tail: vmm_driver::tail_lines(&vm.console_log(), 20),
+        })?;
+        if check.api_version != API_VERSION {
+            return Err(Error::ApiMismatch { agent: check.api_version, shim: API_VERSION });
+        }
+        Ok((agent, connected))
+    }
+
+    /// The generated agent client, for calls this type does not wrap.
+    pub fn agent(&self) -> &AgentServiceClient {
+        &self.agent
+    }
+
+    /// The VM underneath, e.g. to list its processes.
+    pub fn vm(&self) -> &dyn Vmm {
+        self.vm.as_ref()
+    }
+
+    pub async fn guest_details(&self) -> Result<GuestDetailsResponse> {
+        self.agent
+            .guest_details(ctx(), &GuestDetailsRequest::new())
+            .await
+            .map_err(|source| self.agent_error("GuestDetails", source))
+    }
+
+    fn agent_error(&self, call: &'static str, source: ttrpc::Error) -> Error {
+        Error::Agent { call, source, console_tail: vmm_driver::tail_lines(&self.vm.console_log(), 20) }
+    }
+
+    /// Asks the guest to power off, then stops and reaps everything, even if the guest did not
+    /// cooperate. The sandbox is gone afterwards in every case.
+    pub async fn shutdown(mut self) -> Result<()> {
+        let asked = self.agent.shutdown(context::with_duration(Duration::from_secs(2)), &ShutdownRequest::new()).await;
+        if let Err(e) = &asked {
+            log::warn!("sandbox {}: Shutdown call failed ({e}); stopping the VM", self.id);
+        }
+        let clean = asked.is_ok() && self.vm.wait_exit(POWEROFF_GRACE).await;
+        self.vm.stop().await?;
+        if asked.is_ok() && !clean {
+            return Err(Error::ShutdownTimeout(POWEROFF_GRACE));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,289 @@
+//! Runtime configuration: `/etc/cocoon/config.toml`, or the file named by `COCOON_CONFIG`.
+//!
+//! Unknown keys are errors rather than warnings: a typo in a security-relevant setting must not
+//! silently fall back to a default.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Where the config is read from when `COCOON_CONFIG` is unset.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/cocoon/config.toml";
+/// Where `make image` installs the guest kernel, initramfs and manifest.
+pub const DEFAULT_IMAGE_DIR: &str = "/usr/local/share/cocoon";
+
+/// The hypervisor that runs pod VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Hypervisor {
+    Qemu,
+    CloudHypervisor,
+}
+
+/// CPU virtualisation: `auto` uses KVM only where a real kvm_intel/kvm_amd is present.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// How the host reaches the guest's vsock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VsockMode {
+    /// Kernel vsock where `/dev/vhost-vsock` exists, hybrid otherwise.
+    Auto,
+    /// A unix socket speaking `CONNECT <port>` (vhost-device-vsock, Cloud Hypervisor).
+    Hybrid,
+    /// AF_VSOCK through the host kernel's vhost-vsock.
+    Kernel,
+}
+
+/// The whole config file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub hypervisor: Hypervisor,
+    pub accel: Accel,
+    pub vsock: VsockMode,
+    /// Guest kernel (bzImage).
+    pub kernel: PathBuf,
+    /// Guest initramfs with cocoon-agent as /init.
+    pub initramfs: PathBuf,
+    /// Appended to the kernel command line Cocoon builds.
+    pub kernel_params: String,
+    /// Per-sandbox runtime state: sockets, shared dir, console log.
+    pub state_dir: PathBuf,
+    /// Guest agent log level: error, warn, info, debug, trace.
+    pub log_level: String,
+    /// Keep the kernel's boot messages on the console (drops `quiet`).
+    pub debug_console: bool,
+    pub vm: VmDefaults,
+    pub agent: AgentSettings,
+    pub paths: BinaryPaths,
+}
+
+/// VM sizing defaults and the bounds that pod annotations may not exceed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VmDefaults {
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub max_vcpus: u32,
+    pub max_memory_mib: u32,
+}
+
+/// How long the host waits for the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentSettings {
+    /// From VMM start until the agent must answer its first call.
+    pub connect_timeout_ms: u64,
+}
+
+/// Helper binaries. A bare name is looked up on PATH (and in /usr/local/bin, /usr/libexec).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BinaryPaths {
+    pub qemu: PathBuf,
+    pub cloud_hypervisor: PathBuf,
+    pub virtiofsd: PathBuf,
+    pub vhost_device_vsock: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            hypervisor: Hypervisor::Qemu,
+            accel: Accel::Auto,
+            vsock: VsockMode::Auto,
+            kernel: Path::new(DEFAULT_IMAGE_DIR).join("vmlinuz"),
+            initramfs: Path::new(DEFAULT_IMAGE_DIR).join("initramfs.img"),
+            kernel_params: String::new(),
+            state_dir: PathBuf::from("/run/cocoon"),
+            log_level: "info".into(),
+            debug_console: false,
+            vm: VmDefaults::default(),
+            agent: AgentSettings::default(),
+            paths: BinaryPaths::default(),
+        }
+    }
+}
+
+impl Default for VmDefaults {
+    fn default() -> Self {
+        VmDefaults { vcpus: 1, memory_mib: 256, max_vcpus: 8, max_memory_mib: 8192 }
+    }
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        // TCG boots take ~2 s on a quiet machine; leave room for a loaded one.
+        AgentSettings { connect_timeout_ms: 30_000 }
+    }
+}
+
+impl Default for BinaryPaths {
+    fn default() -> Self {
+        BinaryPaths {
+            qemu: "qemu-system-x86_64".into(),
+            cloud_hypervisor: "cloud-hypervisor".into(),
+            virtiofsd: "virtiofsd".into(),
+            vhost_device_vsock: "vhost-device-vsock".into(),
+        }
+    }
+}
+
+const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+/// Below this the Debian kernel plus agent cannot boot reliably.
+pub const MIN_MEMORY_MIB: u32 = 64;
+
+impl Config {
+    /// Reads `COCOON_CONFIG`, else `/etc/cocoon/config.toml`; a missing default file means defaults.
+    pub fn load() -> Result<Config> {
+        match std::env::var_os("COCOON_CONFIG") {
+            Some(p) => Config::from_file(Path::new(&p)),
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+                Config::from_file(Path::new(DEFAULT_CONFIG_PATH))
+            }
+            None => Ok(Config::default()),
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+            path: path.to_owned(),
+            message: format!("cannot read it: {e}"),
+        })?;
+        Config::parse(&text).map_err(|e| match e {
+            Error::Config { message, .. } => Error::Config { path: path.to_owned(), message },
+            other => other,
+        })
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Config> {
+        let cfg: Config = toml::from_str(text).map_err(|e| Error::Config {
+            path: PathBuf::from("<text>"),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values the types alone cannot.
+    pub fn validate(&self) -> Result<()> {
+        let vm = &self.vm;
+        if vm.max_vcpus == 0 {
+            return Err(value("vm.max_vcpus", "must be at least 1"));
+        }
+        if vm.vcpus == 0 || vm.vcpus > vm.max_vcpus {
+            return Err(value(
+                "vm.vcpus",
+                &format!("{} is out of range; use 1..={} (vm.max_vcpus)", vm.vcpus, vm.max_vcpus),
+            ));
+        }
+        if vm.max_memory_mib < MIN_MEMORY_MIB {
+            return Err(value("vm.max_memory_mib", &format!("must be at least {MIN_MEMORY_MIB}")));
+        }
+        if vm.memory_mib < MIN_MEMORY_MIB || vm.memory_mib > vm.max_memory_mib {
+            return Err(value(
+                "vm.memory_mib",
+                &format!(
+                    "{} is out of range; use {MIN_MEMORY_MIB}..={} (vm.max_memory_mib)",
+                    vm.memory_mib, vm.max_memory_mib
+                ),
+            ));
+        }
+        if !LOG_LEVELS.contains(&self.log_level.as_str()) {
+            return Err(value(
+                "log_level",
+                &format!("`{}` is not one of {}", self.log_level, LOG_LEVELS.join(", ")),
+            ));
+        }
+        if self.agent.connect_timeout_ms == 0 {
+            return Err(value("agent.connect_timeout_ms", "must be greater than 0"));
+        }
+        if !self.state_dir.is_absolute() {
+            return Err(value("state_dir", "must be an absolute path"));
+        }
+        if self.kernel_params.contains('\n') {
+            return Err(value("kernel_params", "must be a single line"));
+        }
+        Ok(())
+    }
+}
+
+fn value(key: &'static str, message: &str) -> Error {
+    Error::ConfigValue { key, message: message.to_owned() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_text_is_the_defaults() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn full_file_round_trips() {
+        let text = toml::to_string(&Config::default()).unwrap();
+        assert_eq!(Config::parse(&text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn sections_override_defaults() {
+        let cfg = Config::parse(
+            "accel = \"tcg\"\nvsock = \"hybrid\"\n[vm]\nvcpus = 2\nmemory_mib = 512\n[paths]\nqemu = \"/opt/q\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.accel, Accel::Tcg);
+        assert_eq!(cfg.vsock, VsockMode::Hybrid);
+        assert_eq!(cfg.vm.vcpus, 2);
+        assert_eq!(cfg.vm.memory_mib, 512);
+        assert_eq!(cfg.paths.qemu, PathBuf::from("/opt/q"));
+        assert_eq!(cfg.paths.virtiofsd, PathBuf::from("virtiofsd"));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse("[vm]\nvcpu = 2\n").unwrap_err().to_string();
+        assert!(err.contains("unknown field `vcpu`"), "{err}");
+        assert!(err.contains("vcpus"), "should list the valid keys: {err}");
+    }
+
+    #[test]
+    fn bad_enum_value_lists_the_choices() {
+        let err = Config::parse("accel = \"fast\"\n").unwrap_err().to_string();
+        assert!(err.contains("fast") && err.contains("tcg"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        let err = Config::parse("[vm]\nvcpus = 0\n").unwrap_err().to_string();
+        assert!(err.contains("vm.vcpus"), "{err}");
+        let err = Config::parse("[vm]\nmemory_mib = 16\n").unwrap_err().to_string();
+        assert!(err.contains("vm.memory_mib"), "{err}");
+        let err = Config::parse("log_level = \"loud\"\n").unwrap_err().to_string();
+        assert!(err.contains("log_level"), "{err}");
+        let err = Config::parse("state_dir = \"run\"\n").unwrap_err().to_string();
+        assert!(err.contains("state_dir"), "{err}");
+    }
+
+    #[test]
+    fn file_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "bogus = 1\n").unwrap();
+        let err = Config::from_file(&p).unwrap_err().to_string();
+        assert!(err.contains(&p.display().to_string()) && err.contains("bogus"), "{err}");
+        let err = Config::from_file(&dir.path().join("none.toml")).unwrap_err().to_string();
+        assert!(err.contains("none.toml") && err.contains("cannot read"), "{err}");
+    }
+}

@@ -1,0 +1,154 @@
+//! Child processes that must never outlive their VM: spawn with logs captured, stop with
+//! SIGTERM then SIGKILL, and always reap.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+use crate::error::{Error, Result};
+
+/// A running helper (qemu, virtiofsd, vhost-device-vsock) with its stdout/stderr in `log`.
+#[derive(Debug)]
+pub struct Daemon {
+    pub name: &'static str,
+    child: Child,
+    pid: u32,
+    log: PathBuf,
+    status: Option<ExitStatus>,
+}
+
+impl Daemon {
+    pub fn spawn(name: &'static str, mut cmd: Command, log: &Path) -> Result<Daemon> {
+        let out = File::create(log).map_err(|e| Error::io(format!("create {}", log.display()), e))?;
+        let err = out.try_clone().map_err(|e| Error::io("dup log fd", e))?;
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err).kill_on_drop(true);
+        let child = cmd.spawn().map_err(|source| Error::Spawn { name, source })?;
+        let pid = child.id().unwrap_or(0);
+        log::debug!("started {name} (pid {pid})");
+        Ok(Daemon { name, child, pid, log: log.to_owned(), status: None })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The exit status if the process has ended (and is now reaped).
+    pub fn try_exited(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().ok().flatten();
+        }
+        self.status
+    }
+
+    /// Waits for the process to end on its own.
+    pub async fn wait(&mut self) -> Result<ExitStatus> {
+        if let Some(s) = self.status {
+            return Ok(s);
+        }
+        let s = self.child.wait().await.map_err(|e| Error::io(format!("wait for {}", self.name), e))?;
+        self.status = Some(s);
+        Ok(s)
+    }
+
+    /// SIGTERM, up to `grace` to exit, then SIGKILL; reaps in every case.
+    pub async fn stop(&mut self, grace: Duration) -> Result<ExitStatus> {
+        if let Some(s) = self.try_exited() {
+            return Ok(s);
+        }
+        if let Ok(pid) = i32::try_from(self.pid) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        if let Ok(r) = tokio::time::timeout(grace, self.wait()).await {
+            return r;
+        }
+        log::warn!("{} (pid {}) ignored SIGTERM for {grace:?}; killing it", self.name, self.pid);
+        let _ = self.child.start_kill();
+        self.wait().await
+    }
+
+    /// Last `n` lines of the daemon's own output, for error messages.
+    pub fn log_tail(&self, n: usize) -> String {
+        tail_lines(&self.log, n)
+    }
+}
+
+/// Last `n` lines of a text file; empty if it cannot be read.
+pub fn tail_lines(path: &Path, n: usize) -> String {
+    let Ok(bytes) = std::fs::read(path) else { return String::new() };
+    let text = String::from_utf8_lossy(&bytes);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Waits until `socket` exists, failing early if the daemon dies first.
+pub async fn wait_for_socket(d: &mut Daemon, socket: &Path, waited: Duration) -> Result<()> {
+    let start = tokio::time::Instant::now();
+    loop {
+        if socket.exists() {
+            return Ok(());
+        }
+        if let Some(status) = d.try_exited() {
+            return Err(Error::DaemonExited {
+                name: d.name,
+                status: status.to_string(),
+                log_tail: d.log_tail(20),
+            });
+        }
+        if start.elapsed() >= waited {
+            return Err(Error::DaemonNotReady {
+                name: d.name,
+                socket: socket.to_owned(),
+                waited,
+                log_tail: d.log_tail(20),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_the_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("log");
+        let text: String = (1..=30).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&p, text).unwrap();
+        let tail = tail_lines(&p, 20);
+        assert!(tail.starts_with("line 11\n") && tail.ends_with("line 30"), "{tail}");
+        assert_eq!(tail_lines(&dir.path().join("missing"), 5), "");
+    }
+
+    #[tokio::test]
+    async fn stop_escalates_to_sigkill_and_reaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "trap '' TERM; echo ready; while :; do sleep 1; done"]);
+        let mut d = Daemon::spawn("stubborn", cmd, &dir.path().join("log")).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let status = d.stop(Duration::from_millis(200)).await.unwrap();
+        assert!(!status.success());
+        let pid = Pid::from_raw(i32::try_from(d.pid()).unwrap());
+        assert!(kill(pid, None).is_err(), "process {pid} still exists after stop");
+    }
+
+    #[tokio::test]
+    async fn early_exit_is_reported_with_its_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo 'bad flag --x' >&2; exit 3"]);
+        let mut d = Daemon::spawn("helper", cmd, &dir.path().join("log")).unwrap();
+        let err = wait_for_socket(&mut d, &dir.path().join("never.sock"), Duration::from_secs(5))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("helper exited early") && err.contains("bad flag --x"), "{err}");
+    }
+}

@@ -1,0 +1,214 @@
+//! Starts, reaches and stops the VM of one pod.
+//!
+//! Nothing here knows about containers: a VM is a kernel, an initramfs, a shared directory and
+//! a vsock endpoint where the guest agent will answer.
+
+pub mod accel;
+pub mod config;
+mod daemon;
+pub mod error;
+pub mod qemu;
+pub mod vsock;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use config::Config;
+pub use daemon::tail_lines;
+pub use error::{Error, Result};
+use vsock::{connect_once, Backoff, BoxedStream, VsockEndpoint};
+
+/// What one VM should be; the backend decides how.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// Sandbox id; names the VM in logs and process titles.
+    pub id: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Per-VM directory for sockets, logs and the shared dir. Created by launch, removed by stop.
+    pub run_dir: PathBuf,
+    /// Appended to the kernel command line after the config's own.
+    pub kernel_params: Vec<String>,
+}
+
+impl VmSpec {
+    /// A VM sized by the config's defaults, living in `<state_dir>/<id>`.
+    pub fn from_config(cfg: &Config, id: &str) -> VmSpec {
+        VmSpec {
+            id: id.to_owned(),
+            vcpus: cfg.vm.vcpus,
+            memory_mib: cfg.vm.memory_mib,
+            run_dir: cfg.state_dir.join(id),
+            kernel_params: vec![],
+        }
+    }
+}
+
+/// A running VM. Backends differ in how they start and stop; callers see only this.
+#[async_trait]
+pub trait Vmm: Send + std::fmt::Debug {
+    /// Where the guest's vsock ports are reached.
+    fn agent_endpoint(&self) -> &vsock::VsockEndpoint;
+    /// The guest serial console, for error messages and debugging.
+    fn console_log(&self) -> PathBuf;
+    /// Every host process this VM owns, by name.
+    fn pids(&self) -> Vec<(&'static str, u32)>;
+    /// Why the VMM is gone, if it exited on its own (guest poweroff, crash, kill).
+    fn exit_error(&mut self) -> Option<Error>;
+    /// Waits up to `timeout` for the VMM to exit on its own; true if it did.
+    async fn wait_exit(&mut self, timeout: Duration) -> bool;
+    /// Stops the VMM and every helper, reaps them all and removes the run directory.
+    /// Safe to call more than once and after a failed start.
+    async fn stop(&mut self) -> Result<()>;
+}
+
+/// Boots a VM with the configured hypervisor.
+pub async fn launch(cfg: &Config, spec: &VmSpec) -> Result<Box<dyn Vmm>> {
+    match cfg.hypervisor {
+        config::Hypervisor::Qemu => Ok(Box::new(qemu::QemuVm::launch(cfg, spec).await?)),
+        config::Hypervisor::CloudHypervisor => {
+            Err(Error::UnsupportedHypervisor("cloud-hypervisor".into()))
+        }
+    }
+}
+
+/// Connects to a guest port, retrying until the guest listens, the VM dies or `timeout` passes.
+/// A dead or silent guest yields an error carrying the console tail.
+pub async fn connect_guest(vm: &mut dyn Vmm, port: u32, timeout: Duration) -> Result<BoxedStream> {
+    let start = tokio::time::Instant::now();
+    let ep: VsockEndpoint = vm.agent_endpoint().clone();
+    let mut backoff = Backoff::default();
+    loop {
+        if let Some(e) = vm.exit_error() {
+            return Err(e);
+        }
+        let left = timeout.saturating_sub(start.elapsed());
+        match tokio::time::timeout(left, connect_once(&ep, port)).await {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(e)) => log::trace!("guest port {port} not ready: {e}"),
+            Err(_) => {}
+        }
+        if start.elapsed() >= timeout {
+            return Err(Error::AgentUnreachable {
+                waited: timeout,
+                console_tail: tail_lines(&vm.console_log(), 20),
+            });
+        }
+        if let Some(d) = backoff.next() {
+            tokio::time::sleep(d).await;
+        }
+    }
+}
+
+/// Finds a helper binary: a path is taken as is, a bare name is looked up on PATH and in the
+/// places `make setup` and Debian install to.
+pub(crate) fn resolve_binary(name: &'static str, key: &'static str, configured: &Path) -> Result<PathBuf> {
+    let missing = || Error::BinaryMissing { name, key, path: configured.to_owned() };
+    if configured.components().count() > 1 {
+        return if configured.is_file() { Ok(configured.to_owned()) } else { Err(missing()) };
+    }
+    if let Ok(p) = which::which(configured) {
+        return Ok(p);
+    }
+    let extra = "/usr/local/bin:/usr/bin:/usr/libexec:/usr/lib/qemu";
+    which::which_in(configured, Some(extra), "/").map_err(|_| missing())
+}
+
+/// The per-VM directory and the files the driver puts in it.
+#[derive(Debug)]
+pub(crate) struct RunDir {
+    root: PathBuf,
+    created_root: bool,
+}
+
+impl RunDir {
+    fn create(root: &Path) -> Result<RunDir> {
+        let created_root = !root.exists();
+        std::fs::create_dir_all(root.join("shared"))
+            .map_err(|e| Error::io(format!("create {}", root.display()), e))?;
+        Ok(RunDir { root: root.to_owned(), created_root })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    fn shared(&self) -> PathBuf {
+        self.root.join("shared")
+    }
+
+    fn console_log(&self) -> PathBuf {
+        self.root.join("console.log")
+    }
+
+    /// Removes the driver's files. The shared dir and the root go only if empty: whatever
+    /// else is there (container rootfs mounts, state) belongs to the caller.
+    fn remove(&self) -> Result<()> {
+        for name in [
+            "qmp.sock",
+            "vsock.sock",
+            "vhost-vsock.sock",
+            "virtiofsd.sock",
+            "virtiofsd.sock.pid",
+            "console.log",
+            "qemu.log",
+            "virtiofsd.log",
+            "vhost-device-vsock.log",
+        ] {
+            match std::fs::remove_file(self.path(name)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(format!("remove {}", self.path(name).display()), e)),
+            }
+        }
+        // vhost-device-vsock creates "<uds-path>_<port>" sockets for guest-initiated connections.
+        if let Ok(entries) = std::fs::read_dir(&self.root) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with("vsock.sock_") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(self.shared());
+        if self.created_root {
+            let _ = std::fs::remove_dir(&self.root);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_binary_names_make_setup() {
+        let err = resolve_binary("virtiofsd", "virtiofsd", Path::new("/nonexistent/virtiofsd"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("virtiofsd") && err.contains("make setup") && err.contains("paths.virtiofsd"), "{err}");
+        let err = resolve_binary("qemu-system-x86_64", "qemu", Path::new("no-such-qemu-binary"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no-such-qemu-binary"), "{err}");
+        assert_eq!(resolve_binary("sh", "x", Path::new("sh")).unwrap().file_name().unwrap(), "sh");
+    }
+
+    #[test]
+    fn run_dir_keeps_foreign_files() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("sb");
+        let d = RunDir::create(&root).unwrap();
+        std::fs::write(d.path("console.log"), "x").unwrap();
+        std::fs::write(d.path("vsock.sock_1025"), "").unwrap();
+        std::fs::write(d.path("state.json"), "{}").unwrap();
+        d.remove().unwrap();
+        assert!(!d.path("console.log").exists() && !d.path("vsock.sock_1025").exists());
+        assert!(d.path("state.json").exists() && !d.shared().exists());
+        std::fs::remove_file(d.path("state.json")).unwrap();
+        d.remove().unwrap();
+        assert!(!root.exists());
+    }
+}

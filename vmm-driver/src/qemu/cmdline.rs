@@ -1,0 +1,160 @@
+//! The QEMU command line, built as a pure function of [`QemuLaunch`] so it can be unit-tested.
+//!
+//! Machine choice: q35 with SeaBIOS. Measured on these machines under TCG (boot to poweroff,
+//! trivial init, best of 3): q35+SeaBIOS 1.88 s, q35+qboot 1.97 s, microvm 2.19 s. Under TCG the
+//! kernel's own boot dominates, and q35 keeps plain PCI for the vhost-user devices.
+
+use std::path::PathBuf;
+
+use crate::accel::Chosen;
+
+/// Everything the command line depends on.
+#[derive(Debug, Clone)]
+pub struct QemuLaunch {
+    pub name: String,
+    pub accel: Chosen,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub cmdline: String,
+    pub console_log: PathBuf,
+    pub qmp_socket: PathBuf,
+    pub vsock: VsockDevice,
+    /// vhost-user socket of the virtiofsd exporting the shared dir.
+    pub virtiofs_socket: PathBuf,
+    pub virtiofs_tag: String,
+}
+
+/// The guest's vsock device.
+#[derive(Debug, Clone)]
+pub enum VsockDevice {
+    /// vhost-user-vsock-pci backed by a vhost-device-vsock daemon on this socket.
+    VhostUser(PathBuf),
+    /// In-kernel vhost-vsock with this context id.
+    Kernel { cid: u32 },
+}
+
+fn p(path: &std::path::Path) -> String {
+    path.display().to_string()
+}
+
+/// QEMU's arguments, in order.
+pub fn qemu_args(l: &QemuLaunch) -> Vec<String> {
+    let mut a: Vec<String> = Vec::with_capacity(48);
+    let mut push = |args: &[&str]| a.extend(args.iter().map(|s| (*s).to_owned()));
+    let (accel, cpu) = match l.accel {
+        Chosen::Kvm => ("kvm", "host"),
+        Chosen::Tcg => ("tcg", "max"),
+    };
+    let mem = format!("{}M", l.memory_mib);
+    push(&["-name", &l.name]);
+    push(&["-machine", &format!("q35,accel={accel}")]);
+    push(&["-cpu", cpu]);
+    push(&["-smp", &l.vcpus.to_string()]);
+    push(&["-m", &mem]);
+    // vhost-user devices need guest memory the daemons can map: shared memfd.
+    push(&["-object", &format!("memory-backend-memfd,id=mem,size={mem},share=on")]);
+    push(&["-numa", "node,memdev=mem"]);
+    push(&["-kernel", &p(&l.kernel), "-initrd", &p(&l.initramfs), "-append", &l.cmdline]);
+    push(&["-nodefaults", "-no-user-config", "-display", "none", "-vga", "none", "-no-reboot"]);
+    push(&["-serial", &format!("file:{}", p(&l.console_log))]);
+    push(&["-qmp", &format!("unix:{},server=on,wait=off", p(&l.qmp_socket))]);
+    match &l.vsock {
+        VsockDevice::VhostUser(sock) => {
+            push(&["-chardev", &format!("socket,id=vsock0,path={}", p(sock))]);
+            push(&["-device", "vhost-user-vsock-pci,chardev=vsock0"]);
+        }
+        VsockDevice::Kernel { cid } => {
+            push(&["-device", &format!("vhost-vsock-pci,guest-cid={cid}")]);
+        }
+    }
+    push(&["-chardev", &format!("socket,id=fs0,path={}", p(&l.virtiofs_socket))]);
+    push(&["-device", &format!("vhost-user-fs-pci,chardev=fs0,tag={}", l.virtiofs_tag)]);
+    a
+}
+
+/// The guest kernel command line. `quiet` matters under TCG: every console byte is emulated.
+pub fn kernel_cmdline(debug_console: bool, log_level: &str, extra: &[&str]) -> String {
+    let mut parts = vec!["console=ttyS0", "reboot=k", "panic=-1"];
+    if !debug_console {
+        parts.push("quiet");
+    }
+    let log = format!("cocoon.log={log_level}");
+    parts.push(&log);
+    parts.extend(extra.iter().copied().filter(|s| !s.is_empty()));
+    parts.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launch(accel: Chosen, vsock: VsockDevice) -> QemuLaunch {
+        QemuLaunch {
+            name: "cocoon-abc".into(),
+            accel,
+            vcpus: 2,
+            memory_mib: 256,
+            kernel: "/k".into(),
+            initramfs: "/i".into(),
+            cmdline: "console=ttyS0 quiet".into(),
+            console_log: "/r/console.log".into(),
+            qmp_socket: "/r/qmp.sock".into(),
+            vsock,
+            virtiofs_socket: "/r/fs.sock".into(),
+            virtiofs_tag: "cocoon".into(),
+        }
+    }
+
+    /// The value following `flag`, for every occurrence.
+    fn values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].as_str()).collect()
+    }
+
+    #[test]
+    fn tcg_hybrid_vsock_line() {
+        let args = qemu_args(&launch(Chosen::Tcg, VsockDevice::VhostUser("/r/vhost.sock".into())));
+        assert_eq!(values(&args, "-machine"), ["q35,accel=tcg"]);
+        assert_eq!(values(&args, "-cpu"), ["max"]);
+        assert_eq!(values(&args, "-smp"), ["2"]);
+        assert_eq!(values(&args, "-m"), ["256M"]);
+        assert_eq!(values(&args, "-object"), ["memory-backend-memfd,id=mem,size=256M,share=on"]);
+        assert_eq!(values(&args, "-numa"), ["node,memdev=mem"]);
+        assert_eq!(values(&args, "-kernel"), ["/k"]);
+        assert_eq!(values(&args, "-initrd"), ["/i"]);
+        assert_eq!(values(&args, "-append"), ["console=ttyS0 quiet"]);
+        assert_eq!(values(&args, "-serial"), ["file:/r/console.log"]);
+        assert_eq!(values(&args, "-qmp"), ["unix:/r/qmp.sock,server=on,wait=off"]);
+        assert_eq!(
+            values(&args, "-chardev"),
+            ["socket,id=vsock0,path=/r/vhost.sock", "socket,id=fs0,path=/r/fs.sock"]
+        );
+        assert_eq!(
+            values(&args, "-device"),
+            ["vhost-user-vsock-pci,chardev=vsock0", "vhost-user-fs-pci,chardev=fs0,tag=cocoon"]
+        );
+        assert!(args.iter().any(|a| a == "-nodefaults") && args.iter().any(|a| a == "-no-reboot"));
+    }
+
+    #[test]
+    fn kvm_kernel_vsock_line() {
+        let args = qemu_args(&launch(Chosen::Kvm, VsockDevice::Kernel { cid: 42 }));
+        assert_eq!(values(&args, "-machine"), ["q35,accel=kvm"]);
+        assert_eq!(values(&args, "-cpu"), ["host"]);
+        assert_eq!(values(&args, "-chardev"), ["socket,id=fs0,path=/r/fs.sock"]);
+        assert_eq!(
+            values(&args, "-device"),
+            ["vhost-vsock-pci,guest-cid=42", "vhost-user-fs-pci,chardev=fs0,tag=cocoon"]
+        );
+    }
+
+    #[test]
+    fn kernel_cmdline_quiet_unless_debugging() {
+        assert_eq!(
+            kernel_cmdline(false, "info", &["x=1", ""]),
+            "console=ttyS0 reboot=k panic=-1 quiet cocoon.log=info x=1"
+        );
+        assert!(!kernel_cmdline(true, "debug", &[]).contains("quiet"));
+    }
+}

@@ -1,0 +1,247 @@
+//! QEMU backend: command line plus QMP, with per-VM virtiofsd and vhost-device-vsock.
+
+pub mod cmdline;
+pub mod qmp;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::net::UnixStream;
+use tokio::process::Command;
+
+use crate::accel::{self, Chosen, HostFacts};
+use crate::config::{Config, VsockMode};
+use crate::daemon::{tail_lines, wait_for_socket, Daemon};
+use crate::error::{Error, Result};
+use crate::vsock::VsockEndpoint;
+use crate::{resolve_binary, RunDir, Vmm, VmSpec};
+use cmdline::{QemuLaunch, VsockDevice};
+use qmp::Qmp;
+
+/// How long a helper daemon may take to create its socket.
+const DAEMON_READY: Duration = Duration::from_secs(10);
+/// How long QEMU may take to open its QMP socket.
+const QMP_READY: Duration = Duration::from_secs(10);
+/// Grace for a process asked to exit before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+/// The virtio-fs tag the agent mounts.
+pub const VIRTIOFS_TAG: &str = "cocoon";
+/// Context id of the guest behind a per-VM vhost-device-vsock; each VM has its own daemon.
+const HYBRID_GUEST_CID: u32 = 3;
+
+/// A QEMU VM and its helpers.
+#[derive(Debug)]
+pub struct QemuVm {
+    dir: RunDir,
+    endpoint: VsockEndpoint,
+    qemu: Option<Daemon>,
+    virtiofsd: Option<Daemon>,
+    vsockd: Option<Daemon>,
+    qmp: Option<Qmp<UnixStream>>,
+}
+
+struct Binaries {
+    qemu: PathBuf,
+    virtiofsd: PathBuf,
+    vsockd: Option<PathBuf>,
+}
+
+impl QemuVm {
+    /// Checks everything that can be checked before a process starts, then boots. Any failure
+    /// after the first process started tears down what was started.
+    pub async fn launch(cfg: &Config, spec: &VmSpec) -> Result<QemuVm> {
+        let hybrid = match cfg.vsock {
+            VsockMode::Hybrid => true,
+            VsockMode::Kernel => false,
+            VsockMode::Auto => !Path::new("/dev/vhost-vsock").exists(),
+        };
+        let bins = Binaries {
+            qemu: resolve_binary("qemu-system-x86_64", "qemu", &cfg.paths.qemu)?,
+            virtiofsd: resolve_binary("virtiofsd", "virtiofsd", &cfg.paths.virtiofsd)?,
+            vsockd: if hybrid {
+                Some(resolve_binary(
+                    "vhost-device-vsock",
+                    "vhost_device_vsock",
+                    &cfg.paths.vhost_device_vsock,
+                )?)
+            } else {
+                None
+            },
+        };
+        for (what, path) in [("guest kernel", &cfg.kernel), ("guest initramfs", &cfg.initramfs)] {
+            if !path.is_file() {
+                return Err(Error::ImageMissing { what, path: path.clone() });
+            }
+        }
+        let (chosen, why) = accel::choose(cfg.accel, &HostFacts::probe())?;
+        log::info!("VM {}: accel {chosen:?} ({why})", spec.id);
+
+        let dir = RunDir::create(&spec.run_dir)?;
+        let endpoint = if hybrid {
+            VsockEndpoint::Hybrid(dir.path("vsock.sock"))
+        } else {
+            VsockEndpoint::Kernel { cid: kernel_cid(&spec.id) }
+        };
+        let mut vm = QemuVm { dir, endpoint, qemu: None, virtiofsd: None, vsockd: None, qmp: None };
+        match vm.boot(cfg, spec, &bins, chosen).await {
+            Ok(()) => Ok(vm),
+            Err(e) => {
+                if let Err(stop_err) = vm.stop().await {
+                    log::warn!("cleanup after failed launch: {stop_err}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn boot(&mut self, cfg: &Config, spec: &VmSpec, bins: &Binaries, accel: Chosen) -> Result<()> {
+        let fs_sock = self.dir.path("virtiofsd.sock");
+        let mut fs = Command::new(&bins.virtiofsd);
+        fs.arg(format!("--socket-path={}", fs_sock.display()))
+            .arg(format!("--shared-dir={}", self.dir.shared().display()))
+            .args(["--cache=never", "--sandbox=none"]);
+        self.virtiofsd = Some(Daemon::spawn("virtiofsd", fs, &self.dir.path("virtiofsd.log"))?);
+
+        let vhost_sock = self.dir.path("vhost-vsock.sock");
+        if let (Some(bin), VsockEndpoint::Hybrid(uds)) = (&bins.vsockd, &self.endpoint) {
+            let mut v = Command::new(bin);
+            v.arg("--vm").arg(format!(
+                "guest-cid={HYBRID_GUEST_CID},uds-path={},socket={}",
+                uds.display(),
+                vhost_sock.display()
+            ));
+            self.vsockd = Some(Daemon::spawn("vhost-device-vsock", v, &self.dir.path("vhost-device-vsock.log"))?);
+        }
+        // Both daemons start together; only then can QEMU connect to them.
+        if let Some(d) = self.virtiofsd.as_mut() {
+            wait_for_socket(d, &fs_sock, DAEMON_READY).await?;
+        }
+        if let Some(d) = self.vsockd.as_mut() {
+            wait_for_socket(d, &vhost_sock, DAEMON_READY).await?;
+        }
+
+        let extra: Vec<&str> = spec.kernel_params.iter().map(String::as_str).chain([cfg.kernel_params.as_str()]).collect();
+        let launch = QemuLaunch {
+            name: format!("cocoon-{}", spec.id),
+            accel,
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            kernel: cfg.kernel.clone(),
+            initramfs: cfg.initramfs.clone(),
+            cmdline: cmdline::kernel_cmdline(cfg.debug_console, &cfg.log_level, &extra),
+            console_log: self.dir.console_log(),
+            qmp_socket: self.dir.path("qmp.sock"),
+            vsock: match &self.endpoint {
+                VsockEndpoint::Hybrid(_) => VsockDevice::VhostUser(vhost_sock),
+                VsockEndpoint::Kernel { cid } => VsockDevice::Kernel { cid: *cid },
+            },
+            virtiofs_socket: fs_sock,
+            virtiofs_tag: VIRTIOFS_TAG.into(),
+        };
+        let mut q = Command::new(&bins.qemu);
+        q.args(cmdline::qemu_args(&launch));
+        log::debug!("VM {}: {:?}", spec.id, q.as_std());
+        self.qemu = Some(Daemon::spawn("qemu", q, &self.dir.path("qemu.log"))?);
+        self.qmp = Some(self.connect_qmp(&launch.qmp_socket).await?);
+        Ok(())
+    }
+
+    async fn connect_qmp(&mut self, sock: &Path) -> Result<Qmp<UnixStream>> {
+        let start = tokio::time::Instant::now();
+        loop {
+            if let Some(status) = self.qemu.as_mut().and_then(Daemon::try_exited) {
+                return Err(self.exited_error(status.to_string()));
+            }
+            if sock.exists() {
+                if let Ok(q) = Qmp::connect(sock).await {
+                    return Ok(q);
+                }
+            }
+            if start.elapsed() > QMP_READY {
+                return Err(Error::Qmp(format!("QEMU did not open {} within {QMP_READY:?}", sock.display())));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// QEMU's own stderr first (bad flags, missing files), then the guest console.
+    fn exited_error(&self, status: String) -> Error {
+        let qemu_log = tail_lines(&self.dir.path("qemu.log"), 10);
+        let console = tail_lines(&self.dir.console_log(), 20);
+        let console_tail = match (qemu_log.trim().is_empty(), console.trim().is_empty()) {
+            (true, _) => console,
+            (false, true) => qemu_log,
+            (false, false) => format!("{qemu_log}\n--- console ---\n{console}"),
+        };
+        Error::VmExited { status, console_tail }
+    }
+}
+
+/// A context id for kernel vsock, stable per sandbox id and outside the reserved 0..=2.
+fn kernel_cid(id: &str) -> u32 {
+    let h = id.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    3 + h % (u32::MAX - 4)
+}
+
+#[async_trait]
+impl Vmm for QemuVm {
+    fn agent_endpoint(&self) -> &VsockEndpoint {
+        &self.endpoint
+    }
+
+    fn console_log(&self) -> PathBuf {
+        self.dir.console_log()
+    }
+
+    fn pids(&self) -> Vec<(&'static str, u32)> {
+        [&self.qemu, &self.virtiofsd, &self.vsockd]
+            .into_iter()
+            .flatten()
+            .map(|d| (d.name, d.pid()))
+            .collect()
+    }
+
+    fn exit_error(&mut self) -> Option<Error> {
+        let status = self.qemu.as_mut()?.try_exited()?;
+        Some(self.exited_error(status.to_string()))
+    }
+
+    async fn wait_exit(&mut self, timeout: Duration) -> bool {
+        match self.qemu.as_mut() {
+            Some(q) => tokio::time::timeout(timeout, q.wait()).await.is_ok(),
+            None => true,
+        }
+    }
+
+    async fn stop(&mut self) -> Result<()> {
+        // Keep going after an error: every process is reaped and the directory removed
+        // whatever happened to the others; the first error is reported.
+        let mut first: Option<Error> = None;
+        if let Some(mut q) = self.qemu.take() {
+            if q.try_exited().is_none() {
+                if let Some(mut qmp) = self.qmp.take() {
+                    if let Ok(Err(e)) = tokio::time::timeout(STOP_GRACE, qmp.quit()).await {
+                        log::debug!("QMP quit: {e}");
+                    }
+                }
+                if tokio::time::timeout(STOP_GRACE, q.wait()).await.is_err() {
+                    log::warn!("QEMU (pid {}) did not quit; killing it", q.pid());
+                }
+            }
+            if let Err(e) = q.stop(STOP_GRACE).await {
+                first.get_or_insert(e);
+            }
+        }
+        self.qmp = None;
+        for mut d in [self.virtiofsd.take(), self.vsockd.take()].into_iter().flatten() {
+            if let Err(e) = d.stop(STOP_GRACE).await {
+                first.get_or_insert(e);
+            }
+        }
+        if let Err(e) = self.dir.remove() {
+            first.get_or_insert(e);
+        }
+        first.map_or(Ok(()), Err)
+    }
+}

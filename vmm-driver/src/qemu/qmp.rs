@@ -1,0 +1,249 @@
+//! A minimal QMP client: greeting, capabilities negotiation, commands matched to replies by id.
+//! Asynchronous events can arrive between a command and its reply; they are kept, not mistaken
+//! for the reply.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+
+use crate::error::{Error, Result};
+
+/// One line QEMU sends on the QMP socket.
+#[derive(Debug, Clone, PartialEq)]
+pub enum QmpMessage {
+    Greeting { version: String },
+    Return { id: Option<u64>, value: Value },
+    Error { id: Option<u64>, class: String, desc: String },
+    Event { name: String, data: Value },
+}
+
+#[derive(Deserialize)]
+struct Raw {
+    #[serde(rename = "QMP")]
+    qmp: Option<Value>,
+    #[serde(rename = "return")]
+    ret: Option<Value>,
+    error: Option<RawError>,
+    event: Option<String>,
+    data: Option<Value>,
+    id: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct RawError {
+    class: String,
+    desc: String,
+}
+
+/// Parses one QMP line.
+pub fn parse_line(line: &str) -> Result<QmpMessage> {
+    let raw: Raw = serde_json::from_str(line)
+        .map_err(|e| Error::Qmp(format!("unparsable message {line:?}: {e}")))?;
+    let id = raw.id.as_ref().and_then(Value::as_u64);
+    if let Some(q) = raw.qmp {
+        let v = &q["version"]["qemu"];
+        let version = format!("{}.{}.{}", v["major"], v["minor"], v["micro"]);
+        return Ok(QmpMessage::Greeting { version });
+    }
+    if let Some(value) = raw.ret {
+        return Ok(QmpMessage::Return { id, value });
+    }
+    if let Some(e) = raw.error {
+        return Ok(QmpMessage::Error { id, class: e.class, desc: e.desc });
+    }
+    if let Some(name) = raw.event {
+        return Ok(QmpMessage::Event { name, data: raw.data.unwrap_or(Value::Null) });
+    }
+    Err(Error::Qmp(format!("unknown message {line:?}")))
+}
+
+/// A negotiated QMP session.
+#[derive(Debug)]
+pub struct Qmp<S> {
+    stream: BufReader<S>,
+    next_id: u64,
+    /// Events seen while waiting for replies, oldest first.
+    pub events: Vec<(String, Value)>,
+    pub qemu_version: String,
+}
+
+impl Qmp<tokio::net::UnixStream> {
+    pub async fn connect(path: &Path) -> Result<Self> {
+        let s = tokio::net::UnixStream::connect(path)
+            .await
+            .map_err(|e| Error::io(format!("connect QMP socket {}", path.display()), e))?;
+        Qmp::handshake(s).await
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Qmp<S> {
+    /// Reads the greeting and leaves capabilities-negotiation mode.
+    pub async fn handshake(stream: S) -> Result<Self> {
+        let mut q = Qmp { stream: BufReader::new(stream), next_id: 1, events: vec![], qemu_version: String::new() };
+        match q.read().await? {
+            QmpMessage::Greeting { version } => q.qemu_version = version,
+            other => return Err(Error::Qmp(format!("expected the greeting, got {other:?}"))),
+        }
+        q.execute("qmp_capabilities", None).await?;
+        Ok(q)
+    }
+
+    async fn read(&mut self) -> Result<QmpMessage> {
+        let mut line = String::new();
+        let n = self
+            .stream
+            .read_line(&mut line)
+            .await
+            .map_err(|e| Error::io("read from QMP", e))?;
+        if n == 0 {
+            return Err(Error::Qmp("QEMU closed the QMP connection".into()));
+        }
+        parse_line(line.trim_end())
+    }
+
+    /// Runs one command and returns its `return` value.
+    pub async fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut req = json!({ "execute": command, "id": id });
+        if let Some(a) = arguments {
+            req["arguments"] = a;
+        }
+        let mut bytes = req.to_string().into_bytes();
+        bytes.push(b'\n');
+        self.stream
+            .get_mut()
+            .write_all(&bytes)
+            .await
+            .map_err(|e| Error::io(format!("send QMP {command}"), e))?;
+        loop {
+            match self.read().await? {
+                QmpMessage::Return { id: Some(i), value } if i == id => return Ok(value),
+                QmpMessage::Error { id: Some(i), class, desc } if i == id => {
+                    return Err(Error::Qmp(format!("{command}: {class}: {desc}")))
+                }
+                QmpMessage::Event { name, data } => self.events.push((name, data)),
+                other => log::debug!("QMP: ignoring {other:?} while waiting for {command}"),
+            }
+        }
+    }
+
+    /// The VM's run state (`running`, `paused`, `shutdown`, ...).
+    pub async fn status(&mut self) -> Result<String> {
+        let v = self.execute("query-status", None).await?;
+        v["status"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| Error::Qmp(format!("query-status: no status in {v}")))
+    }
+
+    /// Asks QEMU to exit now. QEMU may close the socket before or after replying; both are fine.
+    pub async fn quit(&mut self) -> Result<()> {
+        match self.execute("quit", None).await {
+            Ok(_) => Ok(()),
+            Err(Error::Qmp(m)) if m.contains("closed") => Ok(()),
+            Err(Error::Io { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, DuplexStream};
+
+    const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": "Debian"}, "capabilities": ["oob"]}}"#;
+
+    #[test]
+    fn parses_each_kind_of_line() {
+        assert_eq!(parse_line(GREETING).unwrap(), QmpMessage::Greeting { version: "7.2.0".into() });
+        assert_eq!(
+            parse_line(r#"{"return": {}, "id": 4}"#).unwrap(),
+            QmpMessage::Return { id: Some(4), value: json!({}) }
+        );
+        assert_eq!(
+            parse_line(r#"{"id": 2, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#).unwrap(),
+            QmpMessage::Error { id: Some(2), class: "CommandNotFound".into(), desc: "The command nope has not been found".into() }
+        );
+        assert_eq!(
+            parse_line(r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "SHUTDOWN", "data": {"guest": true, "reason": "guest-shutdown"}}"#).unwrap(),
+            QmpMessage::Event { name: "SHUTDOWN".into(), data: json!({"guest": true, "reason": "guest-shutdown"}) }
+        );
+        assert!(parse_line("not json").is_err());
+        assert!(parse_line(r#"{"something": 1}"#).is_err());
+    }
+
+    /// Plays QEMU's side from a script: for each expected request, optional events, then a reply.
+    async fn fake_qemu(mut s: DuplexStream, script: Vec<(&'static str, Vec<String>)>) {
+        s.write_all(format!("{GREETING}\n").as_bytes()).await.unwrap();
+        let mut buf = BufReader::new(&mut s);
+        for (expect, replies) in script {
+            let mut line = String::new();
+            buf.read_line(&mut line).await.unwrap();
+            let req: Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(req["execute"], expect);
+            let id = req["id"].as_u64().unwrap();
+            for r in replies {
+                let r = r.replace("$ID", &id.to_string());
+                buf.get_mut().write_all(format!("{r}\n").as_bytes()).await.unwrap();
+            }
+        }
+        let mut rest = Vec::new();
+        let _ = buf.read_to_end(&mut rest).await;
+    }
+
+    #[tokio::test]
+    async fn events_between_command_and_reply_are_kept() {
+        let (a, b) = tokio::io::duplex(4096);
+        let server = tokio::spawn(fake_qemu(
+            b,
+            vec![
+                ("qmp_capabilities", vec![r#"{"return": {}, "id": $ID}"#.into()]),
+                (
+                    "query-status",
+                    vec![
+                        r#"{"event": "RESUME", "data": {}, "timestamp": {"seconds": 1, "microseconds": 0}}"#.into(),
+                        r#"{"return": {"status": "stale"}, "id": 999}"#.into(),
+                        r#"{"return": {"status": "running", "running": true}, "id": $ID}"#.into(),
+                    ],
+                ),
+                (
+                    "nope",
+                    vec![r#"{"error": {"class": "CommandNotFound", "desc": "no such command"}, "id": $ID}"#.into()],
+                ),
+            ],
+        ));
+        let mut q = Qmp::handshake(a).await.unwrap();
+        assert_eq!(q.qemu_version, "7.2.0");
+        assert_eq!(q.status().await.unwrap(), "running");
+        assert_eq!(q.events.len(), 1);
+        assert_eq!(q.events[0].0, "RESUME");
+        let err = q.execute("nope", None).await.unwrap_err().to_string();
+        assert!(err.contains("CommandNotFound") && err.contains("no such command"), "{err}");
+        drop(q);
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn quit_tolerates_the_socket_closing() {
+        let (a, b) = tokio::io::duplex(4096);
+        let server = tokio::spawn(async move {
+            let mut b = b;
+            b.write_all(format!("{GREETING}\n").as_bytes()).await.unwrap();
+            let mut buf = BufReader::new(b);
+            let mut line = String::new();
+            buf.read_line(&mut line).await.unwrap();
+            buf.get_mut().write_all(b"{\"return\": {}, \"id\": 1}\n").await.unwrap();
+            line.clear();
+            buf.read_line(&mut line).await.unwrap();
+            assert!(line.contains("quit"));
+            // QEMU exits without replying.
+        });
+        let mut q = Qmp::handshake(a).await.unwrap();
+        q.quit().await.unwrap();
+        server.await.unwrap();
+    }
+}
