@@ -44,20 +44,28 @@ pub fn mount_base() -> Result<()> {
     Ok(())
 }
 
-/// Loads the modules listed in `order_file`, in that order. The image builder resolved the
-/// order from modules.dep, so each module's dependencies are already in.
-pub fn load_modules(order_file: &Path) -> Result<Vec<String>> {
+/// The module after which the agent's vsock listener can be bound.
+pub const VSOCK_TRANSPORT: &str = "vmw_vsock_virtio_transport";
+
+/// Loads the modules listed in `order_file`, in that order, calling `after_each` with each
+/// module's name. The image builder resolved the order from modules.dep, so each module's
+/// dependencies are already in.
+pub fn load_modules(order_file: &Path, mut after_each: impl FnMut(&str)) -> Result<Vec<String>> {
     let list = fs::read_to_string(order_file).with_context(|| format!("read {}", order_file.display()))?;
     let dir = order_file.parent().unwrap_or(Path::new("/"));
     let mut loaded = vec![];
     for rel in list.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
         let path = dir.join(rel);
+        let t = crate::logger::uptime_ms();
         let file = fs::File::open(&path).with_context(|| format!("open module {}", path.display()))?;
         match finit_module(file.as_fd(), c"", ModuleInitFlags::empty()) {
             Ok(()) | Err(Errno::EEXIST) => {}
             Err(e) => return Err(e).with_context(|| format!("load module {}", path.display())),
         }
-        loaded.push(module_name(rel));
+        log::debug!("loaded {rel} in {} ms", crate::logger::uptime_ms() - t);
+        let name = module_name(rel);
+        after_each(&name);
+        loaded.push(name);
     }
     Ok(loaded)
 }

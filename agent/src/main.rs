@@ -22,6 +22,7 @@ fn main() {
 }
 
 fn run() -> anyhow::Result<()> {
+    let start_uptime_ms = logger::uptime_ms();
     init::mount_proc()?;
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     logger::init(&init::cmdline_param(&cmdline, "cocoon.log").unwrap_or_else(|| "info".into()));
@@ -34,27 +35,69 @@ fn run() -> anyhow::Result<()> {
     }
 
     init::mount_base()?;
-    let loaded_modules = init::load_modules(Path::new(init::MODULE_ORDER))?;
-    log::debug!("modules loaded: {}", loaded_modules.join(" "));
-    let shared_mounted = match init::mount_shared() {
-        Ok(()) => true,
-        Err(e) => {
-            log::warn!("no shared directory: {e:#}");
-            false
-        }
-    };
 
+    // Serve as soon as vsock works; the rest of bring-up (virtio-fs, overlay) finishes in the
+    // background while the host already talks to us. Calls that need it wait for `Booted`.
+    // The bring-up thread pauses until the listener is bound: with one vCPU, a module load
+    // running beside the bind would delay it by the whole load.
+    let (vsock_up_tx, vsock_up_rx) = std::sync::mpsc::channel::<()>();
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel::<()>();
+    let (booted_tx, booted_rx) = tokio::sync::watch::channel(None);
+    std::thread::Builder::new()
+        .name("bring-up".into())
+        .spawn(move || {
+            let state = bring_up(move |m| {
+                if m == init::VSOCK_TRANSPORT {
+                    let _ = vsock_up_tx.send(());
+                    let _ = bound_rx.recv_timeout(std::time::Duration::from_secs(1));
+                }
+            });
+            let _ = booted_tx.send(Some(state));
+        })
+        .context("start the bring-up thread")?;
+    vsock_up_rx
+        .recv()
+        .map_err(|_| anyhow::anyhow!("vsock never came up (module {} not loaded); see the log above", init::VSOCK_TRANSPORT))?;
+
+    log::debug!("vsock up");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("start the tokio runtime")?;
+    log::debug!("runtime built");
     rt.block_on(async move {
         tokio::spawn(reap_orphans());
-        let agent = server::Agent { shared_mounted, loaded_modules, ..Default::default() };
-        let _server = server::serve(agent).await?;
+        let _server = server::serve(server::Agent::new(start_uptime_ms, booted_rx), move || {
+            let _ = bound_tx.send(());
+        })
+        .await?;
         log::info!("serving the agent API on vsock port {}", cocoon_protocol::AGENT_PORT);
         std::future::pending::<anyhow::Result<()>>().await
     })
+}
+
+/// Loads the modules and mounts the share; failures are kept for the calls that need them.
+fn bring_up(on_module: impl FnMut(&str)) -> server::Booted {
+    let t0 = logger::uptime_ms();
+    let modules = init::load_modules(Path::new(init::MODULE_ORDER), on_module);
+    let t_modules = logger::uptime_ms();
+    let (loaded_modules, shared) = match modules {
+        Ok(m) => (m, init::mount_shared().map_err(|e| format!("{e:#}"))),
+        Err(e) => {
+            log::error!("{e:#}");
+            (vec![], Err(format!("modules: {e:#}")))
+        }
+    };
+    if let Err(e) = &shared {
+        log::warn!("no shared directory: {e}");
+    }
+    log::info!(
+        "bring-up done: {} modules {} ms, share {} ms",
+        loaded_modules.len(),
+        t_modules - t0,
+        logger::uptime_ms() - t_modules
+    );
+    server::Booted { loaded_modules, shared }
 }
 
 /// PID 1 inherits every orphan in the guest; reap them so they don't pile up as zombies.

@@ -13,12 +13,36 @@ use ttrpc::r#async::{Server, TtrpcContext};
 
 use crate::init;
 
-/// What the agent learnt while bringing the guest up.
-#[derive(Debug, Default)]
-pub struct Agent {
-    pub ready_uptime_ms: u64,
-    pub shared_mounted: bool,
+/// The outcome of the background bring-up (modules, virtio-fs share).
+#[derive(Debug, Clone)]
+pub struct Booted {
     pub loaded_modules: Vec<String>,
+    /// Ok once the share is mounted, else why not.
+    pub shared: Result<(), String>,
+}
+
+/// The agent's state.
+#[derive(Debug)]
+pub struct Agent {
+    start_uptime_ms: u64,
+    ready_uptime_ms: u64,
+    booted: tokio::sync::watch::Receiver<Option<Booted>>,
+}
+
+impl Agent {
+    pub fn new(start_uptime_ms: u64, booted: tokio::sync::watch::Receiver<Option<Booted>>) -> Self {
+        Agent { start_uptime_ms, ready_uptime_ms: 0, booted }
+    }
+
+    /// Waits for bring-up to finish.
+    async fn booted(&self) -> ttrpc::Result<Booted> {
+        let mut rx = self.booted.clone();
+        let b = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| ttrpc::Error::Others("agent bring-up thread died".into()))?;
+        Ok(b.clone().unwrap_or_else(|| Booted { loaded_modules: vec![], shared: Err("unknown".into()) }))
+    }
 }
 
 fn mem_total_kib() -> u64 {
@@ -47,6 +71,7 @@ impl AgentService for Agent {
         _ctx: &TtrpcContext,
         _req: GuestDetailsRequest,
     ) -> ttrpc::Result<GuestDetailsResponse> {
+        let booted = self.booted().await?;
         let u = nix::sys::utsname::uname().map_err(|e| ttrpc::Error::Others(format!("uname: {e}")))?;
         Ok(GuestDetailsResponse {
             kernel_release: u.release().to_string_lossy().into_owned(),
@@ -55,8 +80,9 @@ impl AgentService for Agent {
             online_cpus: std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1)),
             mem_total_kib: mem_total_kib(),
             agent_ready_uptime_ms: self.ready_uptime_ms,
-            shared_mount: if self.shared_mounted { init::SHARED_MOUNT.into() } else { String::new() },
-            loaded_modules: self.loaded_modules.clone(),
+            agent_start_uptime_ms: self.start_uptime_ms,
+            shared_mount: if booted.shared.is_ok() { init::SHARED_MOUNT.into() } else { String::new() },
+            loaded_modules: booted.loaded_modules,
             ..Default::default()
         })
     }
@@ -74,13 +100,14 @@ impl AgentService for Agent {
     }
 }
 
-/// Binds the API on vsock and serves until the guest powers off.
-pub async fn serve(mut agent: Agent) -> anyhow::Result<Server> {
+/// Binds the API on vsock, calls `bound`, and serves until the guest powers off.
+pub async fn serve(mut agent: Agent, bound: impl FnOnce()) -> anyhow::Result<Server> {
+    log::debug!("binding");
+    let server = Server::new().bind(&format!("vsock://-1:{AGENT_PORT}"))?;
     agent.ready_uptime_ms = crate::logger::uptime_ms();
-    let service = create_agent_service(Arc::new(agent));
-    let mut server = Server::new()
-        .bind(&format!("vsock://-1:{AGENT_PORT}"))?
-        .register_service(service);
+    log::debug!("bound");
+    bound();
+    let mut server = server.register_service(create_agent_service(Arc::new(agent)));
     server.start().await?;
     Ok(server)
 }

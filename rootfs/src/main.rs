@@ -10,7 +10,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use cocoon_rootfs::initramfs::Initramfs;
-use cocoon_rootfs::modules::{module_name, ModulesDep};
+use cocoon_rootfs::modules::{module_name, strip_signature, ModulesDep};
 use sha2::{Digest, Sha256};
 
 const META_PACKAGE: &str = "linux-image-cloud-amd64";
@@ -131,7 +131,7 @@ fn main() -> Result<()> {
     let mut load_order = String::new();
     for rel in &order {
         let data = fs::read(moddir.join(rel)).with_context(|| format!("read module {rel}"))?;
-        img.file(&format!("lib/modules/{release}/{rel}"), 0o644, data)?;
+        img.file(&format!("lib/modules/{release}/{rel}"), 0o644, strip_signature(&data).to_vec())?;
         load_order.push_str(&format!("{release}/{rel}\n"));
     }
     img.file("lib/modules/load-order", 0o644, load_order.into_bytes())?;

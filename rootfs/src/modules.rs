@@ -83,9 +83,47 @@ impl ModulesDep {
     }
 }
 
+/// Trailer the kernel's sign-file appends to a signed module.
+const SIG_MARKER: &[u8] = b"~Module signature appended~\n";
+/// `struct module_signature`: algo, hash, id_type, signer_len, key_id_len, pad[3], be32 sig_len.
+const SIG_INFO_LEN: usize = 12;
+
+/// Drops a module's appended signature, if it has one.
+///
+/// The guest kernel would otherwise verify an RSA signature per module at every boot, which
+/// under TCG is a large share of module loading. The modules come from a package that apt
+/// already verified, and the guest kernel does not enforce signatures, so the check buys
+/// nothing here. Returns the module unchanged when it is unsigned or the trailer is malformed.
+pub fn strip_signature(module: &[u8]) -> &[u8] {
+    let Some(body) = module.strip_suffix(SIG_MARKER) else { return module };
+    let Some(info_at) = body.len().checked_sub(SIG_INFO_LEN) else { return module };
+    let info = &body[info_at..];
+    let sig_len = u32::from_be_bytes([info[8], info[9], info[10], info[11]]) as usize;
+    let extra = usize::from(info[3]) + usize::from(info[4]) + sig_len;
+    match info_at.checked_sub(extra) {
+        Some(end) => &module[..end],
+        None => module,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signatures_are_stripped_exactly() {
+        let mut m = b"\x7fELF...module body".to_vec();
+        let body_len = m.len();
+        m.extend_from_slice(&[0xAB; 300]); // PKCS#7 blob
+        m.extend_from_slice(&[0, 0, 2, 0, 0, 0, 0, 0]);
+        m.extend_from_slice(&300u32.to_be_bytes());
+        m.extend_from_slice(SIG_MARKER);
+        assert_eq!(strip_signature(&m), &m[..body_len]);
+        assert_eq!(strip_signature(&m[..body_len]), &m[..body_len], "unsigned stays as is");
+        let mut bogus = vec![0u8; 4];
+        bogus.extend_from_slice(SIG_MARKER);
+        assert_eq!(strip_signature(&bogus), bogus.as_slice(), "malformed stays as is");
+    }
 
     /// The real lines for the guest's modules, from Debian's 6.1 cloud kernel after depmod.
     const DEP: &str = "\

@@ -103,15 +103,25 @@ async fn bare_boot_floor_against_agent_ready() {
     let ready_wall = sb.timings.agent_ready;
     sb.shutdown().await.unwrap();
 
+    // Kernel boot under TCG varies by ~100 ms from one boot to the next, so the agent's own
+    // cost is best read inside one boot: from /init starting to the API listening.
     println!(
-        "boot to init (floor): {floor_wall:?} wall, {floor_uptime} ms guest uptime\n\
-         boot to agent ready : {ready_wall:?} wall, {} ms guest uptime\n\
-         agent overhead      : {} ms wall, {} ms guest uptime (goal < 100 ms)",
+        "boot to init, bare /init (floor): {floor_wall:?} wall, {floor_uptime} ms guest uptime\n\
+         boot to agent ready             : {ready_wall:?} wall, {} ms guest uptime\n\
+         agent overhead, same boot       : {} ms guest uptime (/init at {} ms, listening at {} ms; goal < 100 ms)\n\
+         agent ready minus floor         : {} ms wall (across two boots, noisy)",
+        d.agent_ready_uptime_ms,
+        d.agent_ready_uptime_ms - d.agent_start_uptime_ms,
+        d.agent_start_uptime_ms,
         d.agent_ready_uptime_ms,
         ready_wall.as_millis() as i128 - floor_wall.as_millis() as i128,
-        d.agent_ready_uptime_ms as i128 - floor_uptime as i128,
     );
-    assert!(d.agent_ready_uptime_ms >= floor_uptime, "agent ready before init ran?");
+    assert!(
+        d.agent_start_uptime_ms > 0 && d.agent_ready_uptime_ms >= d.agent_start_uptime_ms,
+        "agent reported start {} ms, ready {} ms",
+        d.agent_start_uptime_ms,
+        d.agent_ready_uptime_ms
+    );
     assert_no_leaks(state.path());
 }
 

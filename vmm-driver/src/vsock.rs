@@ -92,7 +92,7 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff { next: Duration::from_millis(5), max: Duration::from_millis(50) }
+        Backoff { next: Duration::from_millis(2), max: Duration::from_millis(10) }
     }
 }
 
@@ -123,7 +123,7 @@ mod tests {
     #[test]
     fn backoff_grows_then_caps() {
         let v: Vec<_> = Backoff::default().take(6).map(|d| d.as_millis()).collect();
-        assert_eq!(v, vec![5, 10, 20, 40, 50, 50]);
+        assert_eq!(v, vec![2, 4, 8, 10, 10, 10]);
     }
 
     /// A peer that answers the handshake and then sends protocol bytes in the same write:
