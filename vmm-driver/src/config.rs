@@ -231,6 +231,13 @@ mod tests {
         assert_eq!(Config::parse("").unwrap(), Config::default());
     }
 
+    /// The documented file that `make setup` installs must say exactly what the code defaults to.
+    #[test]
+    fn shipped_config_is_the_defaults() {
+        let text = include_str!("../../config/config.toml");
+        assert_eq!(Config::parse(text).unwrap(), Config::default());
+    }
+
     #[test]
     fn full_file_round_trips() {
         let text = toml::to_string(&Config::default()).unwrap();
