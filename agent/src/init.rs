@@ -17,7 +17,13 @@ pub const SHARED_MOUNT: &str = "/run/cocoon/shared";
 /// The virtio-fs tag the host exports the share under.
 pub const SHARED_TAG: &str = "cocoon";
 
-fn mount_fs(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<()> {
+fn mount_fs(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<()> {
     fs::create_dir_all(target).with_context(|| format!("mkdir {target}"))?;
     match mount(Some(source), target, Some(fstype), flags, data) {
         Ok(()) | Err(Errno::EBUSY) => Ok(()),
@@ -35,12 +41,36 @@ pub fn mount_proc() -> Result<()> {
 pub fn mount_base() -> Result<()> {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount_fs("sysfs", "/sys", "sysfs", nosuid, None)?;
-    mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
-    mount_fs("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=0620"))?;
+    mount_fs(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
+    mount_fs(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )?;
     mount_fs("shm", "/dev/shm", "tmpfs", nosuid, Some("mode=1777"))?;
     mount_fs("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid, None)?;
-    mount_fs("run", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
-    mount_fs("tmp", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
+    mount_fs(
+        "run",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )?;
+    mount_fs(
+        "tmp",
+        "/tmp",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
     Ok(())
 }
 
@@ -51,13 +81,19 @@ pub const VSOCK_TRANSPORT: &str = "vmw_vsock_virtio_transport";
 /// module's name. The image builder resolved the order from modules.dep, so each module's
 /// dependencies are already in.
 pub fn load_modules(order_file: &Path, mut after_each: impl FnMut(&str)) -> Result<Vec<String>> {
-    let list = fs::read_to_string(order_file).with_context(|| format!("read {}", order_file.display()))?;
+    let list =
+        fs::read_to_string(order_file).with_context(|| format!("read {}", order_file.display()))?;
     let dir = order_file.parent().unwrap_or(Path::new("/"));
     let mut loaded = vec![];
-    for rel in list.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+    for rel in list
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
         let path = dir.join(rel);
         let t = crate::logger::uptime_ms();
-        let file = fs::File::open(&path).with_context(|| format!("open module {}", path.display()))?;
+        let file =
+            fs::File::open(&path).with_context(|| format!("open module {}", path.display()))?;
         match finit_module(file.as_fd(), c"", ModuleInitFlags::empty()) {
             Ok(()) | Err(Errno::EEXIST) => {}
             Err(e) => return Err(e).with_context(|| format!("load module {}", path.display())),
@@ -78,13 +114,20 @@ fn module_name(rel: &str) -> String {
 
 /// Mounts the host's virtio-fs share; returns whether it is there.
 pub fn mount_shared() -> Result<()> {
-    mount_fs(SHARED_TAG, SHARED_MOUNT, "virtiofs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None)
+    mount_fs(
+        SHARED_TAG,
+        SHARED_MOUNT,
+        "virtiofs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None,
+    )
 }
 
 /// Flushes and powers the VM off. Never returns on success.
 pub fn power_off() -> Result<()> {
     nix::unistd::sync();
-    nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF).context("reboot(POWER_OFF)")?;
+    nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF)
+        .context("reboot(POWER_OFF)")?;
     Ok(())
 }
 

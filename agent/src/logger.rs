@@ -30,7 +30,13 @@ impl Log for Console {
             return;
         }
         let ms = uptime_ms();
-        let line = format!("[{:5}.{:03}] cocoon-agent {}: {}\n", ms / 1000, ms % 1000, r.level(), r.args());
+        let line = format!(
+            "[{:5}.{:03}] cocoon-agent {}: {}\n",
+            ms / 1000,
+            ms % 1000,
+            r.level(),
+            r.args()
+        );
         // One write per line so lines from different tasks don't interleave.
         let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }

@@ -55,9 +55,12 @@ fn run() -> anyhow::Result<()> {
             let _ = booted_tx.send(Some(state));
         })
         .context("start the bring-up thread")?;
-    vsock_up_rx
-        .recv()
-        .map_err(|_| anyhow::anyhow!("vsock never came up (module {} not loaded); see the log above", init::VSOCK_TRANSPORT))?;
+    vsock_up_rx.recv().map_err(|_| {
+        anyhow::anyhow!(
+            "vsock never came up (module {} not loaded); see the log above",
+            init::VSOCK_TRANSPORT
+        )
+    })?;
 
     log::debug!("vsock up");
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -71,7 +74,10 @@ fn run() -> anyhow::Result<()> {
             let _ = bound_tx.send(());
         })
         .await?;
-        log::info!("serving the agent API on vsock port {}", cocoon_protocol::AGENT_PORT);
+        log::info!(
+            "serving the agent API on vsock port {}",
+            cocoon_protocol::AGENT_PORT
+        );
         std::future::pending::<anyhow::Result<()>>().await
     })
 }
@@ -97,7 +103,10 @@ fn bring_up(on_module: impl FnMut(&str)) -> server::Booted {
         t_modules - t0,
         logger::uptime_ms() - t_modules
     );
-    server::Booted { loaded_modules, shared }
+    server::Booted {
+        loaded_modules,
+        shared,
+    }
 }
 
 /// PID 1 inherits every orphan in the guest; reap them so they don't pile up as zombies.

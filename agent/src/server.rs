@@ -8,7 +8,7 @@ use cocoon_protocol::agent::{
     CheckRequest, CheckResponse, Empty, GuestDetailsRequest, GuestDetailsResponse, ShutdownRequest,
 };
 use cocoon_protocol::agent_ttrpc::{create_agent_service, AgentService};
-use cocoon_protocol::{API_VERSION, AGENT_PORT};
+use cocoon_protocol::{AGENT_PORT, API_VERSION};
 use ttrpc::r#async::{Server, TtrpcContext};
 
 use crate::init;
@@ -31,7 +31,11 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(start_uptime_ms: u64, booted: tokio::sync::watch::Receiver<Option<Booted>>) -> Self {
-        Agent { start_uptime_ms, ready_uptime_ms: 0, booted }
+        Agent {
+            start_uptime_ms,
+            ready_uptime_ms: 0,
+            booted,
+        }
     }
 
     /// Waits for bring-up to finish.
@@ -41,7 +45,10 @@ impl Agent {
             .wait_for(Option::is_some)
             .await
             .map_err(|_| ttrpc::Error::Others("agent bring-up thread died".into()))?;
-        Ok(b.clone().unwrap_or_else(|| Booted { loaded_modules: vec![], shared: Err("unknown".into()) }))
+        Ok(b.clone().unwrap_or_else(|| Booted {
+            loaded_modules: vec![],
+            shared: Err("unknown".into()),
+        }))
     }
 }
 
@@ -72,16 +79,22 @@ impl AgentService for Agent {
         _req: GuestDetailsRequest,
     ) -> ttrpc::Result<GuestDetailsResponse> {
         let booted = self.booted().await?;
-        let u = nix::sys::utsname::uname().map_err(|e| ttrpc::Error::Others(format!("uname: {e}")))?;
+        let u =
+            nix::sys::utsname::uname().map_err(|e| ttrpc::Error::Others(format!("uname: {e}")))?;
         Ok(GuestDetailsResponse {
             kernel_release: u.release().to_string_lossy().into_owned(),
             kernel_version: u.version().to_string_lossy().into_owned(),
             machine: u.machine().to_string_lossy().into_owned(),
-            online_cpus: std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1)),
+            online_cpus: std::thread::available_parallelism()
+                .map_or(1, |n| u32::try_from(n.get()).unwrap_or(1)),
             mem_total_kib: mem_total_kib(),
             agent_ready_uptime_ms: self.ready_uptime_ms,
             agent_start_uptime_ms: self.start_uptime_ms,
-            shared_mount: if booted.shared.is_ok() { init::SHARED_MOUNT.into() } else { String::new() },
+            shared_mount: if booted.shared.is_ok() {
+                init::SHARED_MOUNT.into()
+            } else {
+                String::new()
+            },
             loaded_modules: booted.loaded_modules,
             ..Default::default()
         })

@@ -2,7 +2,14 @@
 //!
 //! Host and guest share this crate so both ends always agree on the wire format.
 
-#![allow(clippy::all, clippy::unwrap_used, clippy::expect_used, missing_debug_implementations, rust_2018_idioms, unsafe_code)]
+#![allow(
+    clippy::all,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unsafe_code
+)]
 
 mod generated {
     include!(concat!(env!("OUT_DIR"), "/mod.rs"));

@@ -35,7 +35,10 @@ pub struct Initramfs {
 fn clean(path: &str) -> Result<String> {
     let p = path.trim_start_matches('/').trim_end_matches('/');
     if p.is_empty() || p.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
-        return Err(Error::BadEntry { name: path.to_owned(), message: "must be a normal relative path".into() });
+        return Err(Error::BadEntry {
+            name: path.to_owned(),
+            message: "must be a normal relative path".into(),
+        });
     }
     Ok(p.to_owned())
 }
@@ -54,7 +57,11 @@ impl Initramfs {
             }
             acc.push_str(c);
             if self.dirs.insert(acc.clone()) {
-                self.entries.push(Entry { path: acc.clone(), mode: 0o755, kind: Kind::Dir });
+                self.entries.push(Entry {
+                    path: acc.clone(),
+                    mode: 0o755,
+                    kind: Kind::Dir,
+                });
             }
         }
     }
@@ -130,7 +137,12 @@ mod tests {
                 return out;
             }
             let e = r.entry();
-            let (name, mode, rmaj, rmin) = (e.name().to_owned(), e.mode(), e.rdev_major(), e.rdev_minor());
+            let (name, mode, rmaj, rmin) = (
+                e.name().to_owned(),
+                e.mode(),
+                e.rdev_major(),
+                e.rdev_minor(),
+            );
             let mut data = vec![];
             std::io::Read::read_to_end(&mut r, &mut data).unwrap();
             out.push((name, mode, data, rmaj, rmin));
@@ -142,7 +154,12 @@ mod tests {
     fn writes_a_readable_newc_archive_with_parents() {
         let mut i = Initramfs::new();
         i.file("/init", 0o755, b"#!agent".to_vec()).unwrap();
-        i.file("lib/modules/6.1/kernel/fs/fuse/fuse.ko", 0o644, vec![1, 2, 3]).unwrap();
+        i.file(
+            "lib/modules/6.1/kernel/fs/fuse/fuse.ko",
+            0o644,
+            vec![1, 2, 3],
+        )
+        .unwrap();
         i.char_dev("dev/console", 0o600, 5, 1).unwrap();
         i.dir("dev", 0o755).unwrap();
         i.symlink("bin/sh", "busybox").unwrap();
@@ -151,8 +168,20 @@ mod tests {
         let names: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();
         assert_eq!(
             names,
-            ["init", "lib", "lib/modules", "lib/modules/6.1", "lib/modules/6.1/kernel", "lib/modules/6.1/kernel/fs",
-             "lib/modules/6.1/kernel/fs/fuse", "lib/modules/6.1/kernel/fs/fuse/fuse.ko", "dev", "dev/console", "bin", "bin/sh"]
+            [
+                "init",
+                "lib",
+                "lib/modules",
+                "lib/modules/6.1",
+                "lib/modules/6.1/kernel",
+                "lib/modules/6.1/kernel/fs",
+                "lib/modules/6.1/kernel/fs/fuse",
+                "lib/modules/6.1/kernel/fs/fuse/fuse.ko",
+                "dev",
+                "dev/console",
+                "bin",
+                "bin/sh"
+            ]
         );
         let init = &entries[0];
         assert_eq!(init.1, 0o100755);
@@ -160,7 +189,10 @@ mod tests {
         let console = entries.iter().find(|e| e.0 == "dev/console").unwrap();
         assert_eq!((console.1, console.3, console.4), (0o020600, 5, 1));
         let sh = entries.iter().find(|e| e.0 == "bin/sh").unwrap();
-        assert_eq!((sh.1 & 0o170000, sh.2.as_slice()), (0o120000, b"busybox".as_slice()));
+        assert_eq!(
+            (sh.1 & 0o170000, sh.2.as_slice()),
+            (0o120000, b"busybox".as_slice())
+        );
     }
 
     #[test]

@@ -15,7 +15,12 @@ use sha2::{Digest, Sha256};
 
 const META_PACKAGE: &str = "linux-image-cloud-amd64";
 /// What the agent needs: PCI transport, vsock for its API, virtio-fs for rootfs, overlay.
-const MODULES: [&str; 4] = ["virtio_pci", "vmw_vsock_virtio_transport", "virtiofs", "overlay"];
+const MODULES: [&str; 4] = [
+    "virtio_pci",
+    "vmw_vsock_virtio_transport",
+    "virtiofs",
+    "overlay",
+];
 
 struct Args {
     agent: PathBuf,
@@ -33,7 +38,11 @@ fn parse_args() -> Result<Args> {
     let mut work = PathBuf::from("target/image");
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
-        let mut val = || it.next().map(PathBuf::from).with_context(|| format!("{a} needs a value\n{}", usage()));
+        let mut val = || {
+            it.next()
+                .map(PathBuf::from)
+                .with_context(|| format!("{a} needs a value\n{}", usage()))
+        };
         match a.as_str() {
             "--agent" => agent = Some(val()?),
             "--out" => out = val()?,
@@ -50,15 +59,24 @@ fn parse_args() -> Result<Args> {
 }
 
 fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("run {cmd:?} (is it installed? run `make setup`)"))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("run {cmd:?} (is it installed? run `make setup`)"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn sha256(data: &[u8]) -> String {
-    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The metapackage only depends on the real, versioned kernel package.
@@ -69,42 +87,56 @@ fn kernel_package() -> Result<String> {
         .map(str::trim)
         .find(|p| p.starts_with("linux-image-") && p.ends_with("-cloud-amd64"))
         .map(str::to_owned)
-        .with_context(|| format!("apt-cache knows no kernel behind {META_PACKAGE}; run `apt-get update`"))
+        .with_context(|| {
+            format!("apt-cache knows no kernel behind {META_PACKAGE}; run `apt-get update`")
+        })
 }
 
 fn download(pkg: &str, work: &Path) -> Result<PathBuf> {
     let find = || -> Result<Option<PathBuf>> {
-        Ok(fs::read_dir(work)?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{pkg}_")) && n.to_string_lossy().ends_with(".deb"))))
+        Ok(fs::read_dir(work)?.flatten().map(|e| e.path()).find(|p| {
+            p.file_name().is_some_and(|n| {
+                n.to_string_lossy().starts_with(&format!("{pkg}_"))
+                    && n.to_string_lossy().ends_with(".deb")
+            })
+        }))
     };
     if let Some(deb) = find()? {
         println!("using cached {}", deb.display());
         return Ok(deb);
     }
     println!("apt-get download {pkg}");
-    run(Command::new("apt-get").arg("download").arg(pkg).current_dir(work))?;
+    run(Command::new("apt-get")
+        .arg("download")
+        .arg(pkg)
+        .current_dir(work))?;
     find()?.with_context(|| format!("apt-get download {pkg} left no .deb in {}", work.display()))
 }
 
 fn install(out: &Path, name: &str, data: &[u8]) -> Result<()> {
     let tmp = out.join(format!(".{name}.tmp"));
     fs::write(&tmp, data).with_context(|| format!("write {}", tmp.display()))?;
-    fs::rename(&tmp, out.join(name)).with_context(|| format!("install {name} into {}", out.display()))
+    fs::rename(&tmp, out.join(name))
+        .with_context(|| format!("install {name} into {}", out.display()))
 }
 
 fn main() -> Result<()> {
     let args = parse_args()?;
-    let agent = fs::read(&args.agent)
-        .with_context(|| format!("read the agent binary {} (build it with `make build`)", args.agent.display()))?;
+    let agent = fs::read(&args.agent).with_context(|| {
+        format!(
+            "read the agent binary {} (build it with `make build`)",
+            args.agent.display()
+        )
+    })?;
     fs::create_dir_all(&args.work)?;
     let work = args.work.canonicalize()?;
 
     let pkg = kernel_package()?;
     let deb = download(&pkg, &work)?;
     let deb_bytes = fs::read(&deb)?;
-    let version = run(Command::new("dpkg-deb").arg("-f").arg(&deb).arg("Version"))?.trim().to_owned();
+    let version = run(Command::new("dpkg-deb").arg("-f").arg(&deb).arg("Version"))?
+        .trim()
+        .to_owned();
 
     let tree = work.join("kernel");
     if tree.exists() {
@@ -131,7 +163,11 @@ fn main() -> Result<()> {
     let mut load_order = String::new();
     for rel in &order {
         let data = fs::read(moddir.join(rel)).with_context(|| format!("read module {rel}"))?;
-        img.file(&format!("lib/modules/{release}/{rel}"), 0o644, strip_signature(&data).to_vec())?;
+        img.file(
+            &format!("lib/modules/{release}/{rel}"),
+            0o644,
+            strip_signature(&data).to_vec(),
+        )?;
         load_order.push_str(&format!("{release}/{rel}\n"));
     }
     img.file("lib/modules/load-order", 0o644, load_order.into_bytes())?;
@@ -152,7 +188,11 @@ fn main() -> Result<()> {
     fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
     install(&args.out, "vmlinuz", &vmlinuz)?;
     install(&args.out, "initramfs.img", &initramfs)?;
-    install(&args.out, "manifest.json", serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+    install(
+        &args.out,
+        "manifest.json",
+        serde_json::to_string_pretty(&manifest)?.as_bytes(),
+    )?;
     println!(
         "installed guest image in {}: kernel {release} ({pkg} {version}), initramfs {} KiB, {} modules",
         args.out.display(),

@@ -70,7 +70,10 @@ impl ModulesDep {
         if !visiting.insert(path.to_owned()) {
             return Err(Error::Cycle(module_name(path)));
         }
-        let deps = self.deps.get(path).ok_or_else(|| Error::UnknownModule(path.to_owned()))?;
+        let deps = self
+            .deps
+            .get(path)
+            .ok_or_else(|| Error::UnknownModule(path.to_owned()))?;
         // modules.dep lists indirect dependencies too, in no guaranteed order; recursing on
         // each one sorts them.
         for d in deps {
@@ -95,8 +98,12 @@ const SIG_INFO_LEN: usize = 12;
 /// already verified, and the guest kernel does not enforce signatures, so the check buys
 /// nothing here. Returns the module unchanged when it is unsigned or the trailer is malformed.
 pub fn strip_signature(module: &[u8]) -> &[u8] {
-    let Some(body) = module.strip_suffix(SIG_MARKER) else { return module };
-    let Some(info_at) = body.len().checked_sub(SIG_INFO_LEN) else { return module };
+    let Some(body) = module.strip_suffix(SIG_MARKER) else {
+        return module;
+    };
+    let Some(info_at) = body.len().checked_sub(SIG_INFO_LEN) else {
+        return module;
+    };
     let info = &body[info_at..];
     let sig_len = u32::from_be_bytes([info[8], info[9], info[10], info[11]]) as usize;
     let extra = usize::from(info[3]) + usize::from(info[4]) + sig_len;
@@ -119,10 +126,18 @@ mod tests {
         m.extend_from_slice(&300u32.to_be_bytes());
         m.extend_from_slice(SIG_MARKER);
         assert_eq!(strip_signature(&m), &m[..body_len]);
-        assert_eq!(strip_signature(&m[..body_len]), &m[..body_len], "unsigned stays as is");
+        assert_eq!(
+            strip_signature(&m[..body_len]),
+            &m[..body_len],
+            "unsigned stays as is"
+        );
         let mut bogus = vec![0u8; 4];
         bogus.extend_from_slice(SIG_MARKER);
-        assert_eq!(strip_signature(&bogus), bogus.as_slice(), "malformed stays as is");
+        assert_eq!(
+            strip_signature(&bogus),
+            bogus.as_slice(),
+            "malformed stays as is"
+        );
     }
 
     /// The real lines for the guest's modules, from Debian's 6.1 cloud kernel after depmod.
@@ -149,7 +164,12 @@ kernel/drivers/net/dummy.ko:
     fn guest_modules_resolve_in_a_loadable_order() {
         let dep = ModulesDep::parse(DEP).unwrap();
         let order = dep
-            .load_order(&["virtio_pci", "vmw_vsock_virtio_transport", "virtiofs", "overlay"])
+            .load_order(&[
+                "virtio_pci",
+                "vmw_vsock_virtio_transport",
+                "virtiofs",
+                "overlay",
+            ])
             .unwrap();
         assert_eq!(
             names(&order),
@@ -170,7 +190,10 @@ kernel/drivers/net/dummy.ko:
         // Every module comes after each of its dependencies, and only once.
         for (i, p) in order.iter().enumerate() {
             for d in &dep.deps[p] {
-                assert!(order[..i].contains(d), "{p} loaded before its dependency {d}");
+                assert!(
+                    order[..i].contains(d),
+                    "{p} loaded before its dependency {d}"
+                );
             }
         }
         assert!(!names(&order).contains(&"dummy".to_owned()));
@@ -179,15 +202,24 @@ kernel/drivers/net/dummy.ko:
     #[test]
     fn names_accept_dashes_and_report_unknowns() {
         let dep = ModulesDep::parse(DEP).unwrap();
-        assert_eq!(names(&dep.load_order(&["virtio-ring"]).unwrap()), ["virtio_ring"]);
+        assert_eq!(
+            names(&dep.load_order(&["virtio-ring"]).unwrap()),
+            ["virtio_ring"]
+        );
         let err = dep.load_order(&["9p"]).unwrap_err().to_string();
-        assert!(err.contains("`9p`") && err.contains("modules.builtin"), "{err}");
+        assert!(
+            err.contains("`9p`") && err.contains("modules.builtin"),
+            "{err}"
+        );
     }
 
     #[test]
     fn cycles_and_garbage_are_errors() {
         let dep = ModulesDep::parse("a.ko: b.ko\nb.ko: a.ko\n").unwrap();
         assert!(matches!(dep.load_order(&["a"]), Err(Error::Cycle(_))));
-        assert!(matches!(ModulesDep::parse("no colon here\n"), Err(Error::BadModulesDep { line: 1, .. })));
+        assert!(matches!(
+            ModulesDep::parse("no colon here\n"),
+            Err(Error::BadModulesDep { line: 1, .. })
+        ));
     }
 }

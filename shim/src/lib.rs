@@ -13,7 +13,12 @@ pub enum Error {
     Vmm(#[from] vmm_driver::Error),
 
     #[error("agent call {call} failed: {source}{}", tail(console_tail))]
-    Agent { call: &'static str, #[source] source: ttrpc::Error, console_tail: String },
+    Agent {
+        call: &'static str,
+        #[source]
+        source: ttrpc::Error,
+        console_tail: String,
+    },
 
     #[error("the guest agent speaks API {agent}, this shim speaks {shim}: rebuild the guest image with `make image`")]
     ApiMismatch { agent: u32, shim: u32 },

@@ -39,8 +39,20 @@ async fn check(show_console: bool) -> Result<()> {
     let d = details?;
     let host = nix::sys::utsname::uname()?;
     println!("host  kernel: {}", host.release().to_string_lossy());
-    println!("guest kernel: {} ({} vCPU, {} MiB)", d.kernel_release, d.online_cpus, d.mem_total_kib / 1024);
-    println!("shared dir  : {}", if d.shared_mount.is_empty() { "NOT mounted" } else { &d.shared_mount });
+    println!(
+        "guest kernel: {} ({} vCPU, {} MiB)",
+        d.kernel_release,
+        d.online_cpus,
+        d.mem_total_kib / 1024
+    );
+    println!(
+        "shared dir  : {}",
+        if d.shared_mount.is_empty() {
+            "NOT mounted"
+        } else {
+            &d.shared_mount
+        }
+    );
     println!(
         "boot        : VMM up {:?}, agent connected {:?}, agent answered {:?} (guest uptime at agent ready {} ms)",
         t.vmm_started, t.agent_connected, t.agent_ready, d.agent_ready_uptime_ms

@@ -3,13 +3,15 @@
 
 use std::time::{Duration, Instant};
 
-use cocoon_protocol::agent::{CheckRequest, GuestDetailsRequest, GuestDetailsResponse, ShutdownRequest};
+use cocoon_protocol::agent::{
+    CheckRequest, GuestDetailsRequest, GuestDetailsResponse, ShutdownRequest,
+};
 use cocoon_protocol::agent_ttrpc::AgentServiceClient;
 use cocoon_protocol::{AGENT_PORT, API_VERSION};
 use ttrpc::context;
 use ttrpc::r#async::transport::Socket;
 use ttrpc::r#async::Client;
-use vmm_driver::{Config, Vmm, VmSpec};
+use vmm_driver::{Config, VmSpec, Vmm};
 
 use crate::{Error, Result};
 
@@ -39,7 +41,10 @@ pub struct Sandbox {
 
 impl std::fmt::Debug for Sandbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sandbox").field("id", &self.id).field("vm", &self.vm).finish_non_exhaustive()
+        f.debug_struct("Sandbox")
+            .field("id", &self.id)
+            .field("vm", &self.vm)
+            .finish_non_exhaustive()
     }
 }
 
@@ -55,9 +60,22 @@ impl Sandbox {
         let vmm_started = t0.elapsed();
         match Self::connect(cfg, vm.as_mut(), t0).await {
             Ok((agent, agent_connected)) => {
-                let timings = BootTimings { vmm_started, agent_connected, agent_ready: t0.elapsed() };
-                log::info!("sandbox {}: agent ready after {:?} ({timings:?})", spec.id, timings.agent_ready);
-                Ok(Sandbox { id: spec.id.clone(), vm, agent, timings })
+                let timings = BootTimings {
+                    vmm_started,
+                    agent_connected,
+                    agent_ready: t0.elapsed(),
+                };
+                log::info!(
+                    "sandbox {}: agent ready after {:?} ({timings:?})",
+                    spec.id,
+                    timings.agent_ready
+                );
+                Ok(Sandbox {
+                    id: spec.id.clone(),
+                    vm,
+                    agent,
+                    timings,
+                })
             }
             Err(e) => {
                 if let Err(stop) = vm.stop().await {
@@ -68,18 +86,29 @@ impl Sandbox {
         }
     }
 
-    async fn connect(cfg: &Config, vm: &mut dyn Vmm, t0: Instant) -> Result<(AgentServiceClient, Duration)> {
-        let timeout = Duration::from_millis(cfg.agent.connect_timeout_ms).saturating_sub(t0.elapsed());
+    async fn connect(
+        cfg: &Config,
+        vm: &mut dyn Vmm,
+        t0: Instant,
+    ) -> Result<(AgentServiceClient, Duration)> {
+        let timeout =
+            Duration::from_millis(cfg.agent.connect_timeout_ms).saturating_sub(t0.elapsed());
         let stream = vmm_driver::connect_guest(vm, AGENT_PORT, timeout).await?;
         let connected = t0.elapsed();
         let agent = AgentServiceClient::new(Client::new(Socket::new(stream)));
-        let check = agent.check(ctx(), &CheckRequest::new()).await.map_err(|source| Error::Agent {
-            call: "Check",
-            source,
-            console_tail: vmm_driver::tail_lines(&vm.console_log(), 20),
-        })?;
+        let check = agent
+            .check(ctx(), &CheckRequest::new())
+            .await
+            .map_err(|source| Error::Agent {
+                call: "Check",
+                source,
+                console_tail: vmm_driver::tail_lines(&vm.console_log(), 20),
+            })?;
         if check.api_version != API_VERSION {
-            return Err(Error::ApiMismatch { agent: check.api_version, shim: API_VERSION });
+            return Err(Error::ApiMismatch {
+                agent: check.api_version,
+                shim: API_VERSION,
+            });
         }
         Ok((agent, connected))
     }
@@ -102,15 +131,28 @@ impl Sandbox {
     }
 
     fn agent_error(&self, call: &'static str, source: ttrpc::Error) -> Error {
-        Error::Agent { call, source, console_tail: vmm_driver::tail_lines(&self.vm.console_log(), 20) }
+        Error::Agent {
+            call,
+            source,
+            console_tail: vmm_driver::tail_lines(&self.vm.console_log(), 20),
+        }
     }
 
     /// Asks the guest to power off, then stops and reaps everything, even if the guest did not
     /// cooperate. The sandbox is gone afterwards in every case.
     pub async fn shutdown(mut self) -> Result<()> {
-        let asked = self.agent.shutdown(context::with_duration(Duration::from_secs(2)), &ShutdownRequest::new()).await;
+        let asked = self
+            .agent
+            .shutdown(
+                context::with_duration(Duration::from_secs(2)),
+                &ShutdownRequest::new(),
+            )
+            .await;
         if let Err(e) = &asked {
-            log::warn!("sandbox {}: Shutdown call failed ({e}); stopping the VM", self.id);
+            log::warn!(
+                "sandbox {}: Shutdown call failed ({e}); stopping the VM",
+                self.id
+            );
         }
         let clean = asked.is_ok() && self.vm.wait_exit(POWEROFF_GRACE).await;
         self.vm.stop().await?;

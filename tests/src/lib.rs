@@ -10,8 +10,10 @@ pub static VM_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Where `make image` installed the guest image (override with COCOON_IMAGE_DIR).
 pub fn image_dir() -> PathBuf {
-    std::env::var_os("COCOON_IMAGE_DIR")
-        .map_or_else(|| PathBuf::from(vmm_driver::config::DEFAULT_IMAGE_DIR), PathBuf::from)
+    std::env::var_os("COCOON_IMAGE_DIR").map_or_else(
+        || PathBuf::from(vmm_driver::config::DEFAULT_IMAGE_DIR),
+        PathBuf::from,
+    )
 }
 
 /// The default config, with the installed image and runtime state in `state`.
@@ -24,7 +26,11 @@ pub fn test_config(state: &Path) -> Config {
         ..Config::default()
     };
     for p in [&cfg.kernel, &cfg.initramfs] {
-        assert!(p.is_file(), "{} is missing: run `make image` first", p.display());
+        assert!(
+            p.is_file(),
+            "{} is missing: run `make image` first",
+            p.display()
+        );
     }
     cfg
 }
@@ -34,14 +40,22 @@ pub fn test_config(state: &Path) -> Config {
 pub fn processes_mentioning(needle: &Path) -> Vec<String> {
     let needle = needle.to_string_lossy().into_owned();
     let me = std::process::id().to_string();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return vec![] };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
     dir.flatten()
-        .filter(|e| e.file_name().to_string_lossy().chars().all(|c| c.is_ascii_digit()))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .chars()
+                .all(|c| c.is_ascii_digit())
+        })
         .filter(|e| e.file_name().to_string_lossy() != me)
         .filter_map(|e| {
             let raw = std::fs::read(e.path().join("cmdline")).ok()?;
             let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
-            cmd.contains(&needle).then(|| format!("{}: {cmd}", e.file_name().to_string_lossy()))
+            cmd.contains(&needle)
+                .then(|| format!("{}: {cmd}", e.file_name().to_string_lossy()))
         })
         .collect()
 }

@@ -1,4 +1,5 @@
 //! Boots the real guest image under QEMU (KVM where usable, TCG elsewhere) and talks to the
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 //! real agent over hybrid vsock.
 
 use std::path::{Path, PathBuf};
@@ -10,7 +11,11 @@ use cocoon_tests::{assert_no_leaks, image_dir, test_config, VM_LOCK};
 use vmm_driver::{Config, VmSpec};
 
 fn host_release() -> String {
-    nix::sys::utsname::uname().unwrap().release().to_string_lossy().into_owned()
+    nix::sys::utsname::uname()
+        .unwrap()
+        .release()
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// The kernel release `make image` recorded.
@@ -30,19 +35,45 @@ async fn boots_the_guest_and_reads_its_kernel_then_leaves_nothing() {
     let sb = Sandbox::boot(&cfg, &spec).await.unwrap();
     let pids = sb.vm().pids();
     let names: Vec<&str> = pids.iter().map(|(n, _)| *n).collect();
-    assert!(names.contains(&"qemu") && names.contains(&"virtiofsd"), "{names:?}");
+    assert!(
+        names.contains(&"qemu") && names.contains(&"virtiofsd"),
+        "{names:?}"
+    );
     let d = sb.guest_details().await.unwrap();
     let t = sb.timings;
     sb.shutdown().await.unwrap();
 
-    assert!(d.kernel_release.ends_with("-cloud-amd64"), "not Debian's cloud kernel: {}", d.kernel_release);
-    assert_eq!(d.kernel_release, manifest_release(), "guest kernel is not the installed image's");
-    assert_ne!(d.kernel_release, host_release(), "the guest reported the host kernel");
+    assert!(
+        d.kernel_release.ends_with("-cloud-amd64"),
+        "not Debian's cloud kernel: {}",
+        d.kernel_release
+    );
+    assert_eq!(
+        d.kernel_release,
+        manifest_release(),
+        "guest kernel is not the installed image's"
+    );
+    assert_ne!(
+        d.kernel_release,
+        host_release(),
+        "the guest reported the host kernel"
+    );
     assert_eq!(d.machine, "x86_64");
     assert_eq!(d.online_cpus, cfg.vm.vcpus);
-    assert!(d.mem_total_kib > 100 * 1024, "guest memory {} KiB", d.mem_total_kib);
-    assert_eq!(d.shared_mount, "/run/cocoon/shared", "virtio-fs share not mounted");
-    assert!(d.loaded_modules.iter().any(|m| m == "virtiofs"), "{:?}", d.loaded_modules);
+    assert!(
+        d.mem_total_kib > 100 * 1024,
+        "guest memory {} KiB",
+        d.mem_total_kib
+    );
+    assert_eq!(
+        d.shared_mount, "/run/cocoon/shared",
+        "virtio-fs share not mounted"
+    );
+    assert!(
+        d.loaded_modules.iter().any(|m| m == "virtiofs"),
+        "{:?}",
+        d.loaded_modules
+    );
     println!(
         "guest {} (host {}): VMM up {:?}, agent connected {:?}, agent ready {:?}, guest uptime at ready {} ms",
         d.kernel_release,
@@ -64,7 +95,12 @@ async fn boots_the_guest_and_reads_its_kernel_then_leaves_nothing() {
 /// Guest uptime the console shows for the first line containing `marker`, in ms.
 fn console_uptime_ms(console: &str, marker: &str) -> Option<u64> {
     let line = console.lines().find(|l| l.contains(marker))?;
-    let stamp = line.trim_start().strip_prefix('[')?.split(']').next()?.trim();
+    let stamp = line
+        .trim_start()
+        .strip_prefix('[')?
+        .split(']')
+        .next()?
+        .trim();
     let (s, ms) = stamp.split_once('.')?;
     Some(s.parse::<u64>().ok()? * 1000 + ms.get(..3)?.parse::<u64>().ok()?)
 }
@@ -92,7 +128,10 @@ async fn bare_boot_floor_against_agent_ready() {
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    assert!(vm.wait_exit(Duration::from_secs(30)).await, "bare guest did not power off");
+    assert!(
+        vm.wait_exit(Duration::from_secs(30)).await,
+        "bare guest did not power off"
+    );
     vm.stop().await.unwrap();
     let floor_wall = init_wall.unwrap_or_else(|| panic!("/init never ran; console:\n{console}"));
     let floor_uptime = console_uptime_ms(&console, "bare boot: init reached").unwrap();
@@ -134,7 +173,8 @@ fn silent_initramfs(dir: &Path) -> PathBuf {
     let script = "#!/bin/sh\ni=1\nwhile [ $i -le 30 ]; do echo \"silent-guest line $i\"; i=$((i+1)); done\nwhile :; do /bin/busybox sleep 3600; done\n";
     let mut img = Initramfs::new();
     img.file("init", 0o755, script.as_bytes().to_vec()).unwrap();
-    img.file("bin/busybox", 0o755, std::fs::read(busybox).unwrap()).unwrap();
+    img.file("bin/busybox", 0o755, std::fs::read(busybox).unwrap())
+        .unwrap();
     img.symlink("bin/sh", "busybox").unwrap();
     img.char_dev("dev/console", 0o600, 5, 1).unwrap();
     let path = dir.join("silent.img");
@@ -151,11 +191,20 @@ async fn a_guest_that_never_answers_fails_with_its_console_tail() {
     cfg.initramfs = silent_initramfs(images.path());
     cfg.agent.connect_timeout_ms = 8_000;
 
-    let err = Sandbox::boot(&cfg, &VmSpec::from_config(&cfg, "silent")).await.unwrap_err().to_string();
+    let err = Sandbox::boot(&cfg, &VmSpec::from_config(&cfg, "silent"))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("did not answer within"), "{err}");
-    assert!(err.contains("silent-guest line 30"), "console tail missing: {err}");
+    assert!(
+        err.contains("silent-guest line 30"),
+        "console tail missing: {err}"
+    );
     // Exactly the last 20 lines: line 11 is in, line 10 is out.
-    assert!(err.contains("silent-guest line 11\n") && !err.contains("silent-guest line 10\n"), "{err}");
+    assert!(
+        err.contains("silent-guest line 11\n") && !err.contains("silent-guest line 10\n"),
+        "{err}"
+    );
     assert_no_leaks(state.path());
 }
 
@@ -171,14 +220,20 @@ async fn a_guest_that_dies_fails_with_its_console_tail() {
     cfg.initramfs = images.path().join("empty.img");
     std::fs::write(&cfg.initramfs, img.write(Vec::new()).unwrap()).unwrap();
 
-    let err = Sandbox::boot(&cfg, &VmSpec::from_config(&cfg, "dies")).await.unwrap_err().to_string();
+    let err = Sandbox::boot(&cfg, &VmSpec::from_config(&cfg, "dies"))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("VM exited before its agent answered"), "{err}");
     assert!(err.contains("Kernel panic"), "console tail missing: {err}");
     assert_no_leaks(state.path());
 }
 
 async fn expect_launch_error(cfg: &Config, state: &Path, needles: &[&str]) {
-    let err = Sandbox::boot(cfg, &VmSpec::from_config(cfg, "bad")).await.unwrap_err().to_string();
+    let err = Sandbox::boot(cfg, &VmSpec::from_config(cfg, "bad"))
+        .await
+        .unwrap_err()
+        .to_string();
     for n in needles {
         assert!(err.contains(n), "error should mention `{n}`: {err}");
     }
@@ -190,10 +245,24 @@ async fn missing_kernel_or_initramfs_says_make_image() {
     let state = tempfile::tempdir().unwrap();
     let mut cfg = test_config(state.path());
     cfg.kernel = "/nonexistent/vmlinuz".into();
-    expect_launch_error(&cfg, state.path(), &["guest kernel", "/nonexistent/vmlinuz", "make image"]).await;
+    expect_launch_error(
+        &cfg,
+        state.path(),
+        &["guest kernel", "/nonexistent/vmlinuz", "make image"],
+    )
+    .await;
     let mut cfg = test_config(state.path());
     cfg.initramfs = "/nonexistent/initramfs.img".into();
-    expect_launch_error(&cfg, state.path(), &["guest initramfs", "/nonexistent/initramfs.img", "make image"]).await;
+    expect_launch_error(
+        &cfg,
+        state.path(),
+        &[
+            "guest initramfs",
+            "/nonexistent/initramfs.img",
+            "make image",
+        ],
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -201,34 +270,68 @@ async fn missing_helper_binaries_say_make_setup() {
     let state = tempfile::tempdir().unwrap();
     let mut cfg = test_config(state.path());
     cfg.paths.qemu = "/nonexistent/qemu-system-x86_64".into();
-    expect_launch_error(&cfg, state.path(), &["qemu-system-x86_64 is not installed", "make setup"]).await;
+    expect_launch_error(
+        &cfg,
+        state.path(),
+        &["qemu-system-x86_64 is not installed", "make setup"],
+    )
+    .await;
 
     let mut cfg = test_config(state.path());
     cfg.paths.virtiofsd = "no-such-virtiofsd".into();
-    expect_launch_error(&cfg, state.path(), &["virtiofsd is not installed", "no-such-virtiofsd", "make setup"]).await;
+    expect_launch_error(
+        &cfg,
+        state.path(),
+        &[
+            "virtiofsd is not installed",
+            "no-such-virtiofsd",
+            "make setup",
+        ],
+    )
+    .await;
 
     let mut cfg = test_config(state.path());
     cfg.vsock = vmm_driver::config::VsockMode::Hybrid;
     cfg.paths.vhost_device_vsock = "/nonexistent/vhost-device-vsock".into();
-    expect_launch_error(&cfg, state.path(), &["vhost-device-vsock is not installed", "make setup"]).await;
+    expect_launch_error(
+        &cfg,
+        state.path(),
+        &["vhost-device-vsock is not installed", "make setup"],
+    )
+    .await;
 }
 
 #[test]
 fn config_files_with_unknown_keys_or_bad_values_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
-        ("hypervisor = \"qemu\"\n[vm]\nvcpus = 1\nmemroy_mib = 512\n", vec!["unknown field `memroy_mib`", "memory_mib"]),
-        ("accel = \"fast\"\n", vec!["accel", "fast", "auto", "kvm", "tcg"]),
+        (
+            "hypervisor = \"qemu\"\n[vm]\nvcpus = 1\nmemroy_mib = 512\n",
+            vec!["unknown field `memroy_mib`", "memory_mib"],
+        ),
+        (
+            "accel = \"fast\"\n",
+            vec!["accel", "fast", "auto", "kvm", "tcg"],
+        ),
         ("[vm]\nvcpus = \"two\"\n", vec!["vcpus", "two"]),
-        ("[vm]\nmemory_mib = 32\n", vec!["vm.memory_mib", "32", "out of range"]),
-        ("hypervisor = \"firecracker\"\n", vec!["firecracker", "qemu", "cloud-hypervisor"]),
+        (
+            "[vm]\nmemory_mib = 32\n",
+            vec!["vm.memory_mib", "32", "out of range"],
+        ),
+        (
+            "hypervisor = \"firecracker\"\n",
+            vec!["firecracker", "qemu", "cloud-hypervisor"],
+        ),
     ];
     for (i, (text, needles)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("config-{i}.toml"));
         std::fs::write(&path, text).unwrap();
         let err = Config::from_file(&path).unwrap_err().to_string();
         for n in needles {
-            assert!(err.contains(n), "config {text:?}: error should mention `{n}`: {err}");
+            assert!(
+                err.contains(n),
+                "config {text:?}: error should mention `{n}`: {err}"
+            );
         }
     }
 }

@@ -54,9 +54,10 @@ pub enum Chosen {
 pub fn choose(wanted: Accel, host: &HostFacts) -> Result<(Chosen, String)> {
     match (wanted, host.kvm_blocker()) {
         (Accel::Tcg, _) => Ok((Chosen::Tcg, "accel = \"tcg\" in the config".into())),
-        (Accel::Kvm, None) | (Accel::Auto, None) => {
-            Ok((Chosen::Kvm, "KVM with hardware virtualisation is available".into()))
-        }
+        (Accel::Kvm, None) | (Accel::Auto, None) => Ok((
+            Chosen::Kvm,
+            "KVM with hardware virtualisation is available".into(),
+        )),
         (Accel::Kvm, Some(why)) => Err(Error::KvmUnusable { reason: why.into() }),
         (Accel::Auto, Some(why)) => Ok((Chosen::Tcg, format!("falling back to TCG: {why}"))),
     }
@@ -67,28 +68,47 @@ mod tests {
     use super::*;
 
     fn host(dev_kvm: bool, intel: bool, flags: bool) -> HostFacts {
-        HostFacts { dev_kvm, kvm_intel: intel, kvm_amd: false, cpu_virt_flags: flags }
+        HostFacts {
+            dev_kvm,
+            kvm_intel: intel,
+            kvm_amd: false,
+            cpu_virt_flags: flags,
+        }
     }
 
     #[test]
     fn auto_uses_kvm_only_with_real_hardware_support() {
-        assert_eq!(choose(Accel::Auto, &host(true, true, true)).unwrap().0, Chosen::Kvm);
-        assert_eq!(choose(Accel::Auto, &host(true, false, true)).unwrap().0, Chosen::Kvm);
+        assert_eq!(
+            choose(Accel::Auto, &host(true, true, true)).unwrap().0,
+            Chosen::Kvm
+        );
+        assert_eq!(
+            choose(Accel::Auto, &host(true, false, true)).unwrap().0,
+            Chosen::Kvm
+        );
         // PVM: /dev/kvm but no kvm_intel/kvm_amd and no vmx/svm.
         let (c, why) = choose(Accel::Auto, &host(true, false, false)).unwrap();
         assert_eq!(c, Chosen::Tcg);
         assert!(why.contains("PVM"), "{why}");
-        assert_eq!(choose(Accel::Auto, &host(false, true, true)).unwrap().0, Chosen::Tcg);
+        assert_eq!(
+            choose(Accel::Auto, &host(false, true, true)).unwrap().0,
+            Chosen::Tcg
+        );
     }
 
     #[test]
     fn forced_kvm_without_support_is_an_error() {
-        let err = choose(Accel::Kvm, &host(true, false, false)).unwrap_err().to_string();
+        let err = choose(Accel::Kvm, &host(true, false, false))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("accel = \"auto\""), "{err}");
     }
 
     #[test]
     fn tcg_is_always_honoured() {
-        assert_eq!(choose(Accel::Tcg, &host(true, true, true)).unwrap().0, Chosen::Tcg);
+        assert_eq!(
+            choose(Accel::Tcg, &host(true, true, true)).unwrap().0,
+            Chosen::Tcg
+        );
     }
 }

@@ -116,14 +116,21 @@ impl Default for Config {
 
 impl Default for VmDefaults {
     fn default() -> Self {
-        VmDefaults { vcpus: 1, memory_mib: 256, max_vcpus: 8, max_memory_mib: 8192 }
+        VmDefaults {
+            vcpus: 1,
+            memory_mib: 256,
+            max_vcpus: 8,
+            max_memory_mib: 8192,
+        }
     }
 }
 
 impl Default for AgentSettings {
     fn default() -> Self {
         // TCG boots take ~2 s on a quiet machine; leave room for a loaded one.
-        AgentSettings { connect_timeout_ms: 30_000 }
+        AgentSettings {
+            connect_timeout_ms: 30_000,
+        }
     }
 }
 
@@ -160,7 +167,10 @@ impl Config {
             message: format!("cannot read it: {e}"),
         })?;
         Config::parse(&text).map_err(|e| match e {
-            Error::Config { message, .. } => Error::Config { path: path.to_owned(), message },
+            Error::Config { message, .. } => Error::Config {
+                path: path.to_owned(),
+                message,
+            },
             other => other,
         })
     }
@@ -184,11 +194,17 @@ impl Config {
         if vm.vcpus == 0 || vm.vcpus > vm.max_vcpus {
             return Err(value(
                 "vm.vcpus",
-                &format!("{} is out of range; use 1..={} (vm.max_vcpus)", vm.vcpus, vm.max_vcpus),
+                &format!(
+                    "{} is out of range; use 1..={} (vm.max_vcpus)",
+                    vm.vcpus, vm.max_vcpus
+                ),
             ));
         }
         if vm.max_memory_mib < MIN_MEMORY_MIB {
-            return Err(value("vm.max_memory_mib", &format!("must be at least {MIN_MEMORY_MIB}")));
+            return Err(value(
+                "vm.max_memory_mib",
+                &format!("must be at least {MIN_MEMORY_MIB}"),
+            ));
         }
         if vm.memory_mib < MIN_MEMORY_MIB || vm.memory_mib > vm.max_memory_mib {
             return Err(value(
@@ -202,7 +218,11 @@ impl Config {
         if !LOG_LEVELS.contains(&self.log_level.as_str()) {
             return Err(value(
                 "log_level",
-                &format!("`{}` is not one of {}", self.log_level, LOG_LEVELS.join(", ")),
+                &format!(
+                    "`{}` is not one of {}",
+                    self.log_level,
+                    LOG_LEVELS.join(", ")
+                ),
             ));
         }
         if self.agent.connect_timeout_ms == 0 {
@@ -219,7 +239,10 @@ impl Config {
 }
 
 fn value(key: &'static str, message: &str) -> Error {
-    Error::ConfigValue { key, message: message.to_owned() }
+    Error::ConfigValue {
+        key,
+        message: message.to_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -275,11 +298,17 @@ mod tests {
     fn out_of_range_values_are_refused() {
         let err = Config::parse("[vm]\nvcpus = 0\n").unwrap_err().to_string();
         assert!(err.contains("vm.vcpus"), "{err}");
-        let err = Config::parse("[vm]\nmemory_mib = 16\n").unwrap_err().to_string();
+        let err = Config::parse("[vm]\nmemory_mib = 16\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("vm.memory_mib"), "{err}");
-        let err = Config::parse("log_level = \"loud\"\n").unwrap_err().to_string();
+        let err = Config::parse("log_level = \"loud\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("log_level"), "{err}");
-        let err = Config::parse("state_dir = \"run\"\n").unwrap_err().to_string();
+        let err = Config::parse("state_dir = \"run\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("state_dir"), "{err}");
     }
 
@@ -289,8 +318,16 @@ mod tests {
         let p = dir.path().join("c.toml");
         std::fs::write(&p, "bogus = 1\n").unwrap();
         let err = Config::from_file(&p).unwrap_err().to_string();
-        assert!(err.contains(&p.display().to_string()) && err.contains("bogus"), "{err}");
-        let err = Config::from_file(&dir.path().join("none.toml")).unwrap_err().to_string();
-        assert!(err.contains("none.toml") && err.contains("cannot read"), "{err}");
+        assert!(
+            err.contains(&p.display().to_string()) && err.contains("bogus"),
+            "{err}"
+        );
+        let err = Config::from_file(&dir.path().join("none.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("none.toml") && err.contains("cannot read"),
+            "{err}"
+        );
     }
 }

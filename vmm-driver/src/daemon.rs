@@ -24,13 +24,25 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn spawn(name: &'static str, mut cmd: Command, log: &Path) -> Result<Daemon> {
-        let out = File::create(log).map_err(|e| Error::io(format!("create {}", log.display()), e))?;
+        let out =
+            File::create(log).map_err(|e| Error::io(format!("create {}", log.display()), e))?;
         let err = out.try_clone().map_err(|e| Error::io("dup log fd", e))?;
-        cmd.stdin(Stdio::null()).stdout(out).stderr(err).kill_on_drop(true);
-        let child = cmd.spawn().map_err(|source| Error::Spawn { name, source })?;
+        cmd.stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true);
+        let child = cmd
+            .spawn()
+            .map_err(|source| Error::Spawn { name, source })?;
         let pid = child.id().unwrap_or(0);
         log::debug!("started {name} (pid {pid})");
-        Ok(Daemon { name, child, pid, log: log.to_owned(), status: None })
+        Ok(Daemon {
+            name,
+            child,
+            pid,
+            log: log.to_owned(),
+            status: None,
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -50,7 +62,11 @@ impl Daemon {
         if let Some(s) = self.status {
             return Ok(s);
         }
-        let s = self.child.wait().await.map_err(|e| Error::io(format!("wait for {}", self.name), e))?;
+        let s = self
+            .child
+            .wait()
+            .await
+            .map_err(|e| Error::io(format!("wait for {}", self.name), e))?;
         self.status = Some(s);
         Ok(s)
     }
@@ -66,7 +82,11 @@ impl Daemon {
         if let Ok(r) = tokio::time::timeout(grace, self.wait()).await {
             return r;
         }
-        log::warn!("{} (pid {}) ignored SIGTERM for {grace:?}; killing it", self.name, self.pid);
+        log::warn!(
+            "{} (pid {}) ignored SIGTERM for {grace:?}; killing it",
+            self.name,
+            self.pid
+        );
         let _ = self.child.start_kill();
         self.wait().await
     }
@@ -79,7 +99,9 @@ impl Daemon {
 
 /// Last `n` lines of a text file; empty if it cannot be read.
 pub fn tail_lines(path: &Path, n: usize) -> String {
-    let Ok(bytes) = std::fs::read(path) else { return String::new() };
+    let Ok(bytes) = std::fs::read(path) else {
+        return String::new();
+    };
     let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
@@ -122,7 +144,10 @@ mod tests {
         let text: String = (1..=30).map(|i| format!("line {i}\n")).collect();
         std::fs::write(&p, text).unwrap();
         let tail = tail_lines(&p, 20);
-        assert!(tail.starts_with("line 11\n") && tail.ends_with("line 30"), "{tail}");
+        assert!(
+            tail.starts_with("line 11\n") && tail.ends_with("line 30"),
+            "{tail}"
+        );
         assert_eq!(tail_lines(&dir.path().join("missing"), 5), "");
     }
 
@@ -136,7 +161,10 @@ mod tests {
         let status = d.stop(Duration::from_millis(200)).await.unwrap();
         assert!(!status.success());
         let pid = Pid::from_raw(i32::try_from(d.pid()).unwrap());
-        assert!(kill(pid, None).is_err(), "process {pid} still exists after stop");
+        assert!(
+            kill(pid, None).is_err(),
+            "process {pid} still exists after stop"
+        );
     }
 
     #[tokio::test]
@@ -145,10 +173,17 @@ mod tests {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo 'bad flag --x' >&2; exit 3"]);
         let mut d = Daemon::spawn("helper", cmd, &dir.path().join("log")).unwrap();
-        let err = wait_for_socket(&mut d, &dir.path().join("never.sock"), Duration::from_secs(5))
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("helper exited early") && err.contains("bad flag --x"), "{err}");
+        let err = wait_for_socket(
+            &mut d,
+            &dir.path().join("never.sock"),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("helper exited early") && err.contains("bad flag --x"),
+            "{err}"
+        );
     }
 }

@@ -17,7 +17,11 @@ pub enum Error {
     ImageMissing { what: &'static str, path: PathBuf },
 
     #[error("{name} is not installed (looked for `{path}`): run `make setup`, or set `paths.{key}` in the config")]
-    BinaryMissing { name: &'static str, key: &'static str, path: PathBuf },
+    BinaryMissing {
+        name: &'static str,
+        key: &'static str,
+        path: PathBuf,
+    },
 
     #[error("accel = \"kvm\" was asked for, but KVM is not usable here: {reason}; use accel = \"auto\" or \"tcg\"")]
     KvmUnusable { reason: String },
@@ -26,28 +30,57 @@ pub enum Error {
     UnsupportedHypervisor(String),
 
     #[error("could not start {name}: {source}")]
-    Spawn { name: &'static str, #[source] source: std::io::Error },
+    Spawn {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 
-    #[error("{name} did not create its socket {socket} within {waited:?}{}", tail_suffix(log_tail))]
-    DaemonNotReady { name: &'static str, socket: PathBuf, waited: Duration, log_tail: String },
+    #[error(
+        "{name} did not create its socket {socket} within {waited:?}{}",
+        tail_suffix(log_tail)
+    )]
+    DaemonNotReady {
+        name: &'static str,
+        socket: PathBuf,
+        waited: Duration,
+        log_tail: String,
+    },
 
     #[error("{name} exited early ({status}){}", tail_suffix(log_tail))]
-    DaemonExited { name: &'static str, status: String, log_tail: String },
+    DaemonExited {
+        name: &'static str,
+        status: String,
+        log_tail: String,
+    },
 
     #[error("QMP: {0}")]
     Qmp(String),
 
-    #[error("the VM exited before its agent answered ({status}){}", tail_suffix(console_tail))]
-    VmExited { status: String, console_tail: String },
+    #[error(
+        "the VM exited before its agent answered ({status}){}",
+        tail_suffix(console_tail)
+    )]
+    VmExited {
+        status: String,
+        console_tail: String,
+    },
 
     #[error("the guest agent did not answer within {waited:?} (is the image current? run `make image`){}", tail_suffix(console_tail))]
-    AgentUnreachable { waited: Duration, console_tail: String },
+    AgentUnreachable {
+        waited: Duration,
+        console_tail: String,
+    },
 
     #[error("hybrid vsock handshake: {0}")]
     Handshake(String),
 
     #[error("{context}: {source}")]
-    Io { context: String, #[source] source: std::io::Error },
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn tail_suffix(tail: &str) -> String {
@@ -60,7 +93,10 @@ fn tail_suffix(tail: &str) -> String {
 
 impl Error {
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        Error::Io { context: context.into(), source }
+        Error::Io {
+            context: context.into(),
+            source,
+        }
     }
 }
 

@@ -104,10 +104,22 @@ pub async fn connect_guest(vm: &mut dyn Vmm, port: u32, timeout: Duration) -> Re
 
 /// Finds a helper binary: a path is taken as is, a bare name is looked up on PATH and in the
 /// places `make setup` and Debian install to.
-pub(crate) fn resolve_binary(name: &'static str, key: &'static str, configured: &Path) -> Result<PathBuf> {
-    let missing = || Error::BinaryMissing { name, key, path: configured.to_owned() };
+pub(crate) fn resolve_binary(
+    name: &'static str,
+    key: &'static str,
+    configured: &Path,
+) -> Result<PathBuf> {
+    let missing = || Error::BinaryMissing {
+        name,
+        key,
+        path: configured.to_owned(),
+    };
     if configured.components().count() > 1 {
-        return if configured.is_file() { Ok(configured.to_owned()) } else { Err(missing()) };
+        return if configured.is_file() {
+            Ok(configured.to_owned())
+        } else {
+            Err(missing())
+        };
     }
     if let Ok(p) = which::which(configured) {
         return Ok(p);
@@ -128,7 +140,10 @@ impl RunDir {
         let created_root = !root.exists();
         std::fs::create_dir_all(root.join("shared"))
             .map_err(|e| Error::io(format!("create {}", root.display()), e))?;
-        Ok(RunDir { root: root.to_owned(), created_root })
+        Ok(RunDir {
+            root: root.to_owned(),
+            created_root,
+        })
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -160,7 +175,12 @@ impl RunDir {
             match std::fs::remove_file(self.path(name)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io(format!("remove {}", self.path(name).display()), e)),
+                Err(e) => {
+                    return Err(Error::io(
+                        format!("remove {}", self.path(name).display()),
+                        e,
+                    ))
+                }
             }
         }
         // vhost-device-vsock creates "<uds-path>_<port>" sockets for guest-initiated connections.
@@ -185,15 +205,34 @@ mod tests {
 
     #[test]
     fn missing_binary_names_make_setup() {
-        let err = resolve_binary("virtiofsd", "virtiofsd", Path::new("/nonexistent/virtiofsd"))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("virtiofsd") && err.contains("make setup") && err.contains("paths.virtiofsd"), "{err}");
-        let err = resolve_binary("qemu-system-x86_64", "qemu", Path::new("no-such-qemu-binary"))
-            .unwrap_err()
-            .to_string();
+        let err = resolve_binary(
+            "virtiofsd",
+            "virtiofsd",
+            Path::new("/nonexistent/virtiofsd"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("virtiofsd")
+                && err.contains("make setup")
+                && err.contains("paths.virtiofsd"),
+            "{err}"
+        );
+        let err = resolve_binary(
+            "qemu-system-x86_64",
+            "qemu",
+            Path::new("no-such-qemu-binary"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("no-such-qemu-binary"), "{err}");
-        assert_eq!(resolve_binary("sh", "x", Path::new("sh")).unwrap().file_name().unwrap(), "sh");
+        assert_eq!(
+            resolve_binary("sh", "x", Path::new("sh"))
+                .unwrap()
+                .file_name()
+                .unwrap(),
+            "sh"
+        );
     }
 
     #[test]

@@ -56,7 +56,10 @@ pub async fn connect_hybrid(uds: &std::path::Path, port: u32) -> Result<UnixStre
         .map_err(|e| Error::io("send CONNECT", e))?;
     let mut line = Vec::with_capacity(MAX_REPLY);
     loop {
-        let b = s.read_u8().await.map_err(|e| Error::io("read CONNECT reply", e))?;
+        let b = s
+            .read_u8()
+            .await
+            .map_err(|e| Error::io("read CONNECT reply", e))?;
         if b == b'\n' {
             break;
         }
@@ -92,7 +95,10 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff { next: Duration::from_millis(2), max: Duration::from_millis(10) }
+        Backoff {
+            next: Duration::from_millis(2),
+            max: Duration::from_millis(10),
+        }
     }
 }
 

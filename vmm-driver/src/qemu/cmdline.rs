@@ -54,12 +54,33 @@ pub fn qemu_args(l: &QemuLaunch) -> Vec<String> {
     push(&["-smp", &l.vcpus.to_string()]);
     push(&["-m", &mem]);
     // vhost-user devices need guest memory the daemons can map: shared memfd.
-    push(&["-object", &format!("memory-backend-memfd,id=mem,size={mem},share=on")]);
+    push(&[
+        "-object",
+        &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+    ]);
     push(&["-numa", "node,memdev=mem"]);
-    push(&["-kernel", &p(&l.kernel), "-initrd", &p(&l.initramfs), "-append", &l.cmdline]);
-    push(&["-nodefaults", "-no-user-config", "-display", "none", "-vga", "none", "-no-reboot"]);
+    push(&[
+        "-kernel",
+        &p(&l.kernel),
+        "-initrd",
+        &p(&l.initramfs),
+        "-append",
+        &l.cmdline,
+    ]);
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-vga",
+        "none",
+        "-no-reboot",
+    ]);
     push(&["-serial", &format!("file:{}", p(&l.console_log))]);
-    push(&["-qmp", &format!("unix:{},server=on,wait=off", p(&l.qmp_socket))]);
+    push(&[
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", p(&l.qmp_socket)),
+    ]);
     match &l.vsock {
         VsockDevice::VhostUser(sock) => {
             push(&["-chardev", &format!("socket,id=vsock0,path={}", p(sock))]);
@@ -69,8 +90,14 @@ pub fn qemu_args(l: &QemuLaunch) -> Vec<String> {
             push(&["-device", &format!("vhost-vsock-pci,guest-cid={cid}")]);
         }
     }
-    push(&["-chardev", &format!("socket,id=fs0,path={}", p(&l.virtiofs_socket))]);
-    push(&["-device", &format!("vhost-user-fs-pci,chardev=fs0,tag={}", l.virtiofs_tag)]);
+    push(&[
+        "-chardev",
+        &format!("socket,id=fs0,path={}", p(&l.virtiofs_socket)),
+    ]);
+    push(&[
+        "-device",
+        &format!("vhost-user-fs-pci,chardev=fs0,tag={}", l.virtiofs_tag),
+    ]);
     a
 }
 
@@ -109,30 +136,48 @@ mod tests {
 
     /// The value following `flag`, for every occurrence.
     fn values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
-        args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].as_str()).collect()
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
     }
 
     #[test]
     fn tcg_hybrid_vsock_line() {
-        let args = qemu_args(&launch(Chosen::Tcg, VsockDevice::VhostUser("/r/vhost.sock".into())));
+        let args = qemu_args(&launch(
+            Chosen::Tcg,
+            VsockDevice::VhostUser("/r/vhost.sock".into()),
+        ));
         assert_eq!(values(&args, "-machine"), ["q35,accel=tcg"]);
         assert_eq!(values(&args, "-cpu"), ["max"]);
         assert_eq!(values(&args, "-smp"), ["2"]);
         assert_eq!(values(&args, "-m"), ["256M"]);
-        assert_eq!(values(&args, "-object"), ["memory-backend-memfd,id=mem,size=256M,share=on"]);
+        assert_eq!(
+            values(&args, "-object"),
+            ["memory-backend-memfd,id=mem,size=256M,share=on"]
+        );
         assert_eq!(values(&args, "-numa"), ["node,memdev=mem"]);
         assert_eq!(values(&args, "-kernel"), ["/k"]);
         assert_eq!(values(&args, "-initrd"), ["/i"]);
         assert_eq!(values(&args, "-append"), ["console=ttyS0 quiet"]);
         assert_eq!(values(&args, "-serial"), ["file:/r/console.log"]);
-        assert_eq!(values(&args, "-qmp"), ["unix:/r/qmp.sock,server=on,wait=off"]);
+        assert_eq!(
+            values(&args, "-qmp"),
+            ["unix:/r/qmp.sock,server=on,wait=off"]
+        );
         assert_eq!(
             values(&args, "-chardev"),
-            ["socket,id=vsock0,path=/r/vhost.sock", "socket,id=fs0,path=/r/fs.sock"]
+            [
+                "socket,id=vsock0,path=/r/vhost.sock",
+                "socket,id=fs0,path=/r/fs.sock"
+            ]
         );
         assert_eq!(
             values(&args, "-device"),
-            ["vhost-user-vsock-pci,chardev=vsock0", "vhost-user-fs-pci,chardev=fs0,tag=cocoon"]
+            [
+                "vhost-user-vsock-pci,chardev=vsock0",
+                "vhost-user-fs-pci,chardev=fs0,tag=cocoon"
+            ]
         );
         assert!(args.iter().any(|a| a == "-nodefaults") && args.iter().any(|a| a == "-no-reboot"));
     }
@@ -145,7 +190,10 @@ mod tests {
         assert_eq!(values(&args, "-chardev"), ["socket,id=fs0,path=/r/fs.sock"]);
         assert_eq!(
             values(&args, "-device"),
-            ["vhost-vsock-pci,guest-cid=42", "vhost-user-fs-pci,chardev=fs0,tag=cocoon"]
+            [
+                "vhost-vsock-pci,guest-cid=42",
+                "vhost-user-fs-pci,chardev=fs0,tag=cocoon"
+            ]
         );
     }
 

@@ -15,7 +15,7 @@ use crate::config::{Config, VsockMode};
 use crate::daemon::{tail_lines, wait_for_socket, Daemon};
 use crate::error::{Error, Result};
 use crate::vsock::VsockEndpoint;
-use crate::{resolve_binary, RunDir, Vmm, VmSpec};
+use crate::{resolve_binary, RunDir, VmSpec, Vmm};
 use cmdline::{QemuLaunch, VsockDevice};
 use qmp::Qmp;
 
@@ -69,9 +69,15 @@ impl QemuVm {
                 None
             },
         };
-        for (what, path) in [("guest kernel", &cfg.kernel), ("guest initramfs", &cfg.initramfs)] {
+        for (what, path) in [
+            ("guest kernel", &cfg.kernel),
+            ("guest initramfs", &cfg.initramfs),
+        ] {
             if !path.is_file() {
-                return Err(Error::ImageMissing { what, path: path.clone() });
+                return Err(Error::ImageMissing {
+                    what,
+                    path: path.clone(),
+                });
             }
         }
         let (chosen, why) = accel::choose(cfg.accel, &HostFacts::probe())?;
@@ -81,9 +87,18 @@ impl QemuVm {
         let endpoint = if hybrid {
             VsockEndpoint::Hybrid(dir.path("vsock.sock"))
         } else {
-            VsockEndpoint::Kernel { cid: kernel_cid(&spec.id) }
+            VsockEndpoint::Kernel {
+                cid: kernel_cid(&spec.id),
+            }
         };
-        let mut vm = QemuVm { dir, endpoint, qemu: None, virtiofsd: None, vsockd: None, qmp: None };
+        let mut vm = QemuVm {
+            dir,
+            endpoint,
+            qemu: None,
+            virtiofsd: None,
+            vsockd: None,
+            qmp: None,
+        };
         match vm.boot(cfg, spec, &bins, chosen).await {
             Ok(()) => Ok(vm),
             Err(e) => {
@@ -95,13 +110,23 @@ impl QemuVm {
         }
     }
 
-    async fn boot(&mut self, cfg: &Config, spec: &VmSpec, bins: &Binaries, accel: Chosen) -> Result<()> {
+    async fn boot(
+        &mut self,
+        cfg: &Config,
+        spec: &VmSpec,
+        bins: &Binaries,
+        accel: Chosen,
+    ) -> Result<()> {
         let fs_sock = self.dir.path("virtiofsd.sock");
         let mut fs = Command::new(&bins.virtiofsd);
         fs.arg(format!("--socket-path={}", fs_sock.display()))
             .arg(format!("--shared-dir={}", self.dir.shared().display()))
             .args(["--cache=never", "--sandbox=none"]);
-        self.virtiofsd = Some(Daemon::spawn("virtiofsd", fs, &self.dir.path("virtiofsd.log"))?);
+        self.virtiofsd = Some(Daemon::spawn(
+            "virtiofsd",
+            fs,
+            &self.dir.path("virtiofsd.log"),
+        )?);
 
         let vhost_sock = self.dir.path("vhost-vsock.sock");
         if let (Some(bin), VsockEndpoint::Hybrid(uds)) = (&bins.vsockd, &self.endpoint) {
@@ -111,7 +136,11 @@ impl QemuVm {
                 uds.display(),
                 vhost_sock.display()
             ));
-            self.vsockd = Some(Daemon::spawn("vhost-device-vsock", v, &self.dir.path("vhost-device-vsock.log"))?);
+            self.vsockd = Some(Daemon::spawn(
+                "vhost-device-vsock",
+                v,
+                &self.dir.path("vhost-device-vsock.log"),
+            )?);
         }
         // Both daemons start together; only then can QEMU connect to them.
         if let Some(d) = self.virtiofsd.as_mut() {
@@ -121,7 +150,12 @@ impl QemuVm {
             wait_for_socket(d, &vhost_sock, DAEMON_READY).await?;
         }
 
-        let extra: Vec<&str> = spec.kernel_params.iter().map(String::as_str).chain([cfg.kernel_params.as_str()]).collect();
+        let extra: Vec<&str> = spec
+            .kernel_params
+            .iter()
+            .map(String::as_str)
+            .chain([cfg.kernel_params.as_str()])
+            .collect();
         let launch = QemuLaunch {
             name: format!("cocoon-{}", spec.id),
             accel,
@@ -159,7 +193,10 @@ impl QemuVm {
                 }
             }
             if start.elapsed() > QMP_READY {
-                return Err(Error::Qmp(format!("QEMU did not open {} within {QMP_READY:?}", sock.display())));
+                return Err(Error::Qmp(format!(
+                    "QEMU did not open {} within {QMP_READY:?}",
+                    sock.display()
+                )));
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -174,13 +211,18 @@ impl QemuVm {
             (false, true) => qemu_log,
             (false, false) => format!("{qemu_log}\n--- console ---\n{console}"),
         };
-        Error::VmExited { status, console_tail }
+        Error::VmExited {
+            status,
+            console_tail,
+        }
     }
 }
 
 /// A context id for kernel vsock, stable per sandbox id and outside the reserved 0..=2.
 fn kernel_cid(id: &str) -> u32 {
-    let h = id.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    let h = id.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
     3 + h % (u32::MAX - 4)
 }
 
@@ -234,7 +276,10 @@ impl Vmm for QemuVm {
             }
         }
         self.qmp = None;
-        for mut d in [self.virtiofsd.take(), self.vsockd.take()].into_iter().flatten() {
+        for mut d in [self.virtiofsd.take(), self.vsockd.take()]
+            .into_iter()
+            .flatten()
+        {
             if let Err(e) = d.stop(STOP_GRACE).await {
                 first.get_or_insert(e);
             }

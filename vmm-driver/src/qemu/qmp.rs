@@ -13,10 +13,22 @@ use crate::error::{Error, Result};
 /// One line QEMU sends on the QMP socket.
 #[derive(Debug, Clone, PartialEq)]
 pub enum QmpMessage {
-    Greeting { version: String },
-    Return { id: Option<u64>, value: Value },
-    Error { id: Option<u64>, class: String, desc: String },
-    Event { name: String, data: Value },
+    Greeting {
+        version: String,
+    },
+    Return {
+        id: Option<u64>,
+        value: Value,
+    },
+    Error {
+        id: Option<u64>,
+        class: String,
+        desc: String,
+    },
+    Event {
+        name: String,
+        data: Value,
+    },
 }
 
 #[derive(Deserialize)]
@@ -51,10 +63,17 @@ pub fn parse_line(line: &str) -> Result<QmpMessage> {
         return Ok(QmpMessage::Return { id, value });
     }
     if let Some(e) = raw.error {
-        return Ok(QmpMessage::Error { id, class: e.class, desc: e.desc });
+        return Ok(QmpMessage::Error {
+            id,
+            class: e.class,
+            desc: e.desc,
+        });
     }
     if let Some(name) = raw.event {
-        return Ok(QmpMessage::Event { name, data: raw.data.unwrap_or(Value::Null) });
+        return Ok(QmpMessage::Event {
+            name,
+            data: raw.data.unwrap_or(Value::Null),
+        });
     }
     Err(Error::Qmp(format!("unknown message {line:?}")))
 }
@@ -81,7 +100,12 @@ impl Qmp<tokio::net::UnixStream> {
 impl<S: AsyncRead + AsyncWrite + Unpin> Qmp<S> {
     /// Reads the greeting and leaves capabilities-negotiation mode.
     pub async fn handshake(stream: S) -> Result<Self> {
-        let mut q = Qmp { stream: BufReader::new(stream), next_id: 1, events: vec![], qemu_version: String::new() };
+        let mut q = Qmp {
+            stream: BufReader::new(stream),
+            next_id: 1,
+            events: vec![],
+            qemu_version: String::new(),
+        };
         match q.read().await? {
             QmpMessage::Greeting { version } => q.qemu_version = version,
             other => return Err(Error::Qmp(format!("expected the greeting, got {other:?}"))),
@@ -121,9 +145,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Qmp<S> {
         loop {
             match self.read().await? {
                 QmpMessage::Return { id: Some(i), value } if i == id => return Ok(value),
-                QmpMessage::Error { id: Some(i), class, desc } if i == id => {
-                    return Err(Error::Qmp(format!("{command}: {class}: {desc}")))
-                }
+                QmpMessage::Error {
+                    id: Some(i),
+                    class,
+                    desc,
+                } if i == id => return Err(Error::Qmp(format!("{command}: {class}: {desc}"))),
                 QmpMessage::Event { name, data } => self.events.push((name, data)),
                 other => log::debug!("QMP: ignoring {other:?} while waiting for {command}"),
             }
@@ -159,10 +185,18 @@ mod tests {
 
     #[test]
     fn parses_each_kind_of_line() {
-        assert_eq!(parse_line(GREETING).unwrap(), QmpMessage::Greeting { version: "7.2.0".into() });
+        assert_eq!(
+            parse_line(GREETING).unwrap(),
+            QmpMessage::Greeting {
+                version: "7.2.0".into()
+            }
+        );
         assert_eq!(
             parse_line(r#"{"return": {}, "id": 4}"#).unwrap(),
-            QmpMessage::Return { id: Some(4), value: json!({}) }
+            QmpMessage::Return {
+                id: Some(4),
+                value: json!({})
+            }
         );
         assert_eq!(
             parse_line(r#"{"id": 2, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#).unwrap(),
@@ -178,7 +212,9 @@ mod tests {
 
     /// Plays QEMU's side from a script: for each expected request, optional events, then a reply.
     async fn fake_qemu(mut s: DuplexStream, script: Vec<(&'static str, Vec<String>)>) {
-        s.write_all(format!("{GREETING}\n").as_bytes()).await.unwrap();
+        s.write_all(format!("{GREETING}\n").as_bytes())
+            .await
+            .unwrap();
         let mut buf = BufReader::new(&mut s);
         for (expect, replies) in script {
             let mut line = String::new();
@@ -188,7 +224,10 @@ mod tests {
             let id = req["id"].as_u64().unwrap();
             for r in replies {
                 let r = r.replace("$ID", &id.to_string());
-                buf.get_mut().write_all(format!("{r}\n").as_bytes()).await.unwrap();
+                buf.get_mut()
+                    .write_all(format!("{r}\n").as_bytes())
+                    .await
+                    .unwrap();
             }
         }
         let mut rest = Vec::new();
@@ -222,7 +261,10 @@ mod tests {
         assert_eq!(q.events.len(), 1);
         assert_eq!(q.events[0].0, "RESUME");
         let err = q.execute("nope", None).await.unwrap_err().to_string();
-        assert!(err.contains("CommandNotFound") && err.contains("no such command"), "{err}");
+        assert!(
+            err.contains("CommandNotFound") && err.contains("no such command"),
+            "{err}"
+        );
         drop(q);
         server.await.unwrap();
     }
@@ -232,11 +274,16 @@ mod tests {
         let (a, b) = tokio::io::duplex(4096);
         let server = tokio::spawn(async move {
             let mut b = b;
-            b.write_all(format!("{GREETING}\n").as_bytes()).await.unwrap();
+            b.write_all(format!("{GREETING}\n").as_bytes())
+                .await
+                .unwrap();
             let mut buf = BufReader::new(b);
             let mut line = String::new();
             buf.read_line(&mut line).await.unwrap();
-            buf.get_mut().write_all(b"{\"return\": {}, \"id\": 1}\n").await.unwrap();
+            buf.get_mut()
+                .write_all(b"{\"return\": {}, \"id\": 1}\n")
+                .await
+                .unwrap();
             line.clear();
             buf.read_line(&mut line).await.unwrap();
             assert!(line.contains("quit"));
