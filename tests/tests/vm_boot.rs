@@ -1,6 +1,7 @@
 //! Boots the real guest image under QEMU (KVM where usable, TCG elsewhere) and talks to the
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 //! real agent over hybrid vsock.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
