@@ -41,7 +41,8 @@ build: agent
 	$(CARGO) build --release -p cocoon-shim -p cocoon-rootfs
 
 agent:
-	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p cocoon-agent --target $(AGENT_TARGET)
+	LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
+	  RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p cocoon-agent --target $(AGENT_TARGET)
 
 image: agent
 	$(CARGO) build --release -p cocoon-rootfs

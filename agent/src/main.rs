@@ -1,14 +1,23 @@
 //! cocoon-agent: PID 1 of every Cocoon guest.
 
+mod containers;
 mod init;
 mod logger;
+mod reaper;
+mod runner;
 mod server;
+mod spec;
+mod stdio;
 
 use std::path::Path;
 
 use anyhow::Context;
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("runner") {
+        runner::main(&args[2..]);
+    }
     // Nothing may make PID 1 exit: the kernel would panic and the host would see only that.
     std::panic::set_hook(Box::new(|info| {
         log::error!("panic: {info}");
@@ -33,6 +42,8 @@ fn run() -> anyhow::Result<()> {
         log::info!("bare boot: init reached");
         return init::power_off();
     }
+    init::switch_root()?;
+    log::debug!("running on the tmpfs root");
 
     init::mount_base()?;
 
@@ -69,10 +80,17 @@ fn run() -> anyhow::Result<()> {
         .context("start the tokio runtime")?;
     log::debug!("runtime built");
     rt.block_on(async move {
-        tokio::spawn(reap_orphans());
-        let _server = server::serve(server::Agent::new(start_uptime_ms, booted_rx), move || {
-            let _ = bound_tx.send(());
-        })
+        let reaper = reaper::Reaper::default();
+        tokio::spawn(reaper.clone().run());
+        let hub = std::sync::Arc::new(stdio::StdioHub::default());
+        hub.clone().serve().await?;
+        let manager = containers::Manager::new(reaper, hub, init::SHARED_MOUNT.into());
+        let _server = server::serve(
+            server::Agent::new(start_uptime_ms, booted_rx, manager),
+            move || {
+                let _ = bound_tx.send(());
+            },
+        )
         .await?;
         log::info!(
             "serving the agent API on vsock port {}",
@@ -106,23 +124,5 @@ fn bring_up(on_module: impl FnMut(&str)) -> server::Booted {
     server::Booted {
         loaded_modules,
         shared,
-    }
-}
-
-/// PID 1 inherits every orphan in the guest; reap them so they don't pile up as zombies.
-async fn reap_orphans() {
-    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut sigchld) = signal(SignalKind::child()) else {
-        log::error!("cannot watch SIGCHLD; orphans will not be reaped");
-        return;
-    };
-    while sigchld.recv().await.is_some() {
-        while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            if status == WaitStatus::StillAlive {
-                break;
-            }
-            log::debug!("reaped {status:?}");
-        }
     }
 }

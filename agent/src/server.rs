@@ -5,12 +5,19 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use cocoon_protocol::agent::{
-    CheckRequest, CheckResponse, Empty, GuestDetailsRequest, GuestDetailsResponse, ShutdownRequest,
+    CheckRequest, CheckResponse, CloseStdinRequest, CreateContainerRequest, Empty,
+    ExecProcessRequest, ExecProcessResponse, GetOOMEventRequest, GuestDetailsRequest,
+    GuestDetailsResponse, ListProcessesRequest, ListProcessesResponse, OOMEvent,
+    PauseContainerRequest, RemoveContainerRequest, ResumeContainerRequest, ShutdownRequest,
+    SignalProcessRequest, StartContainerRequest, StartContainerResponse, StatsContainerRequest,
+    StatsContainerResponse, TtyWinResizeRequest, UpdateContainerRequest, WaitProcessRequest,
+    WaitProcessResponse,
 };
 use cocoon_protocol::agent_ttrpc::{create_agent_service, AgentService};
 use cocoon_protocol::{AGENT_PORT, API_VERSION};
 use ttrpc::r#async::{Server, TtrpcContext};
 
+use crate::containers::Manager;
 use crate::init;
 
 /// The outcome of the background bring-up (modules, virtio-fs share).
@@ -27,14 +34,31 @@ pub struct Agent {
     start_uptime_ms: u64,
     ready_uptime_ms: u64,
     booted: tokio::sync::watch::Receiver<Option<Booted>>,
+    containers: Manager,
 }
 
 impl Agent {
-    pub fn new(start_uptime_ms: u64, booted: tokio::sync::watch::Receiver<Option<Booted>>) -> Self {
+    pub fn new(
+        start_uptime_ms: u64,
+        booted: tokio::sync::watch::Receiver<Option<Booted>>,
+        containers: Manager,
+    ) -> Self {
         Agent {
             start_uptime_ms,
             ready_uptime_ms: 0,
             booted,
+            containers,
+        }
+    }
+
+    /// Containers live on the share: calls that touch them need it mounted.
+    async fn need_share(&self) -> ttrpc::Result<()> {
+        match self.booted().await?.shared {
+            Ok(()) => Ok(()),
+            Err(e) => Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
+                ttrpc::Code::FAILED_PRECONDITION,
+                format!("the shared directory is not mounted in the guest: {e}"),
+            ))),
         }
     }
 
@@ -96,6 +120,163 @@ impl AgentService for Agent {
                 String::new()
             },
             loaded_modules: booted.loaded_modules,
+            ..Default::default()
+        })
+    }
+
+    async fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.need_share().await?;
+        let stdio = req.stdio.clone().unwrap_or_default();
+        self.containers
+            .create(&req.container_id, &req.oci_spec_json, &req.rootfs, &stdio)
+            .await?;
+        Ok(Empty::default())
+    }
+
+    async fn start_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: StartContainerRequest,
+    ) -> ttrpc::Result<StartContainerResponse> {
+        let pid = self.containers.start(&req.container_id).await?;
+        Ok(StartContainerResponse {
+            pid: u32::try_from(pid).unwrap_or(0),
+            ..Default::default()
+        })
+    }
+
+    async fn remove_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: RemoveContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers.remove(&req.container_id).await?;
+        Ok(Empty::default())
+    }
+
+    async fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ExecProcessRequest,
+    ) -> ttrpc::Result<ExecProcessResponse> {
+        let stdio = req.stdio.clone().unwrap_or_default();
+        let pid = self
+            .containers
+            .exec(&req.container_id, &req.exec_id, &req.process_json, &stdio)
+            .await?;
+        Ok(ExecProcessResponse {
+            pid: u32::try_from(pid).unwrap_or(0),
+            ..Default::default()
+        })
+    }
+
+    async fn signal_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SignalProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .signal(&req.container_id, &req.exec_id, req.signal, req.all)
+            .await?;
+        Ok(Empty::default())
+    }
+
+    async fn wait_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: WaitProcessRequest,
+    ) -> ttrpc::Result<WaitProcessResponse> {
+        let (status, at) = self
+            .containers
+            .wait(&req.container_id, &req.exec_id)
+            .await?;
+        Ok(WaitProcessResponse {
+            status,
+            exited_at_unix_nanos: at,
+            ..Default::default()
+        })
+    }
+
+    async fn tty_win_resize(
+        &self,
+        _ctx: &TtrpcContext,
+        req: TtyWinResizeRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .resize(&req.container_id, &req.exec_id, req.rows, req.cols)?;
+        Ok(Empty::default())
+    }
+
+    async fn close_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CloseStdinRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .close_stdin(&req.container_id, &req.exec_id)?;
+        Ok(Empty::default())
+    }
+
+    async fn list_processes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ListProcessesRequest,
+    ) -> ttrpc::Result<ListProcessesResponse> {
+        let pids = self.containers.pids(&req.container_id)?;
+        Ok(ListProcessesResponse {
+            pids,
+            ..Default::default()
+        })
+    }
+
+    async fn stats_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: StatsContainerRequest,
+    ) -> ttrpc::Result<StatsContainerResponse> {
+        Ok(self.containers.stats(&req.container_id)?)
+    }
+
+    async fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .update(&req.container_id, &req.resources_json)?;
+        Ok(Empty::default())
+    }
+
+    async fn pause_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: PauseContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers.pause(&req.container_id, true).await?;
+        Ok(Empty::default())
+    }
+
+    async fn resume_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ResumeContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers.pause(&req.container_id, false).await?;
+        Ok(Empty::default())
+    }
+
+    async fn get_oom_event(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: GetOOMEventRequest,
+    ) -> ttrpc::Result<OOMEvent> {
+        let container_id = self.containers.next_oom().await?;
+        Ok(OOMEvent {
+            container_id,
             ..Default::default()
         })
     }

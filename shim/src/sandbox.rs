@@ -7,10 +7,12 @@ use cocoon_protocol::agent::{
     CheckRequest, GuestDetailsRequest, GuestDetailsResponse, ShutdownRequest,
 };
 use cocoon_protocol::agent_ttrpc::AgentServiceClient;
-use cocoon_protocol::{AGENT_PORT, API_VERSION};
+use cocoon_protocol::{AGENT_PORT, API_VERSION, STDIO_PORT};
+use tokio::io::AsyncWriteExt;
 use ttrpc::context;
 use ttrpc::r#async::transport::Socket;
 use ttrpc::r#async::Client;
+use vmm_driver::vsock::BoxedStream;
 use vmm_driver::{Config, VmSpec, Vmm};
 
 use crate::{Error, Result};
@@ -19,6 +21,25 @@ use crate::{Error, Result};
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a guest may take to power off after Shutdown before it is stopped forcibly.
 const POWEROFF_GRACE: Duration = Duration::from_secs(5);
+
+/// One of a process's stdio streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StdioKind {
+    Stdin,
+    Stdout,
+    /// Unused for terminal processes: the pty merges it into stdout.
+    Stderr,
+}
+
+impl StdioKind {
+    fn name(self) -> &'static str {
+        match self {
+            StdioKind::Stdin => "stdin",
+            StdioKind::Stdout => "stdout",
+            StdioKind::Stderr => "stderr",
+        }
+    }
+}
 
 /// Where boot time went, measured on the host from the start of [`Sandbox::boot`].
 #[derive(Debug, Clone, Copy)]
@@ -34,6 +55,7 @@ pub struct BootTimings {
 /// A running pod VM and its agent.
 pub struct Sandbox {
     pub id: String,
+    shared_dir: std::path::PathBuf,
     vm: Box<dyn Vmm>,
     agent: AgentServiceClient,
     pub timings: BootTimings,
@@ -72,6 +94,7 @@ impl Sandbox {
                 );
                 Ok(Sandbox {
                     id: spec.id.clone(),
+                    shared_dir: spec.run_dir.join("shared"),
                     vm,
                     agent,
                     timings,
@@ -121,6 +144,31 @@ impl Sandbox {
     /// The VM underneath, e.g. to list its processes.
     pub fn vm(&self) -> &dyn Vmm {
         self.vm.as_ref()
+    }
+
+    /// The host directory the guest sees at `/run/cocoon/shared` (virtio-fs).
+    pub fn shared_dir(&self) -> &std::path::Path {
+        &self.shared_dir
+    }
+
+    /// Opens one stdio stream of a process, to be claimed by the CreateContainer or
+    /// ExecProcess call that follows. `exec_id` empty means the container's init.
+    pub async fn open_stdio(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        stream: StdioKind,
+    ) -> Result<BoxedStream> {
+        let mut s = vmm_driver::vsock::connect_once(self.vm.agent_endpoint(), STDIO_PORT).await?;
+        let eid = if exec_id.is_empty() { "-" } else { exec_id };
+        let hello = format!("{container_id} {eid} {}\n", stream.name());
+        s.write_all(hello.as_bytes()).await.map_err(|e| {
+            Error::Vmm(vmm_driver::Error::Io {
+                context: "send the stdio hello".into(),
+                source: e,
+            })
+        })?;
+        Ok(s)
     }
 
     pub async fn guest_details(&self) -> Result<GuestDetailsResponse> {

@@ -74,6 +74,9 @@ pub async fn launch(cfg: &Config, spec: &VmSpec) -> Result<Box<dyn Vmm>> {
     }
 }
 
+/// Longest wait for one connection attempt's answer.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Connects to a guest port, retrying until the guest listens, the VM dies or `timeout` passes.
 /// A dead or silent guest yields an error carrying the console tail.
 pub async fn connect_guest(vm: &mut dyn Vmm, port: u32, timeout: Duration) -> Result<BoxedStream> {
@@ -84,11 +87,15 @@ pub async fn connect_guest(vm: &mut dyn Vmm, port: u32, timeout: Duration) -> Re
         if let Some(e) = vm.exit_error() {
             return Err(e);
         }
-        let left = timeout.saturating_sub(start.elapsed());
+        // Bound each attempt, not just the whole: a CONNECT that reaches the guest before its
+        // vsock driver is up can be lost, and its reply then never comes.
+        let left = timeout.saturating_sub(start.elapsed()).min(ATTEMPT_TIMEOUT);
         match tokio::time::timeout(left, connect_once(&ep, port)).await {
             Ok(Ok(s)) => return Ok(s),
             Ok(Err(e)) => log::trace!("guest port {port} not ready: {e}"),
-            Err(_) => {}
+            Err(_) => {
+                log::debug!("guest port {port}: no answer to CONNECT within {left:?}; retrying")
+            }
         }
         if start.elapsed() >= timeout {
             return Err(Error::AgentUnreachable {

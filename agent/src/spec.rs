@@ -1,0 +1,207 @@
+//! Turning the OCI spec containerd wrote for the host into one that makes sense in the guest.
+//!
+//! Host-only pieces are dropped: namespace paths (they name host /proc entries), the network
+//! namespace (containers share the guest's for now), host device nodes, hooks (host binaries)
+//! and bind mounts of host paths that do not exist in the guest. The cgroup moves under the
+//! guest's `/cocoon/<id>`. Everything that constrains the process stays.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+/// Why a spec was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SpecError(pub String);
+
+impl std::fmt::Display for SpecError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The guest cgroup of a container, relative to the cgroup2 root.
+pub fn cgroup_path(id: &str) -> String {
+    format!("/cocoon/{id}")
+}
+
+/// Adapts `spec_json` for container `id` with its root at `rootfs` (absolute, in the guest).
+/// `exists` says whether a guest path exists (injected for tests).
+pub fn adapt(
+    spec_json: &[u8],
+    id: &str,
+    rootfs: &Path,
+    exists: impl Fn(&str) -> bool,
+) -> Result<Value, SpecError> {
+    let mut v: Value = serde_json::from_slice(spec_json)
+        .map_err(|e| SpecError(format!("the OCI spec is not valid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(SpecError("the OCI spec must be a JSON object".into()));
+    }
+    let args_ok = v["process"]["args"]
+        .as_array()
+        .is_some_and(|a| !a.is_empty());
+    if !args_ok {
+        return Err(SpecError(
+            "the OCI spec has no process.args: nothing to run".into(),
+        ));
+    }
+    let readonly = v["root"]["readonly"].as_bool().unwrap_or(false);
+    v["root"] = serde_json::json!({ "path": rootfs, "readonly": readonly });
+    if let Some(o) = v.as_object_mut() {
+        o.remove("hooks");
+    }
+
+    if !v["linux"].is_object() {
+        v["linux"] = serde_json::json!({});
+    }
+    let linux = &mut v["linux"];
+    if let Some(nss) = linux["namespaces"].as_array_mut() {
+        nss.retain(|ns| ns["type"] != "network");
+        for ns in nss.iter_mut() {
+            if let Some(o) = ns.as_object_mut() {
+                o.remove("path");
+            }
+        }
+    } else {
+        linux["namespaces"] = serde_json::json!([
+            {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}
+        ]);
+    }
+    linux["cgroupsPath"] = Value::String(cgroup_path(id));
+    if let Some(o) = linux.as_object_mut() {
+        o.remove("devices");
+    }
+
+    if let Some(mounts) = v["mounts"].as_array_mut() {
+        mounts.retain(|m| {
+            let is_bind = m["type"] == "bind"
+                || m["options"].as_array().is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"));
+            let src = m["source"].as_str().unwrap_or("");
+            let keep = !is_bind || exists(src);
+            if !keep {
+                log::warn!("container {id}: dropping bind mount of host path {src:?} (not shared with the guest)");
+            }
+            keep
+        });
+    }
+
+    serde_json::from_value::<oci_spec::runtime::Spec>(v.clone())
+        .map_err(|e| SpecError(format!("the OCI spec is not valid: {e}")))?;
+    Ok(v)
+}
+
+/// Checks an exec's process object (spec.process) before it is handed to the runner.
+pub fn check_process(process_json: &[u8]) -> Result<Value, SpecError> {
+    let v: Value = serde_json::from_slice(process_json)
+        .map_err(|e| SpecError(format!("the exec process is not valid JSON: {e}")))?;
+    if v["args"].as_array().is_none_or(|a| a.is_empty()) {
+        return Err(SpecError(
+            "the exec process has no args: nothing to run".into(),
+        ));
+    }
+    serde_json::from_value::<oci_spec::runtime::Process>(v.clone())
+        .map_err(|e| SpecError(format!("the exec process is not valid: {e}")))?;
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn host_spec() -> Value {
+        json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}, "env": ["PATH=/bin"]},
+            "root": {"path": "/var/lib/containerd/rootfs", "readonly": true},
+            "hooks": {"prestart": [{"path": "/usr/bin/host-hook"}]},
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/kubelet/hosts", "options": ["rbind", "ro"]},
+                {"destination": "/data", "type": "none", "source": "/run/cocoon/shared/data", "options": ["bind"]}
+            ],
+            "linux": {
+                "namespaces": [
+                    {"type": "pid"}, {"type": "network", "path": "/var/run/netns/cni-1"},
+                    {"type": "ipc", "path": "/proc/42/ns/ipc"}, {"type": "uts"}, {"type": "mount"}
+                ],
+                "cgroupsPath": "/kubepods/besteffort/pod1/abc",
+                "devices": [{"path": "/dev/kvm", "type": "c", "major": 10, "minor": 232}],
+                "resources": {"memory": {"limit": 67108864}},
+                "maskedPaths": ["/proc/kcore"]
+            }
+        })
+    }
+
+    #[test]
+    fn host_only_pieces_are_dropped_and_limits_kept() {
+        let raw = serde_json::to_vec(&host_spec()).unwrap();
+        let v = adapt(&raw, "c1", Path::new("/run/cocoon/shared/c1/rootfs"), |p| {
+            p.starts_with("/run/cocoon/shared")
+        })
+        .unwrap();
+        assert_eq!(
+            v["root"],
+            json!({"path": "/run/cocoon/shared/c1/rootfs", "readonly": true})
+        );
+        assert!(v.get("hooks").is_none());
+        let ns: Vec<&str> = v["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(ns, ["pid", "ipc", "uts", "mount"]);
+        assert!(v["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n.get("path").is_none()));
+        assert_eq!(v["linux"]["cgroupsPath"], "/cocoon/c1");
+        assert!(v["linux"].get("devices").is_none());
+        assert_eq!(v["linux"]["resources"]["memory"]["limit"], 67108864);
+        assert_eq!(v["linux"]["maskedPaths"], json!(["/proc/kcore"]));
+        let dests: Vec<&str> = v["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["destination"].as_str().unwrap())
+            .collect();
+        assert_eq!(dests, ["/proc", "/data"]);
+    }
+
+    #[test]
+    fn bad_specs_are_refused_with_a_reason() {
+        let err = adapt(b"{not json", "c", Path::new("/r"), |_| true).unwrap_err();
+        assert!(err.0.contains("not valid JSON"), "{err}");
+        let mut s = host_spec();
+        s["process"]["args"] = json!([]);
+        let err = adapt(
+            &serde_json::to_vec(&s).unwrap(),
+            "c",
+            Path::new("/r"),
+            |_| true,
+        )
+        .unwrap_err();
+        assert!(err.0.contains("process.args"), "{err}");
+        let mut s = host_spec();
+        s["process"]["user"] = json!({"uid": "root"});
+        let err = adapt(
+            &serde_json::to_vec(&s).unwrap(),
+            "c",
+            Path::new("/r"),
+            |_| true,
+        )
+        .unwrap_err();
+        assert!(err.0.contains("not valid"), "{err}");
+    }
+
+    #[test]
+    fn exec_process_is_checked() {
+        assert!(check_process(br#"{"args":["ls"],"cwd":"/","user":{"uid":0,"gid":0}}"#).is_ok());
+        assert!(check_process(br#"{"args":[],"cwd":"/"}"#)
+            .unwrap_err()
+            .0
+            .contains("no args"));
+    }
+}
