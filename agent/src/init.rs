@@ -123,84 +123,44 @@ pub fn mount_shared() -> Result<()> {
     )
 }
 
-/// Copies the tree under `from` into `to`, skipping `skip` (the new root, /proc).
-fn copy_tree(from: &Path, to: &Path, skip: &[&Path]) -> Result<()> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-    for entry in fs::read_dir(from).with_context(|| format!("read {}", from.display()))? {
-        let entry = entry?;
-        let src = entry.path();
-        if skip.contains(&src.as_path()) {
-            continue;
-        }
-        let dst = to.join(entry.file_name());
-        let meta = fs::symlink_metadata(&src)?;
-        let ft = meta.file_type();
-        if ft.is_dir() {
-            fs::create_dir_all(&dst)?;
-            fs::set_permissions(&dst, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
-            copy_tree(&src, &dst, skip)?;
-        } else if ft.is_symlink() {
-            std::os::unix::fs::symlink(fs::read_link(&src)?, &dst)?;
-        } else if ft.is_char_device() || ft.is_block_device() {
-            let kind = if ft.is_char_device() {
-                nix::sys::stat::SFlag::S_IFCHR
-            } else {
-                nix::sys::stat::SFlag::S_IFBLK
-            };
-            let mode = nix::sys::stat::Mode::from_bits_truncate(meta.mode() & 0o7777);
-            nix::sys::stat::mknod(&dst, kind, mode, meta.rdev())
-                .with_context(|| format!("mknod {}", dst.display()))?;
-        } else if ft.is_file() {
-            fs::copy(&src, &dst).with_context(|| format!("copy {}", src.display()))?;
-        }
-    }
-    Ok(())
-}
-
-/// Empties the old initramfs root, freeing its memory; `keep` is the new root.
+/// Empties the old initramfs root, freeing its memory; `keep` is the new root. Only called
+/// once every mount has moved out, so nothing here can reach into a mounted filesystem.
 fn clear_tree(dir: &Path, keep: &Path) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
+    let Ok(entries) = fs::read_dir(dir) else { return };
     for e in entries.flatten() {
         let p = e.path();
         if p == keep {
             continue;
         }
-        let _ = if p.is_dir() && !p.is_symlink() {
-            fs::remove_dir_all(&p)
-        } else {
-            fs::remove_file(&p)
-        };
+        let _ = if p.is_dir() && !p.is_symlink() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
     }
 }
+
+/// The mounts that move from the initramfs to the new root (submounts move with them).
+const MOVED_MOUNTS: [&str; 5] = ["/proc", "/sys", "/dev", "/run", "/tmp"];
 
 /// Moves the guest from the initramfs onto a tmpfs root, in place.
 ///
 /// `pivot_root(2)` refuses to work when the current root is the initramfs, and container
 /// runtimes need it for a proper root switch; the classic `switch_root` dance fixes that.
-/// The agent binary is not copied: the running process keeps its (now unlinked) image, and
-/// `/proc/self/exe` still executes it for the runner. Copying 9 MB under TCG was most of the
-/// cost of an exec-based switch.
+/// It runs after every module is loaded, so nothing needs copying: the pseudo filesystems
+/// move over, the initramfs is emptied, and the running agent keeps its (now unlinked) image;
+/// `/proc/self/exe` still executes it for the runner.
 pub fn switch_root() -> Result<()> {
     let new = Path::new("/newroot");
-    let init = Path::new("/init");
-    mount_fs(
-        "root",
-        "/newroot",
-        "tmpfs",
-        MsFlags::empty(),
-        Some("mode=0755"),
-    )?;
-    copy_tree(Path::new("/"), new, &[new, Path::new("/proc"), init])?;
-    nix::mount::umount2("/proc", nix::mount::MntFlags::MNT_DETACH).context("unmount /proc")?;
+    mount_fs("root", "/newroot", "tmpfs", MsFlags::empty(), Some("mode=0755"))?;
+    for m in MOVED_MOUNTS {
+        let target = new.join(m.trim_start_matches('/'));
+        fs::create_dir_all(&target)?;
+        mount(Some(m), &target, None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+            .with_context(|| format!("move {m} to the new root"))?;
+    }
     clear_tree(Path::new("/"), new);
     nix::unistd::chdir(new).context("chdir /newroot")?;
-    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
-        .context("move the new root onto /")?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).context("move the new root onto /")?;
     nix::unistd::chroot(".").context("chroot")?;
     nix::unistd::chdir("/").context("chdir /")?;
-    mount_proc()
+    Ok(())
 }
 
 /// Flushes and powers the VM off. Never returns on success.

@@ -42,9 +42,6 @@ fn run() -> anyhow::Result<()> {
         log::info!("bare boot: init reached");
         return init::power_off();
     }
-    init::switch_root()?;
-    log::debug!("running on the tmpfs root");
-
     init::mount_base()?;
 
     // Serve as soon as vsock works; the rest of bring-up (virtio-fs, overlay) finishes in the
@@ -106,7 +103,13 @@ fn bring_up(on_module: impl FnMut(&str)) -> server::Booted {
     let modules = init::load_modules(Path::new(init::MODULE_ORDER), on_module);
     let t_modules = logger::uptime_ms();
     let (loaded_modules, shared) = match modules {
-        Ok(m) => (m, init::mount_shared().map_err(|e| format!("{e:#}"))),
+        Ok(m) => {
+            // Every module is in, so the initramfs can go; the share mounts on the new root.
+            let shared = init::switch_root()
+                .and_then(|()| init::mount_shared())
+                .map_err(|e| format!("{e:#}"));
+            (m, shared)
+        }
         Err(e) => {
             log::error!("{e:#}");
             (vec![], Err(format!("modules: {e:#}")))
@@ -116,7 +119,7 @@ fn bring_up(on_module: impl FnMut(&str)) -> server::Booted {
         log::warn!("no shared directory: {e}");
     }
     log::info!(
-        "bring-up done: {} modules {} ms, share {} ms",
+        "bring-up done: {} modules {} ms, root switch + share {} ms",
         loaded_modules.len(),
         t_modules - t0,
         logger::uptime_ms() - t_modules
