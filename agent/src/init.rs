@@ -126,13 +126,19 @@ pub fn mount_shared() -> Result<()> {
 /// Empties the old initramfs root, freeing its memory; `keep` is the new root. Only called
 /// once every mount has moved out, so nothing here can reach into a mounted filesystem.
 fn clear_tree(dir: &Path, keep: &Path) {
-    let Ok(entries) = fs::read_dir(dir) else { return };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
     for e in entries.flatten() {
         let p = e.path();
         if p == keep {
             continue;
         }
-        let _ = if p.is_dir() && !p.is_symlink() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+        let _ = if p.is_dir() && !p.is_symlink() {
+            fs::remove_dir_all(&p)
+        } else {
+            fs::remove_file(&p)
+        };
     }
 }
 
@@ -148,16 +154,29 @@ const MOVED_MOUNTS: [&str; 5] = ["/proc", "/sys", "/dev", "/run", "/tmp"];
 /// `/proc/self/exe` still executes it for the runner.
 pub fn switch_root() -> Result<()> {
     let new = Path::new("/newroot");
-    mount_fs("root", "/newroot", "tmpfs", MsFlags::empty(), Some("mode=0755"))?;
+    mount_fs(
+        "root",
+        "/newroot",
+        "tmpfs",
+        MsFlags::empty(),
+        Some("mode=0755"),
+    )?;
     for m in MOVED_MOUNTS {
         let target = new.join(m.trim_start_matches('/'));
         fs::create_dir_all(&target)?;
-        mount(Some(m), &target, None::<&str>, MsFlags::MS_MOVE, None::<&str>)
-            .with_context(|| format!("move {m} to the new root"))?;
+        mount(
+            Some(m),
+            &target,
+            None::<&str>,
+            MsFlags::MS_MOVE,
+            None::<&str>,
+        )
+        .with_context(|| format!("move {m} to the new root"))?;
     }
     clear_tree(Path::new("/"), new);
     nix::unistd::chdir(new).context("chdir /newroot")?;
-    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).context("move the new root onto /")?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .context("move the new root onto /")?;
     nix::unistd::chroot(".").context("chroot")?;
     nix::unistd::chdir("/").context("chdir /")?;
     Ok(())

@@ -491,3 +491,62 @@ async fn bad_input_is_refused_and_the_agent_keeps_serving() {
 
     pod.shutdown().await;
 }
+
+#[tokio::test]
+async fn process_settings_apply_and_close_stdin_ends_input() {
+    use cocoon_protocol::agent::CloseStdinRequest;
+    let pod = Pod::boot("settings").await;
+
+    // env, cwd, user and additional groups from the spec reach the process.
+    let mut spec = oci_spec(
+        &["sh", "-c", "echo $GREETING; pwd; id -u; id -g; id -G"],
+        false,
+    );
+    spec["process"]["env"]
+        .as_array_mut()
+        .unwrap()
+        .push("GREETING=hello-from-spec".into());
+    spec["process"]["cwd"] = "/tmp".into();
+    spec["process"]["user"] =
+        serde_json::json!({"uid": 65534, "gid": 65534, "additionalGids": [5]});
+    let mut io = run(&pod, "who", spec, streams(false, true, true, false)).await;
+    let (out, err) = io.output().await;
+    assert_eq!(
+        wait(&pod, "who", "").await,
+        0,
+        "{}",
+        String::from_utf8_lossy(&err)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "hello-from-spec\n/tmp\n65534\n65534\n65534 5\n"
+    );
+    remove(&pod, "who").await;
+
+    // CloseStdin ends the process's input even though the host never half-closed its stream.
+    let mut io = run(
+        &pod,
+        "reader",
+        oci_spec(&["cat"], false),
+        streams(true, true, true, false),
+    )
+    .await;
+    let mut stdin = io.stdin.take().unwrap();
+    stdin.write_all(b"partial input").await.unwrap();
+    stdin.flush().await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let close = CloseStdinRequest {
+        container_id: "reader".into(),
+        ..Default::default()
+    };
+    pod.sb.agent().close_stdin(ctx(), &close).await.unwrap();
+    let (out, _) = tokio::time::timeout(std::time::Duration::from_secs(10), io.output())
+        .await
+        .unwrap();
+    assert_eq!(wait(&pod, "reader", "").await, 0);
+    assert_eq!(String::from_utf8_lossy(&out), "partial input");
+    drop(stdin);
+    remove(&pod, "reader").await;
+
+    pod.shutdown().await;
+}
