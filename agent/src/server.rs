@@ -5,13 +5,13 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use cocoon_protocol::agent::{
-    CheckRequest, CheckResponse, CloseStdinRequest, CreateContainerRequest, Empty,
-    ExecProcessRequest, ExecProcessResponse, GetOOMEventRequest, GuestDetailsRequest,
-    GuestDetailsResponse, ListProcessesRequest, ListProcessesResponse, OOMEvent,
-    PauseContainerRequest, RemoveContainerRequest, ResumeContainerRequest, ShutdownRequest,
-    SignalProcessRequest, StartContainerRequest, StartContainerResponse, StatsContainerRequest,
-    StatsContainerResponse, TtyWinResizeRequest, UpdateContainerRequest, WaitProcessRequest,
-    WaitProcessResponse,
+    CheckRequest, CheckResponse, CloseStdinRequest, CreateContainerRequest,
+    CreateContainerResponse, Empty, ExecProcessRequest, ExecProcessResponse, GetOOMEventRequest,
+    GuestDetailsRequest, GuestDetailsResponse, ListProcessesRequest, ListProcessesResponse,
+    OOMEvent, PauseContainerRequest, RemoveContainerRequest, ResumeContainerRequest,
+    ShutdownRequest, SignalProcessRequest, StartContainerRequest, StartContainerResponse,
+    StatsContainerRequest, StatsContainerResponse, TtyWinResizeRequest, UpdateContainerRequest,
+    WaitProcessRequest, WaitProcessResponse,
 };
 use cocoon_protocol::agent_ttrpc::{create_agent_service, AgentService};
 use cocoon_protocol::{AGENT_PORT, API_VERSION};
@@ -128,13 +128,17 @@ impl AgentService for Agent {
         &self,
         _ctx: &TtrpcContext,
         req: CreateContainerRequest,
-    ) -> ttrpc::Result<Empty> {
+    ) -> ttrpc::Result<CreateContainerResponse> {
         self.need_share().await?;
         let stdio = req.stdio.clone().unwrap_or_default();
-        self.containers
+        let pid = self
+            .containers
             .create(&req.container_id, &req.oci_spec_json, &req.rootfs, &stdio)
             .await?;
-        Ok(Empty::default())
+        Ok(CreateContainerResponse {
+            pid: u32::try_from(pid).unwrap_or(0),
+            ..Default::default()
+        })
     }
 
     async fn start_container(
@@ -294,6 +298,27 @@ impl AgentService for Agent {
     }
 }
 
+/// Tells the host the API listens, by connecting to its READY_PORT. A host that polls instead
+/// (kernel vsock) has no listener there; after a few seconds of trying, the agent gives up.
+async fn announce_ready() {
+    use tokio::io::AsyncWriteExt;
+    let addr =
+        tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_HOST, cocoon_protocol::READY_PORT);
+    for _ in 0..500 {
+        if let Ok(mut s) = tokio_vsock::VsockStream::connect(addr).await {
+            let _ = s.write_all(b"ready\n").await;
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            log::debug!("announced readiness to the host");
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    log::debug!(
+        "no host listener on port {}; the host polls",
+        cocoon_protocol::READY_PORT
+    );
+}
+
 /// Binds the API on vsock, calls `bound`, and serves until the guest powers off.
 pub async fn serve(mut agent: Agent, bound: impl FnOnce()) -> anyhow::Result<Server> {
     log::debug!("binding");
@@ -301,6 +326,7 @@ pub async fn serve(mut agent: Agent, bound: impl FnOnce()) -> anyhow::Result<Ser
     agent.ready_uptime_ms = crate::logger::uptime_ms();
     log::debug!("bound");
     bound();
+    tokio::spawn(announce_ready());
     let mut server = server.register_service(create_agent_service(Arc::new(agent)));
     server.start().await?;
     Ok(server)

@@ -22,8 +22,10 @@ pub use generated::agent_ttrpc;
 pub const AGENT_PORT: u32 = 1024;
 /// vsock port the agent accepts per-process stdio streams on.
 pub const STDIO_PORT: u32 = 1025;
+/// Host vsock port the agent connects to once it listens, so the host need not poll.
+pub const READY_PORT: u32 = 1026;
 /// Bumped on every incompatible change to `agent.proto`.
-pub const API_VERSION: u32 = 1;
+pub const API_VERSION: u32 = 2;
 
 pub use protobuf;
 pub use ttrpc;

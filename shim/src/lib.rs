@@ -1,8 +1,13 @@
 //! The host side of Cocoon: a pod's VM plus the agent client that drives it.
 //!
-//! The containerd Task service (issue #4) sits on top of [`sandbox::Sandbox`].
+//! The containerd Task service ([`task::TaskService`]) sits on top of [`sandbox::Sandbox`].
 
+pub mod annotations;
+pub mod io;
 pub mod sandbox;
+pub mod service;
+pub mod state;
+pub mod task;
 
 use std::time::Duration;
 

@@ -1,26 +1,42 @@
-//! containerd-shim-cocoon-v2.
+//! containerd-shim-cocoon-v2: the containerd shim v2 for runtime `io.containerd.cocoon.v2`.
 //!
-//! The containerd Task service is not wired up yet (issue #4). What works today is
-//! `containerd-shim-cocoon-v2 check`: boot a pod VM from the configuration, ask its agent for
-//! the guest details, print them next to the host's, and stop the VM.
+//! containerd runs it with `start`, `delete` or as the daemon; the containerd-shim crate
+//! parses those flags. `containerd-shim-cocoon-v2 check` is for people: it boots a pod VM from
+//! the configuration, prints the guest details next to the host's, and stops the VM.
 
 use anyhow::{bail, Context, Result};
 use vmm_driver::{Config, VmSpec};
 
+/// The runtime name containerd knows this shim by.
+const RUNTIME: &str = "io.containerd.cocoon.v2";
+
 #[tokio::main]
 async fn main() -> Result<()> {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("check") => check(args.iter().any(|a| a == "--console")).await,
-        Some("--version" | "-v") => {
-            println!("containerd-shim-cocoon-v2 {}", env!("CARGO_PKG_VERSION"));
+        Some("check") => {
+            env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+                .init();
+            check(args.iter().any(|a| a == "--console")).await
+        }
+        Some("--version") => {
+            println!(
+                "containerd-shim-cocoon-v2 {} ({RUNTIME})",
+                env!("CARGO_PKG_VERSION")
+            );
             Ok(())
         }
-        _ => bail!(
-            "usage: containerd-shim-cocoon-v2 check [--console]\n\
-             (the containerd Task API is not implemented yet; `check` boots a pod VM and reports on it)"
+        Some("help" | "--help") => bail!(
+            "usage: containerd-shim-cocoon-v2 check [--console]   boot a pod VM and report on it\n\
+             containerd starts this binary itself for runtime {RUNTIME}"
         ),
+        _ => {
+            containerd_shim::asynchronous::run::<cocoon_shim::service::CocoonShim>(RUNTIME, None)
+                .await;
+            // Exit now rather than wait for blocking threads: one may still sit in the open()
+            // of a FIFO whose other end containerd never opened.
+            std::process::exit(0)
+        }
     }
 }
 

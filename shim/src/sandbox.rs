@@ -7,7 +7,7 @@ use cocoon_protocol::agent::{
     CheckRequest, GuestDetailsRequest, GuestDetailsResponse, ShutdownRequest,
 };
 use cocoon_protocol::agent_ttrpc::AgentServiceClient;
-use cocoon_protocol::{AGENT_PORT, API_VERSION, STDIO_PORT};
+use cocoon_protocol::{AGENT_PORT, API_VERSION, READY_PORT, STDIO_PORT};
 use tokio::io::AsyncWriteExt;
 use ttrpc::context;
 use ttrpc::r#async::transport::Socket;
@@ -116,7 +116,7 @@ impl Sandbox {
     ) -> Result<(AgentServiceClient, Duration)> {
         let timeout =
             Duration::from_millis(cfg.agent.connect_timeout_ms).saturating_sub(t0.elapsed());
-        let stream = vmm_driver::connect_guest(vm, AGENT_PORT, timeout).await?;
+        let stream = vmm_driver::connect_guest(vm, AGENT_PORT, Some(READY_PORT), timeout).await?;
         let connected = t0.elapsed();
         let agent = AgentServiceClient::new(Client::new(Socket::new(stream)));
         let check = agent
@@ -144,6 +144,14 @@ impl Sandbox {
     /// The VM underneath, e.g. to list its processes.
     pub fn vm(&self) -> &dyn Vmm {
         self.vm.as_ref()
+    }
+
+    /// The sandbox's runtime directory (`<state_dir>/<id>`).
+    pub fn run_dir(&self) -> std::path::PathBuf {
+        self.shared_dir
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_default()
     }
 
     /// The host directory the guest sees at `/run/cocoon/shared` (virtio-fs).

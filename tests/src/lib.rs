@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support: a panic is the failure report
 
+pub mod containerd;
+
 use std::path::{Path, PathBuf};
 
 use vmm_driver::Config;

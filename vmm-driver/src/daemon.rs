@@ -52,7 +52,10 @@ impl Daemon {
     /// The exit status if the process has ended (and is now reaped).
     pub fn try_exited(&mut self) -> Option<ExitStatus> {
         if self.status.is_none() {
-            self.status = self.child.try_wait().ok().flatten();
+            self.status = match self.child.try_wait() {
+                Ok(s) => s,
+                Err(e) => reaped_elsewhere(self.name, &e),
+            };
         }
         self.status
     }
@@ -62,11 +65,11 @@ impl Daemon {
         if let Some(s) = self.status {
             return Ok(s);
         }
-        let s = self
-            .child
-            .wait()
-            .await
-            .map_err(|e| Error::io(format!("wait for {}", self.name), e))?;
+        let s = match self.child.wait().await {
+            Ok(s) => s,
+            Err(e) => reaped_elsewhere(self.name, &e)
+                .ok_or_else(|| Error::io(format!("wait for {}", self.name), e))?,
+        };
         self.status = Some(s);
         Ok(s)
     }
@@ -95,6 +98,23 @@ impl Daemon {
     pub fn log_tail(&self, n: usize) -> String {
         tail_lines(&self.log, n)
     }
+}
+
+/// A host process that reaps with `waitpid(-1)` (the containerd shim library does, for its
+/// subreaper duty) can take a child's status before we ask: ECHILD then means "gone", with the
+/// status unknown (reported as 255).
+fn reaped_elsewhere(name: &str, e: &std::io::Error) -> Option<ExitStatus> {
+    use std::os::unix::process::ExitStatusExt;
+    if e.raw_os_error() == Some(libc_echild()) {
+        log::debug!("{name} was reaped by another waiter; its status is unknown");
+        Some(ExitStatus::from_raw(255 << 8))
+    } else {
+        None
+    }
+}
+
+fn libc_echild() -> i32 {
+    nix::errno::Errno::ECHILD as i32
 }
 
 /// Last `n` lines of a text file; empty if it cannot be read.

@@ -1,0 +1,133 @@
+//! Pod-level settings from OCI annotations (`io.cocoon.*`), validated against the config's
+//! limits. An annotation can size the VM but never name a binary or a host path.
+
+use serde_json::Value;
+use vmm_driver::config::MIN_MEMORY_MIB;
+use vmm_driver::Config;
+
+pub const VCPUS: &str = "io.cocoon.vm.vcpus";
+pub const MEMORY_MIB: &str = "io.cocoon.vm.memory_mib";
+const KNOWN: [&str; 2] = [VCPUS, MEMORY_MIB];
+
+/// Refuses `io.cocoon.*` annotations this runtime does not know: a typo must not be ignored.
+pub fn check(spec: &Value) -> Result<(), String> {
+    let Some(ann) = spec["annotations"].as_object() else {
+        return Ok(());
+    };
+    for k in ann.keys().filter(|k| k.starts_with("io.cocoon.")) {
+        if !KNOWN.contains(&k.as_str()) {
+            return Err(format!(
+                "unknown annotation `{k}`: Cocoon understands {}",
+                KNOWN.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The pod VM's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmSize {
+    pub vcpus: u32,
+    pub memory_mib: u32,
+}
+
+fn annotation(
+    spec: &Value,
+    key: &str,
+    min: u32,
+    max: u32,
+    limit_key: &str,
+) -> Result<Option<u32>, String> {
+    let Some(v) = spec["annotations"][key].as_str() else {
+        return Ok(None);
+    };
+    let n: u32 = v
+        .trim()
+        .parse()
+        .map_err(|_| format!("annotation {key}={v:?} is not a whole number"))?;
+    if n < min || n > max {
+        return Err(format!("annotation {key}={n} is out of range {min}..={max} (raise {limit_key} in the cocoon config to allow more)"));
+    }
+    Ok(Some(n))
+}
+
+/// Sizes the VM like Kata's static sizing: the config's defaults plus the container's memory
+/// limit and CPU quota when it has them, capped at the config's maxima; annotations override.
+pub fn vm_size(cfg: &Config, spec: &Value) -> Result<VmSize, String> {
+    let vm = &cfg.vm;
+    let res = &spec["linux"]["resources"];
+    let mut size = VmSize {
+        vcpus: vm.vcpus,
+        memory_mib: vm.memory_mib,
+    };
+    if let Some(limit) = res["memory"]["limit"].as_i64().filter(|l| *l > 0) {
+        let mib = u32::try_from(limit.unsigned_abs().div_ceil(1 << 20)).unwrap_or(u32::MAX);
+        size.memory_mib = vm.memory_mib.saturating_add(mib).min(vm.max_memory_mib);
+    }
+    let quota = res["cpu"]["quota"].as_i64().unwrap_or(0);
+    let period = res["cpu"]["period"].as_u64().unwrap_or(0);
+    if quota > 0 && period > 0 {
+        let cpus = u32::try_from(quota.unsigned_abs().div_ceil(period)).unwrap_or(u32::MAX);
+        size.vcpus = vm.vcpus.saturating_add(cpus).min(vm.max_vcpus);
+    }
+    if let Some(n) = annotation(spec, VCPUS, 1, vm.max_vcpus, "vm.max_vcpus")? {
+        size.vcpus = n;
+    }
+    if let Some(n) = annotation(
+        spec,
+        MEMORY_MIB,
+        MIN_MEMORY_MIB,
+        vm.max_memory_mib,
+        "vm.max_memory_mib",
+    )? {
+        size.memory_mib = n;
+    }
+    Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn defaults_limits_and_annotations() {
+        let cfg = Config::default();
+        assert_eq!(
+            vm_size(&cfg, &json!({})).unwrap(),
+            VmSize {
+                vcpus: 1,
+                memory_mib: 256
+            }
+        );
+        let spec = json!({"linux": {"resources": {"memory": {"limit": 128 << 20}, "cpu": {"quota": 150000, "period": 100000}}}});
+        assert_eq!(
+            vm_size(&cfg, &spec).unwrap(),
+            VmSize {
+                vcpus: 3,
+                memory_mib: 384
+            }
+        );
+        let spec = json!({"annotations": {VCPUS: "2", MEMORY_MIB: "512"}});
+        assert_eq!(
+            vm_size(&cfg, &spec).unwrap(),
+            VmSize {
+                vcpus: 2,
+                memory_mib: 512
+            }
+        );
+    }
+
+    #[test]
+    fn bad_annotations_are_refused() {
+        let cfg = Config::default();
+        let e = vm_size(&cfg, &json!({"annotations": {VCPUS: "64"}})).unwrap_err();
+        assert!(e.contains(VCPUS) && e.contains("vm.max_vcpus"), "{e}");
+        let e = vm_size(&cfg, &json!({"annotations": {MEMORY_MIB: "lots"}})).unwrap_err();
+        assert!(e.contains("not a whole number"), "{e}");
+        let e = check(&json!({"annotations": {"io.cocoon.vm.kernel": "/tmp/evil"}})).unwrap_err();
+        assert!(e.contains("io.cocoon.vm.kernel"), "{e}");
+        assert!(check(&json!({"annotations": {"io.kubernetes.cri.sandbox-id": "x"}})).is_ok());
+    }
+}

@@ -1,0 +1,98 @@
+//! `<state_dir>/<sandbox>/state.json`: what `shim delete` needs to clean up after a shim or VM
+//! crash: the host processes of the VM and the rootfs mounts.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The sandbox's host-side footprint.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxState {
+    pub sandbox_id: String,
+    /// (name, pid) of qemu, virtiofsd, vhost-device-vsock.
+    pub pids: Vec<(String, u32)>,
+    /// Container rootfs mount points on the host.
+    pub mounts: Vec<PathBuf>,
+}
+
+pub const FILE: &str = "state.json";
+
+impl SandboxState {
+    pub fn load(run_dir: &Path) -> Option<SandboxState> {
+        let text = std::fs::read_to_string(run_dir.join(FILE)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Written atomically: a crash mid-write must not lose the previous state.
+    pub fn save(&self, run_dir: &Path) -> std::io::Result<()> {
+        let tmp = run_dir.join(".state.json.tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?,
+        )?;
+        std::fs::rename(tmp, run_dir.join(FILE))
+    }
+}
+
+/// Kills what is left of a sandbox, unmounts its rootfs mounts and removes its directory.
+/// For `shim delete` after a crash; safe to run on a sandbox that is already gone.
+pub fn cleanup(run_dir: &Path) {
+    let Some(st) = SandboxState::load(run_dir) else {
+        let _ = std::fs::remove_dir(run_dir);
+        return;
+    };
+    for (name, pid) in &st.pids {
+        let Ok(pid) = i32::try_from(*pid) else {
+            continue;
+        };
+        // Only kill a process that still looks like ours: pids get reused.
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&*run_dir.to_string_lossy()) {
+            log::info!("killing leftover {name} (pid {pid})");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    for m in &st.mounts {
+        let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+    }
+    // Only once nothing is mounted below it may the directory be removed recursively.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let prefix = run_dir.to_string_lossy().into_owned();
+    if mounts.lines().any(|l| {
+        l.split(' ')
+            .nth(4)
+            .is_some_and(|mp| mp.starts_with(&prefix))
+    }) {
+        log::warn!(
+            "{} still has mounts below it; leaving it in place",
+            run_dir.display()
+        );
+        return;
+    }
+    let _ = std::fs::remove_dir_all(run_dir);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_cleanup_of_a_dead_sandbox() {
+        let d = tempfile::tempdir().unwrap();
+        let run = d.path().join("sb");
+        std::fs::create_dir_all(run.join("shared/c1/rootfs")).unwrap();
+        let st = SandboxState {
+            sandbox_id: "sb".into(),
+            pids: vec![("qemu".into(), u32::MAX - 1)],
+            mounts: vec![],
+        };
+        st.save(&run).unwrap();
+        assert_eq!(SandboxState::load(&run), Some(st));
+        cleanup(&run);
+        assert!(!run.exists());
+        cleanup(&run); // already gone: fine
+    }
+}

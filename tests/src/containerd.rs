@@ -1,0 +1,255 @@
+//! A private containerd (own root, state and socket in a temp dir) and a locally built OCI
+//! image, for end-to-end tests through `ctr`. No registry is involved.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+/// The test image's name after `ctr images import`.
+pub const IMAGE: &str = "docker.io/library/cocoon-test:latest";
+pub const RUNTIME: &str = "io.containerd.cocoon.v2";
+
+fn sha256(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A one-layer OCI image layout tarball: busybox-static with every applet linked into /bin.
+pub fn build_image(out: &Path) {
+    let root = tempfile::tempdir().unwrap();
+    crate::busybox_rootfs(root.path());
+    let mut layer = tar::Builder::new(Vec::new());
+    layer.follow_symlinks(false);
+    layer.append_dir_all(".", root.path()).unwrap();
+    let layer = layer.into_inner().unwrap();
+    let layer_digest = format!("sha256:{}", sha256(&layer));
+    let config = serde_json::to_vec(&json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["sh"], "WorkingDir": "/"},
+        "rootfs": {"type": "layers", "diff_ids": [layer_digest]}
+    }))
+    .unwrap();
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": format!("sha256:{}", sha256(&config)), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer.len()}]
+    }))
+    .unwrap();
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{}", sha256(&manifest)),
+            "size": manifest.len(),
+            "annotations": {"io.containerd.image.name": IMAGE, "org.opencontainers.image.ref.name": "latest"}
+        }]
+    }))
+    .unwrap();
+    let mut t = tar::Builder::new(std::fs::File::create(out).unwrap());
+    let mut add = |name: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        t.append_data(&mut h, name, data).unwrap();
+    };
+    add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
+    add("index.json", &index);
+    for blob in [&layer, &config, &manifest] {
+        add(&format!("blobs/sha256/{}", sha256(blob)), blob);
+    }
+    t.finish().unwrap();
+}
+
+/// Where cargo put this build's shim binary (next to the test executable's `deps/`).
+pub fn shim_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap().to_owned();
+    assert!(
+        dir.join("containerd-shim-cocoon-v2").is_file(),
+        "no containerd-shim-cocoon-v2 in {}: build the workspace first (`cargo test --workspace` does)",
+        dir.display()
+    );
+    dir
+}
+
+/// A running private containerd.
+#[derive(Debug)]
+pub struct Containerd {
+    pub dir: tempfile::TempDir,
+    pub address: PathBuf,
+    /// The Cocoon config the shims read (COCOON_CONFIG).
+    pub cocoon_config: PathBuf,
+    /// Cocoon's state_dir for this instance.
+    pub cocoon_state: PathBuf,
+    child: Child,
+}
+
+impl Containerd {
+    pub fn start() -> Containerd {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let address = d.join("containerd.sock");
+        let cfg = d.join("containerd.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n",
+                root = d.join("root").display(),
+                state = d.join("state").display(),
+                sock = address.display()
+            ),
+        )
+        .unwrap();
+        let cocoon_state = d.join("cocoon");
+        let img = crate::image_dir();
+        let cocoon_config = d.join("cocoon.toml");
+        std::fs::write(
+            &cocoon_config,
+            format!(
+                "state_dir = \"{}\"\nkernel = \"{}\"\ninitramfs = \"{}\"\n",
+                cocoon_state.display(),
+                img.join("vmlinuz").display(),
+                img.join("initramfs.img").display()
+            ),
+        )
+        .unwrap();
+        let path = format!(
+            "{}:{}",
+            shim_dir().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let log = std::fs::File::create(d.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&cfg)
+            .env("PATH", path)
+            .env("COCOON_CONFIG", &cocoon_config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("containerd is missing: run `make setup`");
+        let c = Containerd {
+            dir,
+            address,
+            cocoon_config,
+            cocoon_state,
+            child,
+        };
+        let t0 = Instant::now();
+        while !c.ctr(&["version"]).status.success() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "containerd did not start: {}",
+                c.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    /// Runs `ctr` against this instance.
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&self.address)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// Runs `ctr` with `input` on its stdin.
+    pub fn ctr_with_input(&self, args: &[&str], input: &[u8]) -> Output {
+        use std::io::Write;
+        let mut child = Command::new("ctr")
+            .arg("--address")
+            .arg(&self.address)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let data = input.to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(&data);
+        });
+        let out = child.wait_with_output().unwrap();
+        writer.join().unwrap();
+        out
+    }
+
+    /// Nothing of any pod may be left: no shim, VM process, mount or runtime directory.
+    pub fn assert_clean(&self) {
+        let t0 = Instant::now();
+        let me = format!("{}:", self.child.id());
+        let others = || -> Vec<String> {
+            crate::processes_mentioning(self.dir.path())
+                .into_iter()
+                .filter(|p| !p.starts_with(&me))
+                .collect()
+        };
+        // The shim exits right after answering containerd's Shutdown; give it a moment.
+        while t0.elapsed() < Duration::from_secs(10) && !others().is_empty() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let procs = others();
+        assert!(
+            procs.is_empty(),
+            "processes left behind: {procs:#?}\ncontainerd log:\n{}",
+            self.log()
+        );
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let state = self.cocoon_state.to_string_lossy().into_owned();
+        assert!(!mounts.contains(&state), "mounts left under {state}");
+        let files = crate::leftovers(&self.cocoon_state);
+        assert!(files.is_empty(), "files left behind: {files:#?}");
+    }
+
+    /// Imports the locally built test image.
+    pub fn import_test_image(&self) {
+        let tarball = self.dir.path().join("image.tar");
+        build_image(&tarball);
+        let out = self.ctr(&["images", "import", tarball.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "import: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+        // Snapshots stay mounted under root/ if a test failed half-way; don't leave them.
+        let root = self.dir.path().to_string_lossy().into_owned();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for mp in mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| m.starts_with(&root))
+        {
+            let _ = nix::mount::umount2(mp, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! End to end through a private containerd: `ctr run --runtime io.containerd.cocoon.v2` boots a
+//! real VM per pod. Each case also runs under runc to compare.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+use cocoon_tests::containerd::{Containerd, IMAGE, RUNTIME};
+use cocoon_tests::VM_LOCK;
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn run_args<'a>(runtime: &'a str, id: &'a str, extra: &[&'a str], cmd: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec!["run", "--rm", "--runtime", runtime];
+    a.extend_from_slice(extra);
+    a.extend_from_slice(&[IMAGE, id]);
+    a.extend_from_slice(cmd);
+    a
+}
+
+#[tokio::test]
+async fn ctr_run_prints_the_guest_kernel() {
+    let _serial = VM_LOCK.lock().await;
+    let c = Containerd::start();
+    c.import_test_image();
+
+    let out = c.ctr(&run_args(RUNTIME, "uname", &[], &["uname", "-r"]));
+    assert!(
+        out.status.success(),
+        "ctr run failed: {}\ncontainerd log:\n{}",
+        text(&out.stderr),
+        c.log()
+    );
+    let guest = text(&out.stdout);
+    let host = nix::sys::utsname::uname()
+        .unwrap()
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    let runc = c.ctr(&run_args(
+        "io.containerd.runc.v2",
+        "uname-runc",
+        &[],
+        &["uname", "-r"],
+    ));
+    assert_eq!(text(&runc.stdout).trim(), host, "runc sees the host kernel");
+    assert!(
+        guest.trim().ends_with("-cloud-amd64"),
+        "guest kernel: {guest:?}"
+    );
+    assert_ne!(guest.trim(), host);
+    c.assert_clean();
+}
+
+/// Runs the same `ctr run --rm` under cocoon and runc; returns both outputs.
+fn both(
+    c: &Containerd,
+    id: &str,
+    extra: &[&str],
+    cmd: &[&str],
+    input: Option<&[u8]>,
+) -> [std::process::Output; 2] {
+    [RUNTIME, "io.containerd.runc.v2"].map(|rt| {
+        let name = format!("{id}-{}", if rt == RUNTIME { "cocoon" } else { "runc" });
+        let args = run_args(rt, &name, extra, cmd);
+        match input {
+            Some(i) => c.ctr_with_input(&args, i),
+            None => c.ctr(&args),
+        }
+    })
+}
+
+#[tokio::test]
+async fn ctr_run_exit_codes_stdio_env_and_limits_match_runc() {
+    let _serial = VM_LOCK.lock().await;
+    let c = Containerd::start();
+    c.import_test_image();
+
+    // Exit codes pass through ctr.
+    let [vm, runc] = both(&c, "exit", &[], &["sh", "-c", "exit 7"], None);
+    assert_eq!(vm.status.code(), Some(7), "{}", text(&vm.stderr));
+    assert_eq!(runc.status.code(), Some(7));
+
+    // stdout and stderr stay separate.
+    let [vm, runc] = both(
+        &c,
+        "split",
+        &[],
+        &["sh", "-c", "echo out; echo err >&2"],
+        None,
+    );
+    for o in [&vm, &runc] {
+        assert_eq!(text(&o.stdout), "out\n", "stderr: {}", text(&o.stderr));
+        assert!(text(&o.stderr).contains("err\n"));
+    }
+
+    // Several MiB of stdin round-trip intact.
+    let mut x: u32 = 12345;
+    let input: Vec<u8> = (0..(3 << 20))
+        .map(|_| {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            (x >> 16) as u8
+        })
+        .collect();
+    let [vm, runc] = both(&c, "stdin", &[], &["cat"], Some(&input));
+    assert!(vm.status.success(), "{}", text(&vm.stderr));
+    assert_eq!(vm.stdout.len(), input.len());
+    assert!(
+        vm.stdout == input,
+        "stdin did not round-trip through the VM"
+    );
+    assert!(runc.stdout == input);
+
+    // --env and --cwd apply.
+    let [vm, runc] = both(
+        &c,
+        "env",
+        &["--env", "GREETING=hi-there", "--cwd", "/tmp"],
+        &["sh", "-c", "echo $GREETING; pwd"],
+        None,
+    );
+    assert_eq!(text(&vm.stdout), "hi-there\n/tmp\n", "{}", text(&vm.stderr));
+    assert_eq!(text(&runc.stdout), text(&vm.stdout));
+
+    // --memory-limit reaches the container's cgroup inside the guest: 100 MiB fits in the VM
+    // (sized 256 MiB + the limit) but not in the 64 MiB cgroup, so the kernel OOM-kills it.
+    let hog = ["dd", "if=/dev/zero", "of=/dev/null", "bs=100M", "count=1"];
+    let vm = c.ctr(&run_args(
+        RUNTIME,
+        "mem-hog",
+        &["--memory-limit", "67108864"],
+        &hog,
+    ));
+    assert_eq!(
+        vm.status.code(),
+        Some(137),
+        "dd should be OOM-killed: {}",
+        text(&vm.stderr)
+    );
+    let vm = c.ctr(&run_args(
+        RUNTIME,
+        "mem-ok",
+        &["--memory-limit", "201326592"],
+        &hog,
+    ));
+    assert!(
+        vm.status.success(),
+        "dd within the limit: {}",
+        text(&vm.stderr)
+    );
+
+    c.assert_clean();
+}
+
+#[tokio::test]
+async fn three_ctr_runs_at_once() {
+    let _serial = VM_LOCK.lock().await;
+    let c = std::sync::Arc::new(Containerd::start());
+    c.import_test_image();
+    let handles: Vec<_> = (0..3)
+        .map(|i| {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                c.ctr(&run_args(
+                    RUNTIME,
+                    &format!("par{i}"),
+                    &[],
+                    &["echo", &format!("pod {i}")],
+                ))
+            })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let out = h.join().unwrap();
+        assert!(out.status.success(), "run {i}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), format!("pod {i}\n"));
+    }
+    c.assert_clean();
+}
