@@ -177,3 +177,93 @@ async fn three_ctr_runs_at_once() {
     }
     c.assert_clean();
 }
+
+#[tokio::test]
+async fn detached_task_exec_ps_kill_delete() {
+    let _serial = VM_LOCK.lock().await;
+    let c = Containerd::start();
+    c.import_test_image();
+
+    let out = c.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, "bg", "sleep", "1000"]);
+    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+
+    let out = c.ctr(&["task", "exec", "--exec-id", "e1", "bg", "sh", "-c", "echo from-exec; cat /proc/1/cmdline | tr '\\0' ' '; exit 5"]);
+    assert_eq!(out.status.code(), Some(5), "exec: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "from-exec\nsleep 1000 ");
+
+    let ps = c.ctr(&["task", "ps", "bg"]);
+    assert!(ps.status.success(), "ps: {}", text(&ps.stderr));
+    assert!(text(&ps.stdout).lines().count() >= 2, "ps lists the task's processes: {}", text(&ps.stdout));
+
+    let ls = c.ctr(&["task", "ls"]);
+    assert!(text(&ls.stdout).lines().any(|l| l.starts_with("bg") && l.contains("RUNNING")), "{}", text(&ls.stdout));
+
+    let kill = c.ctr(&["task", "kill", "-s", "SIGKILL", "bg"]);
+    assert!(kill.status.success(), "kill: {}", text(&kill.stderr));
+    let t0 = std::time::Instant::now();
+    loop {
+        let ls = c.ctr(&["task", "ls"]);
+        if text(&ls.stdout).lines().any(|l| l.starts_with("bg") && l.contains("STOPPED")) {
+            break;
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(20), "task never stopped: {}", text(&ls.stdout));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let del = c.ctr(&["task", "delete", "bg"]);
+    assert!(del.status.success(), "task delete: {}", text(&del.stderr));
+    let del = c.ctr(&["containers", "delete", "bg"]);
+    assert!(del.status.success(), "containers delete: {}", text(&del.stderr));
+    c.assert_clean();
+}
+
+#[tokio::test]
+async fn ctr_run_t_gives_a_tty() {
+    let _serial = VM_LOCK.lock().await;
+    let c = Containerd::start();
+    c.import_test_image();
+    // `script` gives ctr a terminal of its own, as a person's shell would.
+    let cmd = format!(
+        "ctr --address {} run --rm -t --runtime {RUNTIME} {IMAGE} tty sh -c '[ -t 0 ] && echo is-a-tty; tty'",
+        c.address.display()
+    );
+    let out = std::process::Command::new("script").args(["-qec", &cmd, "/dev/null"]).stdin(std::process::Stdio::null()).output().unwrap();
+    let o = text(&out.stdout);
+    assert!(out.status.success(), "ctr run -t: {o} {}", text(&out.stderr));
+    assert!(o.contains("is-a-tty"), "{o:?}");
+    assert!(o.contains("/dev/pts/"), "{o:?}");
+    c.assert_clean();
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_error_and_the_shim_stays_healthy() {
+    let _serial = VM_LOCK.lock().await;
+    let c = Containerd::start();
+    c.import_test_image();
+
+    let out = c.ctr(&run_args(RUNTIME, "nobin", &[], &["/bin/no-such-binary"]));
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("no-such-binary"), "{}", text(&out.stderr));
+
+    let out = c.ctr(&run_args(RUNTIME, "badann", &["--annotation", "io.cocoon.vm.vcpus=999"], &["true"]));
+    assert!(!out.status.success());
+    let e = text(&out.stderr);
+    assert!(e.contains("io.cocoon.vm.vcpus") && e.contains("out of range"), "{e}");
+    let out = c.ctr(&run_args(RUNTIME, "typo", &["--annotation", "io.cocoon.vm.cpus=2"], &["true"]));
+    assert!(text(&out.stderr).contains("unknown annotation `io.cocoon.vm.cpus`"), "{}", text(&out.stderr));
+
+    // A config naming a kernel that does not exist.
+    let good = std::fs::read_to_string(&c.cocoon_config).unwrap();
+    std::fs::write(&c.cocoon_config, good.replace("vmlinuz", "no-such-vmlinuz")).unwrap();
+    let out = c.ctr(&run_args(RUNTIME, "nokernel", &[], &["true"]));
+    let e = text(&out.stderr);
+    assert!(e.contains("no-such-vmlinuz") && e.contains("make image"), "{e}");
+    std::fs::write(&c.cocoon_config, good).unwrap();
+
+    // Still healthy for the next container.
+    let out = c.ctr(&run_args(RUNTIME, "fine", &[], &["echo", "ok"]));
+    assert_eq!(text(&out.stdout), "ok\n", "{}", text(&out.stderr));
+    for id in ["nobin", "badann", "typo", "nokernel"] {
+        let _ = c.ctr(&["containers", "delete", id]);
+    }
+    c.assert_clean();
+}
