@@ -136,6 +136,11 @@ impl Sandbox {
         Ok((agent, connected))
     }
 
+    /// Why the VM is gone, if its VMM exited (crash, kill, guest poweroff).
+    pub fn vm_exit(&mut self) -> Option<String> {
+        self.vm.exit_error().map(|e| e.to_string())
+    }
+
     /// The generated agent client, for calls this type does not wrap.
     pub fn agent(&self) -> &AgentServiceClient {
         &self.agent

@@ -267,3 +267,71 @@ async fn bad_input_gets_a_clear_error_and_the_shim_stays_healthy() {
     }
     c.assert_clean();
 }
+
+/// Pids of this instance's processes whose command line contains `what`.
+fn pids_of(c: &Containerd, what: &str) -> Vec<i32> {
+    cocoon_tests::processes_mentioning(&c.cocoon_state)
+        .iter()
+        .filter(|p| p.contains(what))
+        .filter_map(|p| p.split(':').next()?.parse().ok())
+        .collect()
+}
+
+fn kill9(pid: i32) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(30), "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[tokio::test]
+async fn a_killed_vm_ends_its_task_and_a_killed_shim_leaves_nothing() {
+    let _serial = VM_LOCK.lock().await;
+    let c = std::sync::Arc::new(Containerd::start());
+    c.import_test_image();
+    let mut events = std::process::Command::new("ctr")
+        .arg("--address")
+        .arg(&c.address)
+        .arg("events")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // Kill QEMU under a running task: the task exits non-zero, with an event, and the shim
+    // says why.
+    let runner = {
+        let c = c.clone();
+        std::thread::spawn(move || c.ctr(&run_args(RUNTIME, "victim", &[], &["sleep", "1000"])))
+    };
+    wait_until("the victim's VM", || !pids_of(&c, "qemu-system").is_empty() && c.ctr(&["task", "ls"]).stdout.windows(7).any(|w| w == b"RUNNING"));
+    for pid in pids_of(&c, "qemu-system") {
+        kill9(pid);
+    }
+    let out = runner.join().unwrap();
+    assert!(!out.status.success(), "ctr run should fail when its VM dies");
+    assert!(c.log().contains("pod VM victim died"), "the shim did not log the VM's death:\n{}", c.log());
+
+    // SIGKILL the shim while a task runs, then `ctr task delete -f`: nothing may be left.
+    let out = c.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, "orphan", "sleep", "1000"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shim: Vec<i32> = cocoon_tests::processes_mentioning(c.dir.path())
+        .iter()
+        .filter(|p| p.contains("containerd-shim-cocoon-v2") && p.contains("-id orphan"))
+        .filter_map(|p| p.split(':').next()?.parse().ok())
+        .collect();
+    assert_eq!(shim.len(), 1, "one shim for the pod");
+    kill9(shim[0]);
+    let _ = c.ctr(&["task", "delete", "-f", "orphan"]);
+    let _ = c.ctr(&["containers", "delete", "orphan"]);
+    let _ = events.kill();
+    let ev = text(&events.wait_with_output().unwrap().stdout);
+    c.assert_clean();
+    for topic in ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"] {
+        assert!(ev.lines().any(|l| l.contains(topic) && l.contains("victim")), "no {topic} event for victim:\n{ev}");
+    }
+}
