@@ -10,7 +10,7 @@ AGENT_BIN    := target/$(AGENT_TARGET)/release/cocoon-agent
 SHIM_BIN     := target/release/containerd-shim-cocoon-v2
 ROOTFS_BIN   := target/release/cocoon-rootfs
 
-APT_PACKAGES := qemu-system-x86 kmod cpio busybox-static dpkg containerd runc \
+APT_PACKAGES := qemu-system-x86 kmod cpio busybox-static dpkg containerd runc bc \
                 libseccomp-dev libcap-ng-dev pkg-config ca-certificates
 # Helper daemons from crates.io, pinned to the versions checked on these machines.
 HELPERS      := virtiofsd@1.14.0 vhost-device-vsock@0.3.0
@@ -38,7 +38,7 @@ helpers:
 	done
 
 build: agent
-	$(CARGO) build --release -p cocoon-shim -p cocoon-rootfs
+	$(CARGO) build --release -p cocoon-shim -p cocoon-rootfs -p cocoon-tests --bins
 
 agent:
 	LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
@@ -48,12 +48,21 @@ image: agent
 	$(CARGO) build --release -p cocoon-rootfs
 	$(ROOTFS_BIN) --agent $(AGENT_BIN) --out $(IMAGE_DIR) --work target/image
 
+# The shim goes on PATH, where containerd looks for containerd-shim-<name>-v2; the CRI
+# handler "cocoon" is registered through a drop-in that config.toml imports.
 install: build
 	install -D -m 0755 $(SHIM_BIN) $(PREFIX)/bin/containerd-shim-cocoon-v2
 	@if [ -f $(CONFIG_DIR)/config.toml ]; then \
 	  echo "keeping existing $(CONFIG_DIR)/config.toml"; \
 	else \
 	  install -D -m 0644 config/config.toml $(CONFIG_DIR)/config.toml; \
+	fi
+	install -D -m 0644 config/containerd-cocoon.toml /etc/containerd/conf.d/cocoon.toml
+	@if [ ! -f /etc/containerd/config.toml ]; then \
+	  printf 'version = 2\nimports = ["/etc/containerd/conf.d/*.toml"]\n' > /etc/containerd/config.toml; \
+	  echo "wrote /etc/containerd/config.toml importing /etc/containerd/conf.d/*.toml"; \
+	elif ! grep -qF '/etc/containerd/conf.d' /etc/containerd/config.toml; then \
+	  echo "NOTE: add imports = [\"/etc/containerd/conf.d/*.toml\"] to /etc/containerd/config.toml for the CRI handler 'cocoon'"; \
 	fi
 
 test: image
@@ -64,7 +73,7 @@ bench: build
 	@for i in 1 2 3 4 5; do $(SHIM_BIN) check | grep '^boot'; done
 
 demo: build
-	$(SHIM_BIN) check
+	scripts/demo.sh
 
 clean:
 	$(CARGO) clean

@@ -293,10 +293,20 @@ impl TaskService {
                     r.exited_at_unix_nanos,
                 ),
                 Err(e) => {
-                    let died = me.pod.lock().await.sandbox.as_mut().and_then(Sandbox::vm_exit);
+                    let died = me
+                        .pod
+                        .lock()
+                        .await
+                        .sandbox
+                        .as_mut()
+                        .and_then(Sandbox::vm_exit);
                     match died {
-                        Some(why) => log::error!("pod VM {} died; {cid}/{eid} is lost: {why}", me.sandbox_id),
-                        None => log::error!("lost the guest agent while waiting for {cid}/{eid}: {e}"),
+                        Some(why) => {
+                            log::error!("pod VM {} died; {cid}/{eid} is lost: {why}", me.sandbox_id)
+                        }
+                        None => {
+                            log::error!("lost the guest agent while waiting for {cid}/{eid}: {e}")
+                        }
                     }
                     (255, now_nanos())
                 }

@@ -184,35 +184,98 @@ async fn detached_task_exec_ps_kill_delete() {
     let c = Containerd::start();
     c.import_test_image();
 
-    let out = c.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, "bg", "sleep", "1000"]);
+    let out = c.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "bg",
+        "sleep",
+        "1000",
+    ]);
     assert!(out.status.success(), "run -d: {}", text(&out.stderr));
 
-    let out = c.ctr(&["task", "exec", "--exec-id", "e1", "bg", "sh", "-c", "echo from-exec; cat /proc/1/cmdline | tr '\\0' ' '; exit 5"]);
+    let out = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        "bg",
+        "sh",
+        "-c",
+        "echo from-exec; cat /proc/1/cmdline | tr '\\0' ' '; exit 5",
+    ]);
     assert_eq!(out.status.code(), Some(5), "exec: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "from-exec\nsleep 1000 ");
 
     let ps = c.ctr(&["task", "ps", "bg"]);
     assert!(ps.status.success(), "ps: {}", text(&ps.stderr));
-    assert!(text(&ps.stdout).lines().count() >= 2, "ps lists the task's processes: {}", text(&ps.stdout));
+    assert!(
+        text(&ps.stdout).lines().count() >= 2,
+        "ps lists the task's processes: {}",
+        text(&ps.stdout)
+    );
 
     let ls = c.ctr(&["task", "ls"]);
-    assert!(text(&ls.stdout).lines().any(|l| l.starts_with("bg") && l.contains("RUNNING")), "{}", text(&ls.stdout));
+    assert!(
+        text(&ls.stdout)
+            .lines()
+            .any(|l| l.starts_with("bg") && l.contains("RUNNING")),
+        "{}",
+        text(&ls.stdout)
+    );
+
+    let task_state = |c: &Containerd| {
+        let ls = c.ctr(&["task", "ls"]);
+        text(&ls.stdout)
+            .lines()
+            .find(|l| l.starts_with("bg"))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(c.ctr(&["task", "pause", "bg"]).status.success());
+    assert!(task_state(&c).contains("PAUSED"), "{}", task_state(&c));
+    assert!(c.ctr(&["task", "resume", "bg"]).status.success());
+    assert!(task_state(&c).contains("RUNNING"), "{}", task_state(&c));
+    let metrics = c.ctr(&["task", "metrics", "bg"]);
+    assert!(
+        metrics.status.success(),
+        "metrics: {}",
+        text(&metrics.stderr)
+    );
+    assert!(
+        text(&metrics.stdout).contains("memory"),
+        "{}",
+        text(&metrics.stdout)
+    );
 
     let kill = c.ctr(&["task", "kill", "-s", "SIGKILL", "bg"]);
     assert!(kill.status.success(), "kill: {}", text(&kill.stderr));
     let t0 = std::time::Instant::now();
     loop {
         let ls = c.ctr(&["task", "ls"]);
-        if text(&ls.stdout).lines().any(|l| l.starts_with("bg") && l.contains("STOPPED")) {
+        if text(&ls.stdout)
+            .lines()
+            .any(|l| l.starts_with("bg") && l.contains("STOPPED"))
+        {
             break;
         }
-        assert!(t0.elapsed() < std::time::Duration::from_secs(20), "task never stopped: {}", text(&ls.stdout));
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "task never stopped: {}",
+            text(&ls.stdout)
+        );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let del = c.ctr(&["task", "delete", "bg"]);
     assert!(del.status.success(), "task delete: {}", text(&del.stderr));
     let del = c.ctr(&["containers", "delete", "bg"]);
-    assert!(del.status.success(), "containers delete: {}", text(&del.stderr));
+    assert!(
+        del.status.success(),
+        "containers delete: {}",
+        text(&del.stderr)
+    );
     c.assert_clean();
 }
 
@@ -226,9 +289,17 @@ async fn ctr_run_t_gives_a_tty() {
         "ctr --address {} run --rm -t --runtime {RUNTIME} {IMAGE} tty sh -c '[ -t 0 ] && echo is-a-tty; tty'",
         c.address.display()
     );
-    let out = std::process::Command::new("script").args(["-qec", &cmd, "/dev/null"]).stdin(std::process::Stdio::null()).output().unwrap();
+    let out = std::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
     let o = text(&out.stdout);
-    assert!(out.status.success(), "ctr run -t: {o} {}", text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ctr run -t: {o} {}",
+        text(&out.stderr)
+    );
     assert!(o.contains("is-a-tty"), "{o:?}");
     assert!(o.contains("/dev/pts/"), "{o:?}");
     c.assert_clean();
@@ -242,21 +313,45 @@ async fn bad_input_gets_a_clear_error_and_the_shim_stays_healthy() {
 
     let out = c.ctr(&run_args(RUNTIME, "nobin", &[], &["/bin/no-such-binary"]));
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("no-such-binary"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no-such-binary"),
+        "{}",
+        text(&out.stderr)
+    );
 
-    let out = c.ctr(&run_args(RUNTIME, "badann", &["--annotation", "io.cocoon.vm.vcpus=999"], &["true"]));
+    let out = c.ctr(&run_args(
+        RUNTIME,
+        "badann",
+        &["--annotation", "io.cocoon.vm.vcpus=999"],
+        &["true"],
+    ));
     assert!(!out.status.success());
     let e = text(&out.stderr);
-    assert!(e.contains("io.cocoon.vm.vcpus") && e.contains("out of range"), "{e}");
-    let out = c.ctr(&run_args(RUNTIME, "typo", &["--annotation", "io.cocoon.vm.cpus=2"], &["true"]));
-    assert!(text(&out.stderr).contains("unknown annotation `io.cocoon.vm.cpus`"), "{}", text(&out.stderr));
+    assert!(
+        e.contains("io.cocoon.vm.vcpus") && e.contains("out of range"),
+        "{e}"
+    );
+    let out = c.ctr(&run_args(
+        RUNTIME,
+        "typo",
+        &["--annotation", "io.cocoon.vm.cpus=2"],
+        &["true"],
+    ));
+    assert!(
+        text(&out.stderr).contains("unknown annotation `io.cocoon.vm.cpus`"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // A config naming a kernel that does not exist.
     let good = std::fs::read_to_string(&c.cocoon_config).unwrap();
     std::fs::write(&c.cocoon_config, good.replace("vmlinuz", "no-such-vmlinuz")).unwrap();
     let out = c.ctr(&run_args(RUNTIME, "nokernel", &[], &["true"]));
     let e = text(&out.stderr);
-    assert!(e.contains("no-such-vmlinuz") && e.contains("make image"), "{e}");
+    assert!(
+        e.contains("no-such-vmlinuz") && e.contains("make image"),
+        "{e}"
+    );
     std::fs::write(&c.cocoon_config, good).unwrap();
 
     // Still healthy for the next container.
@@ -278,13 +373,20 @@ fn pids_of(c: &Containerd, what: &str) -> Vec<i32> {
 }
 
 fn kill9(pid: i32) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
 }
 
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     let t0 = std::time::Instant::now();
     while !f() {
-        assert!(t0.elapsed() < std::time::Duration::from_secs(30), "timed out waiting for {what}");
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
@@ -308,16 +410,38 @@ async fn a_killed_vm_ends_its_task_and_a_killed_shim_leaves_nothing() {
         let c = c.clone();
         std::thread::spawn(move || c.ctr(&run_args(RUNTIME, "victim", &[], &["sleep", "1000"])))
     };
-    wait_until("the victim's VM", || !pids_of(&c, "qemu-system").is_empty() && c.ctr(&["task", "ls"]).stdout.windows(7).any(|w| w == b"RUNNING"));
+    wait_until("the victim's VM", || {
+        !pids_of(&c, "qemu-system").is_empty()
+            && c.ctr(&["task", "ls"])
+                .stdout
+                .windows(7)
+                .any(|w| w == b"RUNNING")
+    });
     for pid in pids_of(&c, "qemu-system") {
         kill9(pid);
     }
     let out = runner.join().unwrap();
-    assert!(!out.status.success(), "ctr run should fail when its VM dies");
-    assert!(c.log().contains("pod VM victim died"), "the shim did not log the VM's death:\n{}", c.log());
+    assert!(
+        !out.status.success(),
+        "ctr run should fail when its VM dies"
+    );
+    assert!(
+        c.log().contains("pod VM victim died"),
+        "the shim did not log the VM's death:\n{}",
+        c.log()
+    );
 
     // SIGKILL the shim while a task runs, then `ctr task delete -f`: nothing may be left.
-    let out = c.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, "orphan", "sleep", "1000"]);
+    let out = c.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "orphan",
+        "sleep",
+        "1000",
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let shim: Vec<i32> = cocoon_tests::processes_mentioning(c.dir.path())
         .iter()
@@ -331,7 +455,16 @@ async fn a_killed_vm_ends_its_task_and_a_killed_shim_leaves_nothing() {
     let _ = events.kill();
     let ev = text(&events.wait_with_output().unwrap().stdout);
     c.assert_clean();
-    for topic in ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"] {
-        assert!(ev.lines().any(|l| l.contains(topic) && l.contains("victim")), "no {topic} event for victim:\n{ev}");
+    for topic in [
+        "/tasks/create",
+        "/tasks/start",
+        "/tasks/exit",
+        "/tasks/delete",
+    ] {
+        assert!(
+            ev.lines()
+                .any(|l| l.contains(topic) && l.contains("victim")),
+            "no {topic} event for victim:\n{ev}"
+        );
     }
 }
