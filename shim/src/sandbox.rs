@@ -52,6 +52,44 @@ pub struct BootTimings {
     pub agent_ready: Duration,
 }
 
+/// A cheap, cloneable view of a running sandbox: its agent client, where its vsock is and its
+/// shared dir. Lets the shim talk to the guest without holding its pod lock.
+#[derive(Clone)]
+pub struct SandboxHandle {
+    pub agent: AgentServiceClient,
+    endpoint: vmm_driver::vsock::VsockEndpoint,
+    pub shared_dir: std::path::PathBuf,
+}
+
+impl std::fmt::Debug for SandboxHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SandboxHandle")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SandboxHandle {
+    /// See [`Sandbox::open_stdio`].
+    pub async fn open_stdio(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        stream: StdioKind,
+    ) -> Result<BoxedStream> {
+        let mut s = vmm_driver::vsock::connect_once(&self.endpoint, STDIO_PORT).await?;
+        let eid = if exec_id.is_empty() { "-" } else { exec_id };
+        let hello = format!("{container_id} {eid} {}\n", stream.name());
+        s.write_all(hello.as_bytes()).await.map_err(|e| {
+            Error::Vmm(vmm_driver::Error::Io {
+                context: "send the stdio hello".into(),
+                source: e,
+            })
+        })?;
+        Ok(s)
+    }
+}
+
 /// A running pod VM and its agent.
 pub struct Sandbox {
     pub id: String,
@@ -172,16 +210,18 @@ impl Sandbox {
         exec_id: &str,
         stream: StdioKind,
     ) -> Result<BoxedStream> {
-        let mut s = vmm_driver::vsock::connect_once(self.vm.agent_endpoint(), STDIO_PORT).await?;
-        let eid = if exec_id.is_empty() { "-" } else { exec_id };
-        let hello = format!("{container_id} {eid} {}\n", stream.name());
-        s.write_all(hello.as_bytes()).await.map_err(|e| {
-            Error::Vmm(vmm_driver::Error::Io {
-                context: "send the stdio hello".into(),
-                source: e,
-            })
-        })?;
-        Ok(s)
+        self.handle()
+            .open_stdio(container_id, exec_id, stream)
+            .await
+    }
+
+    /// What callers need to talk to the guest without holding on to the sandbox itself.
+    pub fn handle(&self) -> SandboxHandle {
+        SandboxHandle {
+            agent: self.agent.clone(),
+            endpoint: self.vm.agent_endpoint().clone(),
+            shared_dir: self.shared_dir.clone(),
+        }
     }
 
     pub async fn guest_details(&self) -> Result<GuestDetailsResponse> {

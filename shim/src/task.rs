@@ -29,7 +29,7 @@ use vmm_driver::{Config, VmSpec};
 
 use crate::annotations;
 use crate::io::{relay_output, relay_stdin};
-use crate::sandbox::{Sandbox, StdioKind};
+use crate::sandbox::{Sandbox, SandboxHandle, StdioKind};
 use crate::state::SandboxState;
 
 fn err(code: Code, msg: impl ToString) -> sttrpc::Error {
@@ -145,6 +145,8 @@ pub struct TaskService {
     publisher: Arc<RemotePublisher>,
     exit: Arc<ExitSignal>,
     pod: Arc<Mutex<Pod>>,
+    /// Serializes creates: the first one boots the VM.
+    create_lock: Arc<Mutex<()>>,
 }
 
 impl std::fmt::Debug for TaskService {
@@ -168,6 +170,7 @@ impl TaskService {
             publisher: Arc::new(publisher),
             exit,
             pod: Arc::default(),
+            create_lock: Arc::default(),
         }
     }
 
@@ -182,8 +185,9 @@ impl TaskService {
         }
     }
 
-    /// Boots the pod VM for the first container.
-    async fn boot(&self, pod: &mut Pod, spec: &serde_json::Value) -> TtrpcResult<()> {
+    /// Boots the pod VM for the first container. The pod lock is taken only to store the
+    /// result: State and friends keep answering while the VM boots.
+    async fn boot(&self, spec: &serde_json::Value) -> TtrpcResult<()> {
         let cfg = Config::load()
             .map_err(|e| err(Code::FAILED_PRECONDITION, format!("cocoon config: {e}")))?;
         let mut vm = VmSpec::from_config(&cfg, &self.sandbox_id);
@@ -193,7 +197,7 @@ impl TaskService {
         let sb = Sandbox::boot(&cfg, &vm)
             .await
             .map_err(|e| err(Code::UNAVAILABLE, format!("booting the pod VM: {e}")))?;
-        pod.state = SandboxState {
+        let state = SandboxState {
             sandbox_id: self.sandbox_id.clone(),
             pids: sb
                 .vm()
@@ -203,12 +207,12 @@ impl TaskService {
                 .collect(),
             mounts: vec![],
         };
-        if let Err(e) = pod.state.save(&sb.run_dir()) {
+        if let Err(e) = state.save(&sb.run_dir()) {
             log::warn!("saving state.json: {e}");
         }
         let agent = sb.agent().clone();
         let me = self.clone();
-        pod.oom_watch = Some(tokio::spawn(async move {
+        let oom_watch = tokio::spawn(async move {
             while let Ok(e) = agent
                 .get_oom_event(no_timeout(), &ag::GetOOMEventRequest::new())
                 .await
@@ -220,7 +224,10 @@ impl TaskService {
                 me.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(oom))
                     .await;
             }
-        }));
+        });
+        let mut pod = self.pod.lock().await;
+        pod.state = state;
+        pod.oom_watch = Some(oom_watch);
         pod.sandbox = Some(sb);
         Ok(())
     }
@@ -249,7 +256,12 @@ impl TaskService {
     }
 
     /// Opens the streams and starts the FIFO relays of one process.
-    async fn wire_stdio(sb: &Sandbox, cid: &str, eid: &str, p: &StdioPaths) -> TtrpcResult<Relays> {
+    async fn wire_stdio(
+        sb: &SandboxHandle,
+        cid: &str,
+        eid: &str,
+        p: &StdioPaths,
+    ) -> TtrpcResult<Relays> {
         let open = |kind| sb.open_stdio(cid, eid, kind);
         let mut outputs = vec![];
         let mut stdin = None;
@@ -411,20 +423,25 @@ impl Task for TaskService {
             .map_err(|e| err(Code::INVALID_ARGUMENT, format!("config.json: {e}")))?;
         annotations::check(&spec).map_err(|e| err(Code::INVALID_ARGUMENT, e))?;
 
-        let mut pod = self.pod.lock().await;
-        if pod.containers.contains_key(&cid) {
+        let _creating = self.create_lock.lock().await;
+        if self.pod.lock().await.containers.contains_key(&cid) {
             return Err(err(
                 Code::ALREADY_EXISTS,
                 format!("container {cid} already exists"),
             ));
         }
-        if pod.sandbox.is_none() {
-            self.boot(&mut pod, &spec).await?;
+        if self.pod.lock().await.sandbox.is_none() {
+            self.boot(&spec).await?;
         }
-        let Some(sb) = pod.sandbox.as_ref() else {
-            return Err(err(Code::INTERNAL, "no sandbox"));
+        let (sb, run_dir) = {
+            let pod = self.pod.lock().await;
+            let sb = pod
+                .sandbox
+                .as_ref()
+                .ok_or_else(|| err(Code::INTERNAL, "no sandbox"))?;
+            (sb.handle(), sb.run_dir())
         };
-        let rootfs = sb.shared_dir().join(&cid).join("rootfs");
+        let rootfs = sb.shared_dir.join(&cid).join("rootfs");
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -434,7 +451,7 @@ impl Task for TaskService {
 
         let created = async {
             mount_rootfs(&req, &spec, &rootfs).await?;
-            let relays = Self::wire_stdio(sb, &cid, "", &stdio).await?;
+            let relays = Self::wire_stdio(&sb, &cid, "", &stdio).await?;
             let creq = ag::CreateContainerRequest {
                 container_id: cid.clone(),
                 oci_spec_json: spec_bytes.clone(),
@@ -443,7 +460,7 @@ impl Task for TaskService {
                 ..Default::default()
             };
             let pid = sb
-                .agent()
+                .agent
                 .create_container(call_ctx(), &creq)
                 .await
                 .map_err(|e| agent_err("create", e))?
@@ -455,19 +472,26 @@ impl Task for TaskService {
             Ok(v) => v,
             Err(e) => {
                 unmount(&rootfs);
-                let _ = std::fs::remove_dir_all(sb.shared_dir().join(&cid));
+                let _ = std::fs::remove_dir_all(sb.shared_dir.join(&cid));
+                let mut pod = self.pod.lock().await;
                 self.shutdown_if_empty(&mut pod).await;
                 return Err(e);
             }
         };
-        let agent = sb.agent().clone();
-        let run_dir = sb.run_dir();
         let mut init = Proc::new(stdio, vec![]);
         init.pid = pid;
         init.stdin_close = relays.stdin;
         if let Some(tx) = init.exit_tx.take() {
-            self.watch_exit(agent, cid.clone(), String::new(), pid, relays.outputs, tx);
+            self.watch_exit(
+                sb.agent.clone(),
+                cid.clone(),
+                String::new(),
+                pid,
+                relays.outputs,
+                tx,
+            );
         }
+        let mut pod = self.pod.lock().await;
         pod.state.mounts.push(rootfs.clone());
         let _ = pod.state.save(&run_dir);
         pod.containers.insert(
@@ -509,13 +533,14 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
-        let mut pod = self.pod.lock().await;
-        let agent = Self::agent(&pod)?;
         if req.exec_id.is_empty() {
-            let c = pod
-                .containers
-                .get_mut(&req.id)
-                .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+            let agent = {
+                let pod = self.pod.lock().await;
+                if !pod.containers.contains_key(&req.id) {
+                    return Err(not_found(&format!("container {}", req.id)));
+                }
+                Self::agent(&pod)?
+            };
             let sreq = ag::StartContainerRequest {
                 container_id: req.id.clone(),
                 ..Default::default()
@@ -525,8 +550,9 @@ impl Task for TaskService {
                 .await
                 .map_err(|e| agent_err("start", e))?
                 .pid;
-            c.init.status = api::Status::RUNNING;
-            drop(pod);
+            if let Some(c) = self.pod.lock().await.containers.get_mut(&req.id) {
+                c.init.status = api::Status::RUNNING;
+            }
             let e = ev::TaskStart {
                 container_id: req.id.clone(),
                 pid,
@@ -539,7 +565,8 @@ impl Task for TaskService {
                 ..Default::default()
             });
         }
-        let (stdio, process_json) = {
+        let (sb, stdio, process_json) = {
+            let pod = self.pod.lock().await;
             let c = pod
                 .containers
                 .get(&req.id)
@@ -548,12 +575,13 @@ impl Task for TaskService {
                 .execs
                 .get(&req.exec_id)
                 .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?;
-            (p.stdio.clone(), p.process_json.clone())
+            let sb = pod
+                .sandbox
+                .as_ref()
+                .ok_or_else(|| err(Code::FAILED_PRECONDITION, "the pod VM is not running"))?;
+            (sb.handle(), p.stdio.clone(), p.process_json.clone())
         };
-        let Some(sb) = pod.sandbox.as_ref() else {
-            return Err(err(Code::FAILED_PRECONDITION, "no VM"));
-        };
-        let relays = Self::wire_stdio(sb, &req.id, &req.exec_id, &stdio).await?;
+        let relays = Self::wire_stdio(&sb, &req.id, &req.exec_id, &stdio).await?;
         let ereq = ag::ExecProcessRequest {
             container_id: req.id.clone(),
             exec_id: req.exec_id.clone(),
@@ -561,12 +589,16 @@ impl Task for TaskService {
             stdio: MessageField::some(stdio.streams()),
             ..Default::default()
         };
-        let pid = agent
+        let pid = sb
+            .agent
             .exec_process(call_ctx(), &ereq)
             .await
             .map_err(|e| agent_err("exec", e))?
             .pid;
-        let tx = pod
+        let tx = self
+            .pod
+            .lock()
+            .await
             .containers
             .get_mut(&req.id)
             .and_then(|c| c.execs.get_mut(&req.exec_id))
@@ -576,10 +608,9 @@ impl Task for TaskService {
                 p.stdin_close = relays.stdin;
                 p.exit_tx.take()
             });
-        drop(pod);
         if let Some(tx) = tx {
             self.watch_exit(
-                agent,
+                sb.agent.clone(),
                 req.id.clone(),
                 req.exec_id.clone(),
                 pid,
