@@ -232,6 +232,54 @@ impl TaskService {
         Ok(())
     }
 
+    /// Pause (freeze) or resume a container, then tell containerd.
+    async fn freeze(&self, id: String, pause: bool) -> TtrpcResult<api::Empty> {
+        let agent = Self::agent(&*self.pod.lock().await)?;
+        let done = if pause {
+            let r = ag::PauseContainerRequest {
+                container_id: id.clone(),
+                ..Default::default()
+            };
+            agent
+                .pause_container(call_ctx(), &r)
+                .await
+                .map_err(|e| agent_err("pause", e))
+        } else {
+            let r = ag::ResumeContainerRequest {
+                container_id: id.clone(),
+                ..Default::default()
+            };
+            agent
+                .resume_container(call_ctx(), &r)
+                .await
+                .map_err(|e| agent_err("resume", e))
+        };
+        done?;
+        if let Some(c) = self.pod.lock().await.containers.get_mut(&id) {
+            c.init.status = if pause {
+                api::Status::PAUSED
+            } else {
+                api::Status::RUNNING
+            };
+        }
+        if pause {
+            let e = ev::TaskPaused {
+                container_id: id,
+                ..Default::default()
+            };
+            self.publish(topics::TASK_PAUSED_EVENT_TOPIC, Box::new(e))
+                .await;
+        } else {
+            let e = ev::TaskResumed {
+                container_id: id,
+                ..Default::default()
+            };
+            self.publish(topics::TASK_RESUMED_EVENT_TOPIC, Box::new(e))
+                .await;
+        }
+        Ok(api::Empty::new())
+    }
+
     /// Stops the VM once no container is left.
     async fn shutdown_if_empty(&self, pod: &mut Pod) {
         if !pod.containers.is_empty() {
@@ -859,29 +907,7 @@ impl Task for TaskService {
     }
 
     async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
-        let mut pod = self.pod.lock().await;
-        let agent = Self::agent(&pod)?;
-        let preq = ag::PauseContainerRequest {
-            container_id: req.id.clone(),
-            ..Default::default()
-        };
-        agent
-            .pause_container(call_ctx(), &preq)
-            .await
-            .map_err(|e| agent_err("pause", e))?;
-        if let Some(c) = pod.containers.get_mut(&req.id) {
-            c.init.status = api::Status::PAUSED;
-        }
-        drop(pod);
-        self.publish(
-            topics::TASK_PAUSED_EVENT_TOPIC,
-            Box::new(ev::TaskPaused {
-                container_id: req.id,
-                ..Default::default()
-            }),
-        )
-        .await;
-        Ok(api::Empty::new())
+        self.freeze(req.id, true).await
     }
 
     async fn resume(
@@ -889,29 +915,7 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::ResumeRequest,
     ) -> TtrpcResult<api::Empty> {
-        let mut pod = self.pod.lock().await;
-        let agent = Self::agent(&pod)?;
-        let rreq = ag::ResumeContainerRequest {
-            container_id: req.id.clone(),
-            ..Default::default()
-        };
-        agent
-            .resume_container(call_ctx(), &rreq)
-            .await
-            .map_err(|e| agent_err("resume", e))?;
-        if let Some(c) = pod.containers.get_mut(&req.id) {
-            c.init.status = api::Status::RUNNING;
-        }
-        drop(pod);
-        self.publish(
-            topics::TASK_RESUMED_EVENT_TOPIC,
-            Box::new(ev::TaskResumed {
-                container_id: req.id,
-                ..Default::default()
-            }),
-        )
-        .await;
-        Ok(api::Empty::new())
+        self.freeze(req.id, false).await
     }
 
     async fn resize_pty(
