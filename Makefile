@@ -10,7 +10,7 @@ AGENT_BIN    := target/$(AGENT_TARGET)/release/cocoon-agent
 SHIM_BIN     := target/release/containerd-shim-cocoon-v2
 ROOTFS_BIN   := target/release/cocoon-rootfs
 
-APT_PACKAGES := qemu-system-x86 kmod cpio busybox-static dpkg containerd runc bc \
+APT_PACKAGES := qemu-system-x86 kmod cpio busybox-static dpkg containerd runc runsc bc \
                 libseccomp-dev libcap-ng-dev pkg-config ca-certificates
 # Helper daemons from crates.io, pinned to the versions checked on these machines.
 HELPERS      := virtiofsd@1.14.0 vhost-device-vsock@0.3.0
@@ -68,9 +68,10 @@ install: build
 test: image
 	$(CARGO) test --release --workspace
 
-# Until the benchmark issue lands: boot-time figures from a few real boots.
-bench: build
-	@for i in 1 2 3 4 5; do $(SHIM_BIN) check | grep '^boot'; done
+# Cocoon vs runc vs gVisor on one machine in one run; BENCH_RUNS=N samples per figure.
+# Writes target/bench/results.{json,md}. Not a test: nothing here asserts on timing.
+bench: build image
+	target/release/cocoon-bench
 
 demo: build
 	scripts/demo.sh

@@ -387,6 +387,14 @@ impl TaskService {
                     }
                 }
             }
+            log::info!(
+                "phase exited {cid}{}",
+                if eid.is_empty() {
+                    String::new()
+                } else {
+                    format!("/{eid}")
+                }
+            );
             let _ = tx.send(Some((status, at)));
             let exit = ev::TaskExit {
                 container_id: cid.clone(),
@@ -471,6 +479,7 @@ impl Task for TaskService {
             .map_err(|e| err(Code::INVALID_ARGUMENT, format!("config.json: {e}")))?;
         annotations::check(&spec).map_err(|e| err(Code::INVALID_ARGUMENT, e))?;
 
+        log::info!("phase create-begin {cid}");
         let _creating = self.create_lock.lock().await;
         if self.pod.lock().await.containers.contains_key(&cid) {
             return Err(err(
@@ -553,6 +562,7 @@ impl Task for TaskService {
             },
         );
         drop(pod);
+        log::info!("phase created {cid}");
 
         let event = ev::TaskCreate {
             container_id: cid,
@@ -601,6 +611,7 @@ impl Task for TaskService {
             if let Some(c) = self.pod.lock().await.containers.get_mut(&req.id) {
                 c.init.status = api::Status::RUNNING;
             }
+            log::info!("phase started {}", req.id);
             let e = ev::TaskStart {
                 container_id: req.id.clone(),
                 pid,
@@ -858,6 +869,7 @@ impl Task for TaskService {
         let exit = (*c.init.exit.borrow()).unwrap_or((137, now_nanos()));
         self.shutdown_if_empty(&mut pod).await;
         drop(pod);
+        log::info!("phase deleted {}", req.id);
         let e = ev::TaskDelete {
             container_id: req.id.clone(),
             id: req.id,

@@ -68,16 +68,17 @@ pub fn build_image(out: &Path) {
     t.finish().unwrap();
 }
 
-/// Where cargo put this build's shim binary (next to the test executable's `deps/`).
+/// Where cargo put this build's shim binary: beside this executable (a bin target) or beside
+/// its `deps/` directory (a test).
 pub fn shim_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap().to_owned();
-    assert!(
-        dir.join("containerd-shim-cocoon-v2").is_file(),
-        "no containerd-shim-cocoon-v2 in {}: build the workspace first (`cargo test --workspace` does)",
-        dir.display()
-    );
-    dir
+    let here = exe.parent().unwrap().to_owned();
+    [here.clone(), here.parent().unwrap().to_owned()]
+        .into_iter()
+        .find(|d| d.join("containerd-shim-cocoon-v2").is_file())
+        .unwrap_or_else(|| {
+            panic!("no containerd-shim-cocoon-v2 near {}: build the workspace first (`cargo test --workspace` does)", here.display())
+        })
 }
 
 /// A running private containerd.

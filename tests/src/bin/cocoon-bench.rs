@@ -1,0 +1,545 @@
+//! `make bench`: Cocoon side by side with runc and gVisor (runsc), same image, same commands,
+//! same machine, one run. Prints a table and writes target/bench/results.{json,md}.
+//!
+//! Figures: cold `ctr run --rm … true`, Cocoon's phases (from the shim's log timestamps) and
+//! the bare boot-to-init floor, exec latency, stdout throughput, host PSS per idle pod, and
+//! 10 pods started at once. BENCH_RUNS sets the sample count (default 10).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark aborts on a broken setup
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cocoon_tests::containerd::{Containerd, IMAGE, RUNTIME};
+use serde_json::{json, Value};
+
+#[derive(Debug, Clone)]
+struct Runtime {
+    name: &'static str,
+    args: Vec<String>,
+}
+
+fn runtimes(dir: &Path) -> Vec<Runtime> {
+    let mut v = vec![
+        Runtime {
+            name: "cocoon",
+            args: vec!["--runtime".into(), RUNTIME.into()],
+        },
+        Runtime {
+            name: "runc",
+            args: vec!["--runtime".into(), "io.containerd.runc.v2".into()],
+        },
+    ];
+    if which("runsc") {
+        // gVisor refuses the host network namespace; run it with networking off.
+        let w = dir.join("runsc-nonet");
+        std::fs::write(&w, "#!/bin/sh\nexec runsc --network=none \"$@\"\n").unwrap();
+        std::fs::set_permissions(&w, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        v.push(Runtime {
+            name: "gvisor",
+            args: vec![
+                "--runtime".into(),
+                "io.containerd.runc.v2".into(),
+                "--runc-binary".into(),
+                w.display().to_string(),
+            ],
+        });
+    } else {
+        println!("gVisor: skipped (runsc is not installed; `apt-get install runsc`)");
+    }
+    v
+}
+
+fn which(bin: &str) -> bool {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .any(|d| Path::new(d).join(bin).is_file())
+}
+
+fn ctr(c: &Containerd, rt: &Runtime, pre: &[&str], post: &[&str]) -> std::process::Output {
+    let mut args: Vec<String> = pre.iter().map(|s| (*s).to_owned()).collect();
+    args.extend(rt.args.iter().cloned());
+    args.extend(post.iter().map(|s| (*s).to_owned()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.ctr(&refs)
+}
+
+/// median, p90, min, in the unit given.
+fn summary(samples: &[f64]) -> Value {
+    let mut s = samples.to_vec();
+    s.sort_by(f64::total_cmp);
+    let pick = |q: f64| s[((s.len() as f64 - 1.0) * q).round() as usize];
+    json!({"median": pick(0.5), "p90": pick(0.9), "min": s[0], "n": s.len()})
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn cold_start(c: &Containerd, rt: &Runtime, runs: usize) -> Vec<f64> {
+    (0..runs)
+        .map(|i| {
+            let id = format!("cold-{}-{i}", rt.name);
+            let t0 = Instant::now();
+            let out = ctr(c, rt, &["run", "--rm"], &[IMAGE, &id, "true"]);
+            assert!(
+                out.status.success(),
+                "{} cold start: {}",
+                rt.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            ms(t0.elapsed())
+        })
+        .collect()
+}
+
+fn exec_latency(c: &Containerd, rt: &Runtime, runs: usize) -> Vec<f64> {
+    let id = format!("exec-{}", rt.name);
+    let out = ctr(c, rt, &["run", "-d"], &[IMAGE, &id, "sleep", "100000"]);
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        rt.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = (0..runs)
+        .map(|i| {
+            let t0 = Instant::now();
+            let out = c.ctr(&["task", "exec", "--exec-id", &format!("e{i}"), &id, "true"]);
+            assert!(
+                out.status.success(),
+                "{} exec: {}",
+                rt.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            ms(t0.elapsed())
+        })
+        .collect();
+    remove(c, &id);
+    v
+}
+
+fn remove(c: &Containerd, id: &str) {
+    let _ = c.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+    for _ in 0..100 {
+        if c.ctr(&["task", "delete", id]).status.success() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = c.ctr(&["containers", "delete", id]);
+}
+
+/// MB/s of 256 MiB from `dd` in the container to the host through ctr's stdout.
+fn stdout_throughput(c: &Containerd, rt: &Runtime, runs: usize) -> Vec<f64> {
+    (0..runs)
+        .map(|i| {
+            let mut args = vec![
+                "--address".to_owned(),
+                c.address.display().to_string(),
+                "run".into(),
+                "--rm".into(),
+            ];
+            args.extend(rt.args.iter().cloned());
+            args.extend([
+                IMAGE.into(),
+                format!("dd-{}-{i}", rt.name),
+                "dd".into(),
+                "if=/dev/zero".into(),
+                "bs=1M".into(),
+                "count=256".into(),
+            ]);
+            let t0 = Instant::now();
+            let mut child = Command::new("ctr")
+                .args(&args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let mut out = child.stdout.take().unwrap();
+            let n = std::io::copy(&mut out, &mut std::io::sink()).unwrap();
+            assert!(child.wait().unwrap().success());
+            assert_eq!(n, 256 << 20, "{}: short stdout", rt.name);
+            (n as f64 / 1e6) / t0.elapsed().as_secs_f64()
+        })
+        .collect()
+}
+
+fn pss_kib(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Host PSS of every Cocoon process (shim, qemu, virtiofsd, vhost-device-vsock), by kind.
+fn cocoon_pss(c: &Containerd) -> BTreeMap<&'static str, u64> {
+    let mut by = BTreeMap::new();
+    for p in cocoon_tests::processes_mentioning(c.dir.path()) {
+        let pid = p.split(':').next().unwrap_or("");
+        let kind = if p.contains("containerd-shim-cocoon") {
+            "shim"
+        } else if p.contains("qemu-system") {
+            "qemu"
+        } else if p.contains("virtiofsd") {
+            "virtiofsd"
+        } else if p.contains("vhost-device-vsock") {
+            "vhost-device-vsock"
+        } else {
+            continue;
+        };
+        *by.entry(kind).or_default() += pss_kib(pid);
+    }
+    by
+}
+
+fn idle_pods(c: &Containerd, n: usize) -> Value {
+    let cocoon = Runtime {
+        name: "cocoon",
+        args: vec!["--runtime".into(), RUNTIME.into()],
+    };
+    let ids: Vec<String> = (0..n).map(|i| format!("idle-{n}-{i}")).collect();
+    for id in &ids {
+        let out = ctr(c, &cocoon, &["run", "-d"], &[IMAGE, id, "sleep", "100000"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let by = cocoon_pss(c);
+    let shim_rss = cocoon_tests::processes_mentioning(c.dir.path())
+        .iter()
+        .filter(|p| p.contains("containerd-shim-cocoon"))
+        .filter_map(|p| {
+            let pid = p.split(':').next()?;
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()?
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("VmRSS:")
+                        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                })
+        })
+        .max()
+        .unwrap_or(0);
+    for id in &ids {
+        remove(c, id);
+    }
+    let total: u64 = by.values().sum();
+    json!({
+        "pods": n,
+        "pss_total_mib": total as f64 / 1024.0,
+        "pss_per_pod_mib": total as f64 / 1024.0 / n as f64,
+        "pss_by_process_mib_per_pod": by.iter().map(|(k, v)| (k.to_string(), json!(*v as f64 / 1024.0 / n as f64))).collect::<serde_json::Map<_, _>>(),
+        "shim_rss_max_mib": shim_rss as f64 / 1024.0,
+    })
+}
+
+fn density(c: &std::sync::Arc<Containerd>, rt: &Runtime, n: usize) -> Value {
+    let t0 = Instant::now();
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let c = c.clone();
+            let rt = rt.clone();
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                let out = ctr(
+                    &c,
+                    &rt,
+                    &["run", "-d"],
+                    &[IMAGE, &format!("dense-{}-{i}", rt.name), "sleep", "100000"],
+                );
+                (
+                    out.status.success(),
+                    ms(t.elapsed()),
+                    String::from_utf8_lossy(&out.stderr).into_owned(),
+                )
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let all = ms(t0.elapsed());
+    let ok = results.iter().filter(|r| r.0).count();
+    for r in results.iter().filter(|r| !r.0) {
+        println!("  density failure ({}): {}", rt.name, r.2.trim());
+    }
+    for i in 0..n {
+        remove(c, &format!("dense-{}-{i}", rt.name));
+    }
+    let times: Vec<f64> = results.iter().map(|r| r.1).collect();
+    let mut s = times.clone();
+    s.sort_by(f64::total_cmp);
+    json!({"pods": n, "succeeded": ok, "all_ready_ms": all, "p50_ms": s[s.len() / 2], "p99_ms": s[s.len() - 1]})
+}
+
+/// Boot-to-init of the same kernel and initramfs with /init powering off at once.
+fn bare_floor(runs: usize) -> Vec<f64> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    (0..runs)
+        .map(|i| {
+            rt.block_on(async {
+                let state = tempfile::tempdir().unwrap();
+                let cfg = cocoon_tests::test_config(state.path());
+                let mut spec = vmm_driver::VmSpec::from_config(&cfg, &format!("floor{i}"));
+                spec.kernel_params = vec!["cocoon.mode=bare".into()];
+                let t0 = Instant::now();
+                let mut vm = vmm_driver::launch(&cfg, &spec).await.unwrap();
+                let console = vm.console_log();
+                let mut at = None;
+                while t0.elapsed() < Duration::from_secs(60) {
+                    if std::fs::read_to_string(&console)
+                        .unwrap_or_default()
+                        .contains("bare boot: init reached")
+                    {
+                        at = Some(t0.elapsed());
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                vm.wait_exit(Duration::from_secs(30)).await;
+                vm.stop().await.unwrap();
+                ms(at.expect("bare guest never reached /init"))
+            })
+        })
+        .collect()
+}
+
+/// Cocoon's phases per cold run, from the shim's log lines (containerd's timestamps).
+fn phases(log: &str, runs: usize) -> Value {
+    let ts = |line: &str| -> Option<f64> {
+        let t = line.split("time=\"").nth(1)?.split('"').next()?;
+        // 2026-11-27T22:28:34.298072964Z -> seconds of the day
+        let clock = t.split('T').nth(1)?.trim_end_matches('Z');
+        let mut it = clock.split(':');
+        let (h, m, s): (f64, f64, f64) = (
+            it.next()?.parse().ok()?,
+            it.next()?.parse().ok()?,
+            it.next()?.parse().ok()?,
+        );
+        Some((h * 3600.0 + m * 60.0 + s) * 1000.0)
+    };
+    let dur = |line: &str, key: &str| -> Option<f64> {
+        let v = line
+            .split(&format!("{key}: "))
+            .nth(1)?
+            .split([',', ' ', '}'])
+            .next()?;
+        let (num, unit) = v.split_at(v.find(|c: char| c.is_alphabetic())?);
+        let n: f64 = num.parse().ok()?;
+        Some(match unit {
+            "ms" => n,
+            "s" => n * 1000.0,
+            "µs" | "us" => n / 1000.0,
+            "ns" => n / 1e6,
+            _ => return None,
+        })
+    };
+    let mut cols: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for i in 0..runs {
+        let id = format!("cold-cocoon-{i}");
+        let find = |pat: String| log.lines().find(|l| l.contains(&pat) && l.contains(&id));
+        let (Some(begin), Some(ready), Some(created), Some(started), Some(exited), Some(deleted)) = (
+            find(format!("phase create-begin {id}")),
+            find(format!("sandbox {id}: agent ready")),
+            find(format!("phase created {id}")),
+            find(format!("phase started {id}")),
+            find(format!("phase exited {id}")),
+            find(format!("phase deleted {id}")),
+        ) else {
+            continue;
+        };
+        let (Some(vmm), Some(agent)) = (dur(ready, "vmm_started"), dur(ready, "agent_ready"))
+        else {
+            continue;
+        };
+        let (b, c, s, e, d) = (
+            ts(begin).unwrap(),
+            ts(created).unwrap(),
+            ts(started).unwrap(),
+            ts(exited).unwrap(),
+            ts(deleted).unwrap(),
+        );
+        cols.entry("1 vmm spawn (helpers + qemu + QMP)")
+            .or_default()
+            .push(vmm);
+        cols.entry("2 firmware+kernel to agent ready")
+            .or_default()
+            .push(agent - vmm);
+        cols.entry("3 container create (rootfs, stdio, runner)")
+            .or_default()
+            .push((c - b) - agent);
+        cols.entry("4 start").or_default().push(s - c);
+        cols.entry("5 run to exit (`true`)")
+            .or_default()
+            .push(e - s);
+        cols.entry("6 delete + VM teardown")
+            .or_default()
+            .push(d - e);
+    }
+    cols.into_iter()
+        .map(|(k, v)| (k.to_owned(), summary(&v)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+fn kvm_or_tcg() -> String {
+    let host = vmm_driver::accel::HostFacts::probe();
+    match vmm_driver::accel::choose(vmm_driver::config::Accel::Auto, &host) {
+        Ok((c, why)) => format!("{c:?} ({why})"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn main() {
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let out_dir =
+        PathBuf::from(std::env::var("BENCH_OUT").unwrap_or_else(|_| "target/bench".into()));
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let c = std::sync::Arc::new(Containerd::start());
+    c.import_test_image();
+    let rts = runtimes(c.dir.path());
+    let machine = format!(
+        "{} cores, {} MiB, host kernel {}, accel {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/meminfo")
+            .unwrap_or_default()
+            .lines()
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .unwrap_or(0)
+            / 1024,
+        nix::sys::utsname::uname()
+            .unwrap()
+            .release()
+            .to_string_lossy(),
+        kvm_or_tcg()
+    );
+    println!("machine: {machine}\nruns per figure: {runs}");
+
+    let mut res = serde_json::Map::new();
+    let mut cold = serde_json::Map::new();
+    let mut exec = serde_json::Map::new();
+    let mut tput = serde_json::Map::new();
+    let mut dens = serde_json::Map::new();
+    for rt in &rts {
+        println!("{}: cold start…", rt.name);
+        cold.insert(rt.name.into(), summary(&cold_start(&c, rt, runs)));
+    }
+    res.insert("cocoon_phases_ms".into(), phases(&c.log(), runs));
+    println!("bare boot floor…");
+    res.insert("bare_boot_to_init_ms".into(), summary(&bare_floor(runs)));
+    for rt in &rts {
+        println!("{}: exec, stdout, density…", rt.name);
+        exec.insert(rt.name.into(), summary(&exec_latency(&c, rt, runs)));
+        tput.insert(
+            rt.name.into(),
+            summary(&stdout_throughput(&c, rt, 3.min(runs))),
+        );
+        dens.insert(rt.name.into(), density(&c, rt, 10));
+    }
+    println!("idle pod memory…");
+    res.insert(
+        "idle_pod_memory".into(),
+        json!([idle_pods(&c, 1), idle_pods(&c, 10)]),
+    );
+    res.insert("cold_start_ms".into(), cold.into());
+    res.insert("exec_ms".into(), exec.into());
+    res.insert("stdout_mb_per_s".into(), tput.into());
+    res.insert("density_10_pods".into(), dens.into());
+    let cfg = vmm_driver::Config::default();
+    res.insert(
+        "guest".into(),
+        json!({"vcpus": cfg.vm.vcpus, "memory_mib": cfg.vm.memory_mib}),
+    );
+    res.insert("machine".into(), json!(machine));
+    let res = Value::Object(res);
+    std::fs::write(
+        out_dir.join("results.json"),
+        serde_json::to_string_pretty(&res).unwrap(),
+    )
+    .unwrap();
+    let md = markdown(&res);
+    std::fs::write(out_dir.join("results.md"), &md).unwrap();
+    println!(
+        "\n{md}\nwrote {}/results.json and results.md",
+        out_dir.display()
+    );
+}
+
+fn markdown(r: &Value) -> String {
+    let f = |v: &Value| format!("{:.0}", v.as_f64().unwrap_or(f64::NAN));
+    let row = |name: &str, v: &Value| {
+        format!(
+            "| {name} | {} | {} | {} |\n",
+            f(&v["median"]),
+            f(&v["p90"]),
+            f(&v["min"])
+        )
+    };
+    let mut s = format!(
+        "Machine: {}. Guest: {} vCPU, {} MiB.\n\n",
+        r["machine"].as_str().unwrap_or(""),
+        r["guest"]["vcpus"],
+        r["guest"]["memory_mib"]
+    );
+    s += "| cold `ctr run --rm … true` (ms) | median | p90 | min |\n|---|---|---|---|\n";
+    for (k, v) in r["cold_start_ms"].as_object().into_iter().flatten() {
+        s += &row(k, v);
+    }
+    s += &row(
+        "bare boot-to-init floor (Cocoon's kernel+initramfs)",
+        &r["bare_boot_to_init_ms"],
+    );
+    s += "\n| Cocoon phase (ms, from shim log) | median | p90 | min |\n|---|---|---|---|\n";
+    for (k, v) in r["cocoon_phases_ms"].as_object().into_iter().flatten() {
+        s += &row(k, v);
+    }
+    s += "\n| `ctr task exec … true` (ms) | median | p90 | min |\n|---|---|---|---|\n";
+    for (k, v) in r["exec_ms"].as_object().into_iter().flatten() {
+        s += &row(k, v);
+    }
+    s += "\n| stdout, 256 MiB from dd (MB/s) | median | p90 | min |\n|---|---|---|---|\n";
+    for (k, v) in r["stdout_mb_per_s"].as_object().into_iter().flatten() {
+        s += &row(k, v);
+    }
+    s += "\n| 10 pods at once | succeeded | all ready (ms) | p50 (ms) | p99 (ms) |\n|---|---|---|---|---|\n";
+    for (k, v) in r["density_10_pods"].as_object().into_iter().flatten() {
+        s += &format!(
+            "| {k} | {}/10 | {} | {} | {} |\n",
+            v["succeeded"],
+            f(&v["all_ready_ms"]),
+            f(&v["p50_ms"]),
+            f(&v["p99_ms"])
+        );
+    }
+    s += "\n| Cocoon idle pods | PSS per pod (MiB) | by process (MiB per pod) | shim RSS (MiB) |\n|---|---|---|---|\n";
+    for v in r["idle_pod_memory"].as_array().into_iter().flatten() {
+        let by: Vec<String> = v["pss_by_process_mib_per_pod"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, x)| format!("{k} {:.1}", x.as_f64().unwrap_or(0.0)))
+            .collect();
+        s += &format!(
+            "| {} | {:.1} | {} | {:.1} |\n",
+            v["pods"],
+            v["pss_per_pod_mib"].as_f64().unwrap_or(0.0),
+            by.join(", "),
+            v["shim_rss_max_mib"].as_f64().unwrap_or(0.0)
+        );
+    }
+    s
+}
