@@ -14,12 +14,14 @@ use cocoon_rootfs::modules::{module_name, strip_signature, ModulesDep};
 use sha2::{Digest, Sha256};
 
 const META_PACKAGE: &str = "linux-image-cloud-amd64";
-/// What the agent needs: PCI transport, vsock for its API, virtio-fs for rootfs, overlay.
-const MODULES: [&str; 4] = [
+/// What the agent needs: PCI transport, vsock for its API, virtio-fs for rootfs, overlay, and
+/// the balloon for free page reporting. Loaded in this order (vsock first: the API waits on it).
+const MODULES: [&str; 5] = [
     "virtio_pci",
     "vmw_vsock_virtio_transport",
     "virtiofs",
     "overlay",
+    "virtio_balloon",
 ];
 
 struct Args {
