@@ -232,29 +232,38 @@ impl TaskService {
         Ok(())
     }
 
+    /// One agent call on behalf of a Task RPC: the pod's agent, the call, and its error mapped
+    /// to a status containerd understands. The pod lock is not held during the call.
+    async fn forward<T, F, Fut>(&self, call: &'static str, f: F) -> TtrpcResult<T>
+    where
+        F: FnOnce(AgentServiceClient) -> Fut,
+        Fut: std::future::Future<Output = ttrpc::Result<T>>,
+    {
+        let agent = Self::agent(&*self.pod.lock().await)?;
+        f(agent).await.map_err(|e| agent_err(call, e))
+    }
+
     /// Pause (freeze) or resume a container, then tell containerd.
     async fn freeze(&self, id: String, pause: bool) -> TtrpcResult<api::Empty> {
-        let agent = Self::agent(&*self.pod.lock().await)?;
-        let done = if pause {
+        if pause {
             let r = ag::PauseContainerRequest {
                 container_id: id.clone(),
                 ..Default::default()
             };
-            agent
-                .pause_container(call_ctx(), &r)
-                .await
-                .map_err(|e| agent_err("pause", e))
+            self.forward("pause", |a| async move {
+                a.pause_container(call_ctx(), &r).await
+            })
+            .await?;
         } else {
             let r = ag::ResumeContainerRequest {
                 container_id: id.clone(),
                 ..Default::default()
             };
-            agent
-                .resume_container(call_ctx(), &r)
-                .await
-                .map_err(|e| agent_err("resume", e))
-        };
-        done?;
+            self.forward("resume", |a| async move {
+                a.resume_container(call_ctx(), &r).await
+            })
+            .await?;
+        }
         if let Some(c) = self.pod.lock().await.containers.get_mut(&id) {
             c.init.status = if pause {
                 api::Status::PAUSED
@@ -806,18 +815,18 @@ impl Task for TaskService {
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
-        let agent = Self::agent(&*self.pod.lock().await)?;
-        let sreq = ag::SignalProcessRequest {
+        let r = ag::SignalProcessRequest {
             container_id: req.id,
             exec_id: req.exec_id,
             signal: req.signal,
             all: req.all,
             ..Default::default()
         };
-        agent
-            .signal_process(call_ctx(), &sreq)
-            .await
-            .map_err(|e| agent_err("kill", e))?;
+        self.forward(
+            "kill",
+            |a| async move { a.signal_process(call_ctx(), &r).await },
+        )
+        .await?;
         Ok(api::Empty::new())
     }
 
@@ -893,17 +902,16 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::PidsRequest,
     ) -> TtrpcResult<api::PidsResponse> {
-        let agent = Self::agent(&*self.pod.lock().await)?;
-        let r = agent
-            .list_processes(
-                call_ctx(),
-                &ag::ListProcessesRequest {
-                    container_id: req.id,
-                    ..Default::default()
-                },
+        let r = ag::ListProcessesRequest {
+            container_id: req.id,
+            ..Default::default()
+        };
+        let r = self
+            .forward(
+                "pids",
+                |a| async move { a.list_processes(call_ctx(), &r).await },
             )
-            .await
-            .map_err(|e| agent_err("pids", e))?;
+            .await?;
         let processes = r
             .pids
             .into_iter()
@@ -935,7 +943,6 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::ResizePtyRequest,
     ) -> TtrpcResult<api::Empty> {
-        let agent = Self::agent(&*self.pod.lock().await)?;
         let r = ag::TtyWinResizeRequest {
             container_id: req.id,
             exec_id: req.exec_id,
@@ -943,10 +950,10 @@ impl Task for TaskService {
             cols: req.width,
             ..Default::default()
         };
-        agent
-            .tty_win_resize(call_ctx(), &r)
-            .await
-            .map_err(|e| agent_err("resize", e))?;
+        self.forward("resize", |a| async move {
+            a.tty_win_resize(call_ctx(), &r).await
+        })
+        .await?;
         Ok(api::Empty::new())
     }
 
@@ -982,7 +989,6 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::UpdateTaskRequest,
     ) -> TtrpcResult<api::Empty> {
-        let agent = Self::agent(&*self.pod.lock().await)?;
         let json = req
             .resources
             .as_ref()
@@ -993,10 +999,10 @@ impl Task for TaskService {
             resources_json: json,
             ..Default::default()
         };
-        agent
-            .update_container(call_ctx(), &r)
-            .await
-            .map_err(|e| agent_err("update", e))?;
+        self.forward("update", |a| async move {
+            a.update_container(call_ctx(), &r).await
+        })
+        .await?;
         Ok(api::Empty::new())
     }
 
@@ -1007,17 +1013,15 @@ impl Task for TaskService {
     ) -> TtrpcResult<api::StatsResponse> {
         use containerd_shim_protos::cgroups_v2::metrics as m;
         use containerd_shim_protos::protobuf::Message;
-        let agent = Self::agent(&*self.pod.lock().await)?;
-        let s = agent
-            .stats_container(
-                call_ctx(),
-                &ag::StatsContainerRequest {
-                    container_id: req.id,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| agent_err("stats", e))?;
+        let r = ag::StatsContainerRequest {
+            container_id: req.id,
+            ..Default::default()
+        };
+        let s = self
+            .forward("stats", |a| async move {
+                a.stats_container(call_ctx(), &r).await
+            })
+            .await?;
         let metrics = m::Metrics {
             pids: MessageField::some(m::PidsStat {
                 current: s.pids_current,
