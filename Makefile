@@ -10,7 +10,7 @@ AGENT_BIN    := target/$(AGENT_TARGET)/release/cocoon-agent
 SHIM_BIN     := target/release/containerd-shim-cocoon-v2
 ROOTFS_BIN   := target/release/cocoon-rootfs
 
-APT_PACKAGES := qemu-system-x86 kmod cpio busybox-static dpkg containerd runc runsc bc \
+APT_PACKAGES := qemu-system-x86 kmod cpio busybox-static dpkg containerd runc runsc bc fonts-dejavu-core \
                 libseccomp-dev libcap-ng-dev pkg-config ca-certificates
 # Helper daemons from crates.io, pinned to the versions checked on these machines.
 HELPERS      := virtiofsd@1.14.0 vhost-device-vsock@0.3.0
