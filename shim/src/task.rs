@@ -129,6 +129,27 @@ struct Ctr {
     execs: HashMap<String, Proc>,
 }
 
+impl Ctr {
+    /// The init process (`exec_id` empty) or an exec.
+    fn process(&self, exec_id: &str) -> TtrpcResult<&Proc> {
+        if exec_id.is_empty() {
+            return Ok(&self.init);
+        }
+        self.execs
+            .get(exec_id)
+            .ok_or_else(|| not_found(&format!("exec {exec_id}")))
+    }
+
+    fn process_mut(&mut self, exec_id: &str) -> TtrpcResult<&mut Proc> {
+        if exec_id.is_empty() {
+            return Ok(&mut self.init);
+        }
+        self.execs
+            .get_mut(exec_id)
+            .ok_or_else(|| not_found(&format!("exec {exec_id}")))
+    }
+}
+
 #[derive(Debug, Default)]
 struct Pod {
     sandbox: Option<Sandbox>,
@@ -154,6 +175,20 @@ impl std::fmt::Debug for TaskService {
         f.debug_struct("TaskService")
             .field("sandbox_id", &self.sandbox_id)
             .finish_non_exhaustive()
+    }
+}
+
+impl Pod {
+    fn container(&self, id: &str) -> TtrpcResult<&Ctr> {
+        self.containers
+            .get(id)
+            .ok_or_else(|| not_found(&format!("container {id}")))
+    }
+
+    fn container_mut(&mut self, id: &str) -> TtrpcResult<&mut Ctr> {
+        self.containers
+            .get_mut(id)
+            .ok_or_else(|| not_found(&format!("container {id}")))
     }
 }
 
@@ -385,15 +420,8 @@ impl TaskService {
             }
             {
                 let mut pod = me.pod.lock().await;
-                if let Some(c) = pod.containers.get_mut(&cid) {
-                    let p = if eid.is_empty() {
-                        Some(&mut c.init)
-                    } else {
-                        c.execs.get_mut(&eid)
-                    };
-                    if let Some(p) = p {
-                        p.status = api::Status::STOPPED;
-                    }
+                if let Ok(p) = pod.container_mut(&cid).and_then(|c| c.process_mut(&eid)) {
+                    p.status = api::Status::STOPPED;
                 }
             }
             log::info!(
@@ -603,9 +631,7 @@ impl Task for TaskService {
         if req.exec_id.is_empty() {
             let agent = {
                 let pod = self.pod.lock().await;
-                if !pod.containers.contains_key(&req.id) {
-                    return Err(not_found(&format!("container {}", req.id)));
-                }
+                pod.container(&req.id)?;
                 Self::agent(&pod)?
             };
             let sreq = ag::StartContainerRequest {
@@ -635,14 +661,7 @@ impl Task for TaskService {
         }
         let (sb, stdio, process_json) = {
             let pod = self.pod.lock().await;
-            let c = pod
-                .containers
-                .get(&req.id)
-                .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
-            let p = c
-                .execs
-                .get(&req.exec_id)
-                .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?;
+            let p = pod.container(&req.id)?.process(&req.exec_id)?;
             let sb = pod
                 .sandbox
                 .as_ref()
@@ -706,10 +725,7 @@ impl Task for TaskService {
         req: api::ExecProcessRequest,
     ) -> TtrpcResult<api::Empty> {
         let mut pod = self.pod.lock().await;
-        let c = pod
-            .containers
-            .get_mut(&req.id)
-            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        let c = pod.container_mut(&req.id)?;
         if c.execs.contains_key(&req.exec_id) {
             return Err(err(
                 Code::ALREADY_EXISTS,
@@ -745,17 +761,8 @@ impl Task for TaskService {
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
         let pod = self.pod.lock().await;
-        let c = pod
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
-        let p = if req.exec_id.is_empty() {
-            &c.init
-        } else {
-            c.execs
-                .get(&req.exec_id)
-                .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?
-        };
+        let c = pod.container(&req.id)?;
+        let p = c.process(&req.exec_id)?;
         let exit = *p.exit.borrow();
         Ok(api::StateResponse {
             id: if req.exec_id.is_empty() {
@@ -789,18 +796,7 @@ impl Task for TaskService {
     ) -> TtrpcResult<api::WaitResponse> {
         let mut rx = {
             let pod = self.pod.lock().await;
-            let c = pod
-                .containers
-                .get(&req.id)
-                .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
-            let p = if req.exec_id.is_empty() {
-                &c.init
-            } else {
-                c.execs
-                    .get(&req.exec_id)
-                    .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?
-            };
-            p.exit.clone()
+            pod.container(&req.id)?.process(&req.exec_id)?.exit.clone()
         };
         let v = *rx
             .wait_for(Option::is_some)
@@ -836,10 +832,7 @@ impl Task for TaskService {
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
         let mut pod = self.pod.lock().await;
-        let c = pod
-            .containers
-            .get_mut(&req.id)
-            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        let c = pod.container_mut(&req.id)?;
         if !req.exec_id.is_empty() {
             let p = c
                 .execs
@@ -966,16 +959,10 @@ impl Task for TaskService {
         // reads all of it and then EOF. Closing in the guest first could drop buffered input.
         let relay = {
             let mut pod = self.pod.lock().await;
-            let c = pod
-                .containers
-                .get_mut(&req.id)
-                .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
-            let p = if req.exec_id.is_empty() {
-                Some(&mut c.init)
-            } else {
-                c.execs.get_mut(&req.exec_id)
-            };
-            p.and_then(|p| p.stdin_close.take())
+            let c = pod.container_mut(&req.id)?;
+            c.process_mut(&req.exec_id)
+                .ok()
+                .and_then(|p| p.stdin_close.take())
         };
         if let Some((close, done)) = relay {
             let _ = close.send(());
