@@ -94,7 +94,12 @@ pub struct Containerd {
 }
 
 impl Containerd {
+    /// A containerd whose Cocoon shims use the hypervisor [`crate::test_hypervisor`] selects.
     pub fn start() -> Containerd {
+        Containerd::start_with(crate::test_hypervisor())
+    }
+
+    pub fn start_with(hypervisor: vmm_driver::config::Hypervisor) -> Containerd {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let address = d.join("containerd.sock");
@@ -116,7 +121,11 @@ impl Containerd {
         std::fs::write(
             &cocoon_config,
             format!(
-                "state_dir = \"{}\"\nkernel = \"{}\"\ninitramfs = \"{}\"\n",
+                "hypervisor = \"{}\"\nstate_dir = \"{}\"\nkernel = \"{}\"\ninitramfs = \"{}\"\n",
+                match hypervisor {
+                    vmm_driver::config::Hypervisor::Qemu => "qemu",
+                    vmm_driver::config::Hypervisor::CloudHypervisor => "cloud-hypervisor",
+                },
                 cocoon_state.display(),
                 img.join("vmlinuz").display(),
                 img.join("initramfs.img").display()

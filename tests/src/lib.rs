@@ -8,6 +8,7 @@ pub mod containerd;
 
 use std::path::{Path, PathBuf};
 
+use vmm_driver::config::Hypervisor;
 use vmm_driver::Config;
 
 /// VM tests take turns: concurrent TCG guests on a 2-core machine distort each other's timings.
@@ -38,6 +39,56 @@ pub fn test_config(state: &Path) -> Config {
         );
     }
     cfg
+}
+
+/// The hypervisor the shim-level tests (containers.rs, ctr.rs) run with:
+/// `COCOON_TEST_HYPERVISOR=qemu` (the default) or `cloud-hypervisor`.
+pub fn test_hypervisor() -> Hypervisor {
+    match std::env::var("COCOON_TEST_HYPERVISOR").as_deref() {
+        Err(_) | Ok("" | "qemu") => Hypervisor::Qemu,
+        Ok("cloud-hypervisor") => Hypervisor::CloudHypervisor,
+        Ok(other) => panic!("COCOON_TEST_HYPERVISOR={other}: use qemu or cloud-hypervisor"),
+    }
+}
+
+/// [`test_config`] with the hypervisor chosen by [`test_hypervisor`].
+pub fn backend_config(state: &Path) -> Config {
+    Config {
+        hypervisor: test_hypervisor(),
+        ..test_config(state)
+    }
+}
+
+/// Why `hv` can't boot a guest on this host, or None when it can. QEMU always can (TCG).
+pub fn unavailable(hv: Hypervisor) -> Option<String> {
+    match hv {
+        Hypervisor::Qemu => None,
+        Hypervisor::CloudHypervisor => {
+            let cfg = Config {
+                hypervisor: hv,
+                ..Config::default()
+            };
+            if let Err(e) = vmm_driver::cloud_hypervisor::check_host(
+                &cfg,
+                &vmm_driver::accel::HostFacts::probe(),
+            ) {
+                return Some(e.to_string());
+            }
+            which::which(&cfg.paths.cloud_hypervisor)
+                .is_err()
+                .then(|| "cloud-hypervisor is not on PATH (it has no Debian package; build it from its source and put it on PATH)".into())
+        }
+    }
+}
+
+/// Takes this test's turn on the VM lock, or, where the selected hypervisor can't boot a guest
+/// here, prints why and returns None so the test can end as skipped.
+pub async fn vm_turn(test: &str) -> Option<tokio::sync::MutexGuard<'static, ()>> {
+    if let Some(why) = unavailable(test_hypervisor()) {
+        println!("SKIPPED {test} with {:?}: {why}", test_hypervisor());
+        return None;
+    }
+    Some(VM_LOCK.lock().await)
 }
 
 /// Processes whose command line mentions `needle` (a per-test temp dir): anything listed after
@@ -221,18 +272,19 @@ pub fn ctx() -> ttrpc::context::Context {
 }
 
 impl Pod {
-    pub async fn boot(name: &str) -> Pod {
-        let serial = VM_LOCK.lock().await;
+    /// Boots a pod VM with the selected hypervisor; None (skip printed) where it can't run.
+    pub async fn boot(name: &str) -> Option<Pod> {
+        let serial = vm_turn(name).await?;
         let state = tempfile::tempdir().unwrap();
-        let cfg = test_config(state.path());
+        let cfg = backend_config(state.path());
         let sb = Sandbox::boot(&cfg, &vmm_driver::VmSpec::from_config(&cfg, name))
             .await
             .unwrap();
-        Pod {
+        Some(Pod {
             sb,
             state,
             _serial: serial,
-        }
+        })
     }
 
     /// Lays out a busybox rootfs for `cid` on the share; returns its share-relative path.

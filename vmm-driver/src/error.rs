@@ -26,8 +26,21 @@ pub enum Error {
     #[error("accel = \"kvm\" was asked for, but KVM is not usable here: {reason}; use accel = \"auto\" or \"tcg\"")]
     KvmUnusable { reason: String },
 
-    #[error("hypervisor `{0}` is not supported by this build; use hypervisor = \"qemu\"")]
-    UnsupportedHypervisor(String),
+    #[error("{name} can't run on this host: {reason}; use hypervisor = \"qemu\", which falls back to TCG")]
+    HypervisorUnusable { name: &'static str, reason: String },
+
+    #[error("cloud-hypervisor API {endpoint} failed (HTTP {status}): {message}")]
+    ChApi {
+        endpoint: &'static str,
+        status: u16,
+        message: String,
+    },
+
+    #[error("cloud-hypervisor API {endpoint}: {message}")]
+    ChTransport {
+        endpoint: &'static str,
+        message: String,
+    },
 
     #[error("could not start {name}: {source}")]
     Spawn {

@@ -4,6 +4,7 @@
 //! a vsock endpoint where the guest agent will answer.
 
 pub mod accel;
+pub mod cloud_hypervisor;
 pub mod config;
 mod daemon;
 pub mod error;
@@ -69,9 +70,63 @@ pub async fn launch(cfg: &Config, spec: &VmSpec) -> Result<Box<dyn Vmm>> {
     match cfg.hypervisor {
         config::Hypervisor::Qemu => Ok(Box::new(qemu::QemuVm::launch(cfg, spec).await?)),
         config::Hypervisor::CloudHypervisor => {
-            Err(Error::UnsupportedHypervisor("cloud-hypervisor".into()))
+            Ok(Box::new(cloud_hypervisor::ChVm::launch(cfg, spec).await?))
         }
     }
+}
+
+/// How long a helper daemon (or CH's API server) may take to create its socket.
+pub(crate) const DAEMON_READY: Duration = Duration::from_secs(10);
+/// Grace for a process asked to exit before it is killed.
+pub(crate) const STOP_GRACE: Duration = Duration::from_secs(2);
+/// The virtio-fs tag the agent mounts.
+pub const VIRTIOFS_TAG: &str = "cocoon";
+
+/// The guest kernel command line: Cocoon's own, then the pod's, then the config's extras.
+/// `quiet` matters under TCG: every console byte is emulated.
+pub fn kernel_cmdline(cfg: &Config, spec: &VmSpec) -> String {
+    let log = format!("cocoon.log={}", cfg.log_level);
+    let mut parts = vec!["console=ttyS0", "reboot=k", "panic=-1"];
+    if !cfg.debug_console {
+        parts.push("quiet");
+    }
+    parts.push(&log);
+    parts.extend(
+        spec.kernel_params
+            .iter()
+            .map(String::as_str)
+            .chain([cfg.kernel_params.as_str()])
+            .filter(|s| !s.is_empty()),
+    );
+    parts.join(" ")
+}
+
+/// Both the kernel and the initramfs must be there before any process starts.
+pub(crate) fn check_image(cfg: &Config) -> Result<()> {
+    for (what, path) in [
+        ("guest kernel", &cfg.kernel),
+        ("guest initramfs", &cfg.initramfs),
+    ] {
+        if !path.is_file() {
+            return Err(Error::ImageMissing {
+                what,
+                path: path.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Starts the per-VM virtiofsd that serves the run directory's `shared/`; returns it and the
+/// vhost-user socket it will create (wait for it with `daemon::wait_for_socket`).
+pub(crate) fn spawn_virtiofsd(dir: &RunDir, bin: &Path) -> Result<(daemon::Daemon, PathBuf)> {
+    let sock = dir.path("virtiofsd.sock");
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.arg(format!("--socket-path={}", sock.display()))
+        .arg(format!("--shared-dir={}", dir.shared().display()))
+        .args(["--cache=never", "--sandbox=none"]);
+    let d = daemon::Daemon::spawn("virtiofsd", cmd, &dir.path("virtiofsd.log"))?;
+    Ok((d, sock))
 }
 
 /// Longest wait for one connection attempt's answer.
@@ -231,6 +286,9 @@ impl RunDir {
             "virtiofsd.sock.pid",
             "console.log",
             "qemu.log",
+            "ch-api.sock",
+            "ch-api.sock.lock",
+            "cloud-hypervisor.log",
             "virtiofsd.log",
             "vhost-device-vsock.log",
         ] {
@@ -295,6 +353,22 @@ mod tests {
                 .unwrap(),
             "sh"
         );
+    }
+
+    #[test]
+    fn kernel_cmdline_quiet_unless_debugging() {
+        let mut cfg = Config {
+            kernel_params: "x=1".into(),
+            ..Config::default()
+        };
+        let mut spec = VmSpec::from_config(&cfg, "a");
+        spec.kernel_params = vec!["p=2".into(), String::new()];
+        assert_eq!(
+            kernel_cmdline(&cfg, &spec),
+            "console=ttyS0 reboot=k panic=-1 quiet cocoon.log=info p=2 x=1"
+        );
+        cfg.debug_console = true;
+        assert!(!kernel_cmdline(&cfg, &spec).contains("quiet"));
     }
 
     #[test]

@@ -111,18 +111,6 @@ pub fn qemu_args(l: &QemuLaunch) -> Vec<String> {
 /// Size of TCG's translation cache.
 pub const TCG_TB_SIZE_MIB: u32 = 32;
 
-/// The guest kernel command line. `quiet` matters under TCG: every console byte is emulated.
-pub fn kernel_cmdline(debug_console: bool, log_level: &str, extra: &[&str]) -> String {
-    let mut parts = vec!["console=ttyS0", "reboot=k", "panic=-1"];
-    if !debug_console {
-        parts.push("quiet");
-    }
-    let log = format!("cocoon.log={log_level}");
-    parts.push(&log);
-    parts.extend(extra.iter().copied().filter(|s| !s.is_empty()));
-    parts.join(" ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,14 +197,5 @@ mod tests {
                 "virtio-balloon-pci,free-page-reporting=on"
             ]
         );
-    }
-
-    #[test]
-    fn kernel_cmdline_quiet_unless_debugging() {
-        assert_eq!(
-            kernel_cmdline(false, "info", &["x=1", ""]),
-            "console=ttyS0 reboot=k panic=-1 quiet cocoon.log=info x=1"
-        );
-        assert!(!kernel_cmdline(true, "debug", &[]).contains("quiet"));
     }
 }

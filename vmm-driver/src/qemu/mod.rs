@@ -15,18 +15,15 @@ use crate::config::{Config, VsockMode};
 use crate::daemon::{tail_lines, wait_for_socket, Daemon};
 use crate::error::{Error, Result};
 use crate::vsock::VsockEndpoint;
-use crate::{resolve_binary, RunDir, VmSpec, Vmm};
+use crate::{
+    check_image, kernel_cmdline, resolve_binary, spawn_virtiofsd, RunDir, VmSpec, Vmm,
+    DAEMON_READY, STOP_GRACE,
+};
 use cmdline::{QemuLaunch, VsockDevice};
 use qmp::Qmp;
 
-/// How long a helper daemon may take to create its socket.
-const DAEMON_READY: Duration = Duration::from_secs(10);
 /// How long QEMU may take to open its QMP socket.
 const QMP_READY: Duration = Duration::from_secs(10);
-/// Grace for a process asked to exit before it is killed.
-const STOP_GRACE: Duration = Duration::from_secs(2);
-/// The virtio-fs tag the agent mounts.
-pub const VIRTIOFS_TAG: &str = "cocoon";
 /// Context id of the guest behind a per-VM vhost-device-vsock; each VM has its own daemon.
 const HYBRID_GUEST_CID: u32 = 3;
 
@@ -69,17 +66,7 @@ impl QemuVm {
                 None
             },
         };
-        for (what, path) in [
-            ("guest kernel", &cfg.kernel),
-            ("guest initramfs", &cfg.initramfs),
-        ] {
-            if !path.is_file() {
-                return Err(Error::ImageMissing {
-                    what,
-                    path: path.clone(),
-                });
-            }
-        }
+        check_image(cfg)?;
         let (chosen, why) = accel::choose(cfg.accel, &HostFacts::probe())?;
         log::info!("VM {}: accel {chosen:?} ({why})", spec.id);
 
@@ -117,16 +104,8 @@ impl QemuVm {
         bins: &Binaries,
         accel: Chosen,
     ) -> Result<()> {
-        let fs_sock = self.dir.path("virtiofsd.sock");
-        let mut fs = Command::new(&bins.virtiofsd);
-        fs.arg(format!("--socket-path={}", fs_sock.display()))
-            .arg(format!("--shared-dir={}", self.dir.shared().display()))
-            .args(["--cache=never", "--sandbox=none"]);
-        self.virtiofsd = Some(Daemon::spawn(
-            "virtiofsd",
-            fs,
-            &self.dir.path("virtiofsd.log"),
-        )?);
+        let (fs, fs_sock) = spawn_virtiofsd(&self.dir, &bins.virtiofsd)?;
+        self.virtiofsd = Some(fs);
 
         let vhost_sock = self.dir.path("vhost-vsock.sock");
         if let (Some(bin), VsockEndpoint::Hybrid(uds)) = (&bins.vsockd, &self.endpoint) {
@@ -150,12 +129,6 @@ impl QemuVm {
             wait_for_socket(d, &vhost_sock, DAEMON_READY).await?;
         }
 
-        let extra: Vec<&str> = spec
-            .kernel_params
-            .iter()
-            .map(String::as_str)
-            .chain([cfg.kernel_params.as_str()])
-            .collect();
         let launch = QemuLaunch {
             name: format!("cocoon-{}", spec.id),
             accel,
@@ -163,7 +136,7 @@ impl QemuVm {
             memory_mib: spec.memory_mib,
             kernel: cfg.kernel.clone(),
             initramfs: cfg.initramfs.clone(),
-            cmdline: cmdline::kernel_cmdline(cfg.debug_console, &cfg.log_level, &extra),
+            cmdline: kernel_cmdline(cfg, spec),
             console_log: self.dir.console_log(),
             qmp_socket: self.dir.path("qmp.sock"),
             vsock: match &self.endpoint {
@@ -171,7 +144,7 @@ impl QemuVm {
                 VsockEndpoint::Kernel { cid } => VsockDevice::Kernel { cid: *cid },
             },
             virtiofs_socket: fs_sock,
-            virtiofs_tag: VIRTIOFS_TAG.into(),
+            virtiofs_tag: crate::VIRTIOFS_TAG.into(),
         };
         let mut q = Command::new(&bins.qemu);
         q.args(cmdline::qemu_args(&launch));

@@ -1,0 +1,297 @@
+//! Cloud Hypervisor backend: the `cloud-hypervisor` process is started bare with an API socket
+//! and driven entirely over its REST API (`vm.create`, `vm.boot`, …). It speaks hybrid vsock
+//! itself, so the only helper is the per-VM virtiofsd.
+
+pub mod api;
+pub mod client;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::process::Command;
+
+use crate::accel::HostFacts;
+use crate::config::{Accel, Config, VsockMode};
+use crate::daemon::{tail_lines, wait_for_socket, Daemon};
+use crate::error::{Error, Result};
+use crate::vsock::VsockEndpoint;
+use crate::{
+    check_image, kernel_cmdline, resolve_binary, spawn_virtiofsd, RunDir, VmSpec, Vmm,
+    DAEMON_READY, STOP_GRACE, VIRTIOFS_TAG,
+};
+use api::{
+    BalloonConfig, ConsoleConfig, ConsoleMode, CpusConfig, FsConfig, MemoryConfig, PayloadConfig,
+    RngConfig, SerialConfig, VmConfig, VsockConfig,
+};
+pub use client::ApiClient;
+
+/// The guest's context id; each VM has its own vsock socket, so every guest can be 3.
+const GUEST_CID: u64 = 3;
+const MIB: u64 = 1 << 20;
+
+/// Whether Cloud Hypervisor can boot a guest here. It has no software emulation, so it needs
+/// the same real KVM that `accel = "auto"` looks for; anything else is refused up front with
+/// the way out, instead of a guest that hangs silently (what a PVM `/dev/kvm` gives).
+pub fn check_host(cfg: &Config, host: &HostFacts) -> Result<()> {
+    if cfg.vsock == VsockMode::Kernel {
+        return Err(Error::ConfigValue {
+            key: "vsock",
+            message: "cloud-hypervisor proxies vsock over a unix socket (hybrid) only; use vsock = \"auto\" or \"hybrid\"".into(),
+        });
+    }
+    let unusable = |reason: String| Error::HypervisorUnusable {
+        name: "cloud-hypervisor",
+        reason,
+    };
+    if cfg.accel == Accel::Tcg {
+        return Err(unusable(
+            "accel = \"tcg\" is set and Cloud Hypervisor has no software emulation".into(),
+        ));
+    }
+    match host.kvm_blocker() {
+        Some(why) => Err(unusable(format!("it needs KVM, and {why}"))),
+        None => Ok(()),
+    }
+}
+
+/// A Cloud Hypervisor VMM, its virtiofsd, and the client for its API socket.
+#[derive(Debug)]
+pub struct ChVm {
+    dir: RunDir,
+    endpoint: VsockEndpoint,
+    api: ApiClient,
+    vmm: Option<Daemon>,
+    virtiofsd: Option<Daemon>,
+}
+
+impl ChVm {
+    /// Checks the host and the image, starts the VMM and virtiofsd, then creates and boots the
+    /// VM. A failure after the first process started tears down what was started.
+    pub async fn launch(cfg: &Config, spec: &VmSpec) -> Result<ChVm> {
+        check_host(cfg, &HostFacts::probe())?;
+        let mut vm = ChVm::start(cfg, spec).await?;
+        let booted = async {
+            vm.api.create(&vm.vm_config(cfg, spec)).await?;
+            vm.api.boot().await
+        };
+        match booted.await {
+            Ok(()) => Ok(vm),
+            Err(e) => Err(vm.fail(e).await),
+        }
+    }
+
+    /// Starts the bare VMM (no VM yet) and virtiofsd, and waits until `vmm.ping` answers.
+    /// Does not check for KVM: the API itself works without it, which is what lets the API
+    /// path be exercised on hosts that can't boot a guest. [`ChVm::launch`] is the normal way.
+    pub async fn start(cfg: &Config, spec: &VmSpec) -> Result<ChVm> {
+        // `make setup` can't install it (no Debian package), so say where it comes from.
+        let ch_bin = resolve_binary(
+            "cloud-hypervisor",
+            "cloud_hypervisor",
+            &cfg.paths.cloud_hypervisor,
+        )
+        .map_err(|_| Error::HypervisorUnusable {
+            name: "cloud-hypervisor",
+            reason: format!(
+                "`{}` is not installed (Debian has no package: put a release binary from github.com/cloud-hypervisor/cloud-hypervisor on PATH, or set paths.cloud_hypervisor)",
+                cfg.paths.cloud_hypervisor.display()
+            ),
+        })?;
+        let fs_bin = resolve_binary("virtiofsd", "virtiofsd", &cfg.paths.virtiofsd)?;
+        check_image(cfg)?;
+        let dir = RunDir::create(&spec.run_dir)?;
+        let mut vm = ChVm {
+            endpoint: VsockEndpoint::Hybrid(dir.path("vsock.sock")),
+            api: ApiClient::new(&dir.path("ch-api.sock")),
+            dir,
+            vmm: None,
+            virtiofsd: None,
+        };
+        match vm.spawn(&ch_bin, &fs_bin).await {
+            Ok(()) => Ok(vm),
+            Err(e) => Err(vm.fail(e).await),
+        }
+    }
+
+    async fn spawn(&mut self, ch_bin: &std::path::Path, fs_bin: &std::path::Path) -> Result<()> {
+        let (fs, fs_sock) = spawn_virtiofsd(&self.dir, fs_bin)?;
+        self.virtiofsd = Some(fs);
+        let mut ch = Command::new(ch_bin);
+        ch.arg("--api-socket")
+            .arg(format!("path={}", self.api.socket().display()));
+        // Both start together; virtiofsd's socket only has to exist by vm.create.
+        let vmm = self.vmm.insert(Daemon::spawn(
+            "cloud-hypervisor",
+            ch,
+            &self.dir.path("cloud-hypervisor.log"),
+        )?);
+        wait_for_socket(vmm, self.api.socket(), DAEMON_READY).await?;
+        if let Some(d) = self.virtiofsd.as_mut() {
+            wait_for_socket(d, &fs_sock, DAEMON_READY).await?;
+        }
+        let ping = self.api.ping().await?;
+        log::info!(
+            "cloud-hypervisor {} (pid {}) is serving {}",
+            ping.version,
+            ping.pid.unwrap_or_default(),
+            self.api.socket().display()
+        );
+        Ok(())
+    }
+
+    /// Tears down after a failed start. A VMM that died says more with its own output than
+    /// the API error its death caused.
+    async fn fail(&mut self, e: Error) -> Error {
+        let e = match self.vmm.as_mut().and_then(Daemon::try_exited) {
+            Some(status) => Error::DaemonExited {
+                name: "cloud-hypervisor",
+                status: status.to_string(),
+                log_tail: tail_lines(&self.dir.path("cloud-hypervisor.log"), 20),
+            },
+            None => e,
+        };
+        if let Err(stop_err) = self.stop().await {
+            log::warn!("cleanup after failed launch: {stop_err}");
+        }
+        e
+    }
+
+    /// The `vm.create` body for this VM: the same image, sizes and kernel command line the QEMU
+    /// backend boots, with this VM's sockets and console file.
+    pub fn vm_config(&self, cfg: &Config, spec: &VmSpec) -> VmConfig {
+        let size = u64::from(spec.memory_mib) * MIB;
+        let max = u64::from(cfg.vm.max_memory_mib.max(spec.memory_mib)) * MIB;
+        VmConfig {
+            payload: PayloadConfig {
+                kernel: Some(cfg.kernel.clone()),
+                initramfs: Some(cfg.initramfs.clone()),
+                cmdline: Some(kernel_cmdline(cfg, spec)),
+            },
+            cpus: Some(CpusConfig {
+                boot_vcpus: spec.vcpus,
+                max_vcpus: cfg.vm.max_vcpus.max(spec.vcpus),
+            }),
+            memory: Some(MemoryConfig {
+                size,
+                hotplug_size: (max > size).then_some(max - size),
+                shared: true,
+            }),
+            serial: Some(SerialConfig {
+                mode: ConsoleMode::File,
+                file: Some(self.dir.console_log()),
+            }),
+            console: Some(ConsoleConfig {
+                mode: ConsoleMode::Off,
+            }),
+            rng: Some(RngConfig {
+                src: PathBuf::from("/dev/urandom"),
+            }),
+            balloon: Some(BalloonConfig {
+                size: 0,
+                free_page_reporting: true,
+            }),
+            vsock: Some(VsockConfig {
+                cid: GUEST_CID,
+                socket: self.dir.path("vsock.sock"),
+            }),
+            fs: Some(vec![FsConfig::new(
+                VIRTIOFS_TAG,
+                self.dir.path("virtiofsd.sock"),
+            )]),
+        }
+    }
+
+    /// The VMM's API: `vm.info`, pause/resume, resize and hot-add for callers that need them.
+    pub fn api(&self) -> &ApiClient {
+        &self.api
+    }
+
+    /// CH's own output first (bad config, KVM errors), then the guest console.
+    fn exited_error(&self, status: String) -> Error {
+        let own = tail_lines(&self.dir.path("cloud-hypervisor.log"), 10);
+        let console = tail_lines(&self.dir.console_log(), 20);
+        let console_tail = match (own.trim().is_empty(), console.trim().is_empty()) {
+            (true, _) => console,
+            (false, true) => own,
+            (false, false) => format!("{own}\n--- console ---\n{console}"),
+        };
+        Error::VmExited {
+            status,
+            console_tail,
+        }
+    }
+}
+
+#[async_trait]
+impl Vmm for ChVm {
+    fn agent_endpoint(&self) -> &VsockEndpoint {
+        &self.endpoint
+    }
+
+    fn console_log(&self) -> PathBuf {
+        self.dir.console_log()
+    }
+
+    fn pids(&self) -> Vec<(&'static str, u32)> {
+        [&self.vmm, &self.virtiofsd]
+            .into_iter()
+            .flatten()
+            .map(|d| (d.name, d.pid()))
+            .collect()
+    }
+
+    fn exit_error(&mut self) -> Option<Error> {
+        let status = self.vmm.as_mut()?.try_exited()?;
+        Some(self.exited_error(status.to_string()))
+    }
+
+    async fn wait_exit(&mut self, timeout: Duration) -> bool {
+        match self.vmm.as_mut() {
+            Some(d) => tokio::time::timeout(timeout, d.wait()).await.is_ok(),
+            None => true,
+        }
+    }
+
+    async fn stop(&mut self) -> Result<()> {
+        // Orderly first (guest off, then the VMM), each step bounded; then signals. Keep going
+        // after an error so every process is reaped and the directory removed.
+        let mut first: Option<Error> = None;
+        if let Some(mut vmm) = self.vmm.take() {
+            if vmm.try_exited().is_none() {
+                best_effort("vm.shutdown", self.api.shutdown()).await;
+                best_effort("vmm.shutdown", self.api.vmm_shutdown()).await;
+                if tokio::time::timeout(STOP_GRACE, vmm.wait()).await.is_err() {
+                    log::warn!(
+                        "cloud-hypervisor (pid {}) did not exit; killing it",
+                        vmm.pid()
+                    );
+                }
+            }
+            if let Err(e) = vmm.stop(STOP_GRACE).await {
+                first.get_or_insert(e);
+            }
+        }
+        if let Some(mut d) = self.virtiofsd.take() {
+            if let Err(e) = d.stop(STOP_GRACE).await {
+                first.get_or_insert(e);
+            }
+        }
+        if let Err(e) = self.dir.remove() {
+            first.get_or_insert(e);
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+/// One orderly stop step: its failure (VM never booted, VMM already gone) only gets logged.
+async fn best_effort(step: &str, call: impl std::future::Future<Output = Result<()>>) {
+    match tokio::time::timeout(STOP_GRACE, call).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => log::debug!("{step} while stopping: {e}"),
+        Err(_) => log::debug!("{step} while stopping: no answer within {STOP_GRACE:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests;
