@@ -291,6 +291,7 @@ impl Manager {
         stdio: &StdioStreams,
     ) -> Res<Arc<Process>> {
         let tag = if eid.is_empty() { "init" } else { eid };
+        let t0 = std::time::Instant::now();
         let result = bundle.join(format!("runner-{tag}.json"));
         let _ = std::fs::remove_file(&result);
         let take = |kind: &'static str| self.hub.take(cid, eid, kind, STREAM_WAIT);
@@ -343,11 +344,20 @@ impl Manager {
             console_socket: console.as_ref().map(|(_, p)| p.clone()),
         };
         cmd.args(inv.to_args());
+        let t1 = std::time::Instant::now();
         let child = cmd.spawn().map_err(failed("start the runner"))?;
         drop(cmd);
         let helper_pid = i32::try_from(child.id()).unwrap_or(0);
         drop(child); // reaped by the Reaper, never waited on here
         let code = self.reaper.wait(helper_pid).await;
+        if log::log_enabled!(log::Level::Debug) {
+            log::debug!(
+                "{cid}/{tag}: stdio streams {} ms, runner {} ms: {}",
+                (t1 - t0).as_millis(),
+                t1.elapsed().as_millis(),
+                std::fs::read_to_string(&result).unwrap_or_default()
+            );
+        }
         let pid = runner::read_result(&result).map_err(|e| {
             if code == 0 {
                 Failure::Failed(e)

@@ -98,8 +98,13 @@ pub fn main(args: &[String]) -> ! {
             std::process::exit(2);
         }
     };
+    let t = std::time::Instant::now();
     let outcome = match run(&inv) {
-        Ok(pid) => serde_json::json!({ "pid": pid }),
+        // The time inside libcontainer, against the agent's spawn-to-exit time, shows what the
+        // re-exec itself costs (logged by the agent at debug level).
+        Ok(pid) => {
+            serde_json::json!({ "pid": pid, "libcontainer_ms": t.elapsed().as_millis() as u64 })
+        }
         Err(e) => serde_json::json!({ "error": e }),
     };
     let ok = outcome.get("pid").is_some();

@@ -43,6 +43,31 @@ pub enum VsockMode {
     Kernel,
 }
 
+/// virtiofsd's cache policy for the shared directory (its `--cache`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VirtiofsCache {
+    /// Every lookup and read goes to the host: always current, slowest.
+    Never,
+    /// Metadata cached, file data not.
+    Metadata,
+    /// Metadata and data cached briefly and revalidated (virtiofsd's and Kata's default).
+    Auto,
+    /// Cached until the guest drops it: only for shares nothing on the host changes.
+    Always,
+}
+
+impl VirtiofsCache {
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            VirtiofsCache::Never => "never",
+            VirtiofsCache::Metadata => "metadata",
+            VirtiofsCache::Auto => "auto",
+            VirtiofsCache::Always => "always",
+        }
+    }
+}
+
 /// The whole config file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -62,6 +87,8 @@ pub struct Config {
     pub log_level: String,
     /// Keep the kernel's boot messages on the console (drops `quiet`).
     pub debug_console: bool,
+    /// How the guest caches the shared directory (container rootfs).
+    pub virtiofs_cache: VirtiofsCache,
     pub vm: VmDefaults,
     pub agent: AgentSettings,
     pub paths: BinaryPaths,
@@ -107,6 +134,7 @@ impl Default for Config {
             state_dir: PathBuf::from("/run/cocoon"),
             log_level: "info".into(),
             debug_console: false,
+            virtiofs_cache: VirtiofsCache::Auto,
             vm: VmDefaults::default(),
             agent: AgentSettings::default(),
             paths: BinaryPaths::default(),

@@ -119,12 +119,17 @@ pub(crate) fn check_image(cfg: &Config) -> Result<()> {
 
 /// Starts the per-VM virtiofsd that serves the run directory's `shared/`; returns it and the
 /// vhost-user socket it will create (wait for it with `daemon::wait_for_socket`).
-pub(crate) fn spawn_virtiofsd(dir: &RunDir, bin: &Path) -> Result<(daemon::Daemon, PathBuf)> {
+pub(crate) fn spawn_virtiofsd(
+    cfg: &Config,
+    dir: &RunDir,
+    bin: &Path,
+) -> Result<(daemon::Daemon, PathBuf)> {
     let sock = dir.path("virtiofsd.sock");
     let mut cmd = tokio::process::Command::new(bin);
     cmd.arg(format!("--socket-path={}", sock.display()))
         .arg(format!("--shared-dir={}", dir.shared().display()))
-        .args(["--cache=never", "--sandbox=none"]);
+        .arg(format!("--cache={}", cfg.virtiofs_cache.as_arg()))
+        .arg("--sandbox=none");
     let d = daemon::Daemon::spawn("virtiofsd", cmd, &dir.path("virtiofsd.log"))?;
     Ok((d, sock))
 }

@@ -198,12 +198,20 @@ fn cocoon_pss(c: &Containerd) -> BTreeMap<&'static str, u64> {
     by
 }
 
-fn idle_pods(c: &Containerd, n: usize) -> Value {
+/// `n` idle pods, each with a guest of `memory_mib` (set through the pod annotation).
+fn idle_pods(c: &Containerd, n: usize, memory_mib: u32) -> Value {
+    let mut args = vec!["--runtime".to_owned(), RUNTIME.into()];
+    args.extend([
+        "--annotation".into(),
+        format!("io.cocoon.vm.memory_mib={memory_mib}"),
+    ]);
     let cocoon = Runtime {
         name: "cocoon",
-        args: vec!["--runtime".into(), RUNTIME.into()],
+        args,
     };
-    let ids: Vec<String> = (0..n).map(|i| format!("idle-{n}-{i}")).collect();
+    let ids: Vec<String> = (0..n)
+        .map(|i| format!("idle-{memory_mib}-{n}-{i}"))
+        .collect();
     for id in &ids {
         let out = ctr(c, &cocoon, &["run", "-d"], &[IMAGE, id, "sleep", "100000"]);
         assert!(
@@ -235,6 +243,7 @@ fn idle_pods(c: &Containerd, n: usize) -> Value {
     let total: u64 = by.values().sum();
     json!({
         "pods": n,
+        "guest_memory_mib": memory_mib,
         "pss_total_mib": total as f64 / 1024.0,
         "pss_per_pod_mib": total as f64 / 1024.0 / n as f64,
         "pss_by_process_mib_per_pod": by.iter().map(|(k, v)| (k.to_string(), json!(*v as f64 / 1024.0 / n as f64))).collect::<serde_json::Map<_, _>>(),
@@ -466,15 +475,20 @@ fn main() {
         dens.insert(rt.name.into(), density(&c, rt, 10));
     }
     println!("idle pod memory…");
+    let cfg = vmm_driver::Config::default();
     res.insert(
         "idle_pod_memory".into(),
-        json!([idle_pods(&c, 1), idle_pods(&c, 10)]),
+        json!([
+            idle_pods(&c, 1, cfg.vm.memory_mib),
+            idle_pods(&c, 10, cfg.vm.memory_mib),
+            // The size the memory goal is stated for.
+            idle_pods(&c, 1, 128),
+        ]),
     );
     res.insert("cold_start_ms".into(), cold.into());
     res.insert("exec_ms".into(), exec.into());
     res.insert("stdout_mb_per_s".into(), tput.into());
     res.insert("density_10_pods".into(), dens.into());
-    let cfg = vmm_driver::Config::default();
     res.insert(
         "guest".into(),
         json!({"vcpus": cfg.vm.vcpus, "memory_mib": cfg.vm.memory_mib}),
@@ -640,7 +654,7 @@ fn markdown(r: &Value) -> String {
             f(&v["p99_ms"])
         );
     }
-    s += "\n| Cocoon idle pods | PSS per pod (MiB) | by process (MiB per pod) | shim RSS (MiB) |\n|---|---|---|---|\n";
+    s += "\n| Cocoon idle pods | guest memory (MiB) | PSS per pod (MiB) | by process (MiB per pod) | shim RSS (MiB) |\n|---|---|---|---|---|\n";
     for v in r["idle_pod_memory"].as_array().into_iter().flatten() {
         let by: Vec<String> = v["pss_by_process_mib_per_pod"]
             .as_object()
@@ -649,8 +663,9 @@ fn markdown(r: &Value) -> String {
             .map(|(k, x)| format!("{k} {:.1}", x.as_f64().unwrap_or(0.0)))
             .collect();
         s += &format!(
-            "| {} | {:.1} | {} | {:.1} |\n",
+            "| {} | {} | {:.1} | {} | {:.1} |\n",
             v["pods"],
+            v["guest_memory_mib"],
             v["pss_per_pod_mib"].as_f64().unwrap_or(0.0),
             by.join(", "),
             v["shim_rss_max_mib"].as_f64().unwrap_or(0.0)

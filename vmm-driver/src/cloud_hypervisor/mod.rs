@@ -108,14 +108,19 @@ impl ChVm {
             vmm: None,
             virtiofsd: None,
         };
-        match vm.spawn(&ch_bin, &fs_bin).await {
+        match vm.spawn(cfg, &ch_bin, &fs_bin).await {
             Ok(()) => Ok(vm),
             Err(e) => Err(vm.fail(e).await),
         }
     }
 
-    async fn spawn(&mut self, ch_bin: &std::path::Path, fs_bin: &std::path::Path) -> Result<()> {
-        let (fs, fs_sock) = spawn_virtiofsd(&self.dir, fs_bin)?;
+    async fn spawn(
+        &mut self,
+        cfg: &Config,
+        ch_bin: &std::path::Path,
+        fs_bin: &std::path::Path,
+    ) -> Result<()> {
+        let (fs, fs_sock) = spawn_virtiofsd(cfg, &self.dir, fs_bin)?;
         self.virtiofsd = Some(fs);
         let mut ch = Command::new(ch_bin);
         ch.arg("--api-socket")

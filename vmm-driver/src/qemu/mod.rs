@@ -104,7 +104,7 @@ impl QemuVm {
         bins: &Binaries,
         accel: Chosen,
     ) -> Result<()> {
-        let (fs, fs_sock) = spawn_virtiofsd(&self.dir, &bins.virtiofsd)?;
+        let (fs, fs_sock) = spawn_virtiofsd(cfg, &self.dir, &bins.virtiofsd)?;
         self.virtiofsd = Some(fs);
 
         let vhost_sock = self.dir.path("vhost-vsock.sock");
