@@ -106,6 +106,23 @@ pub fn load_modules(order_file: &Path, mut after_each: impl FnMut(&str)) -> Resu
     Ok(loaded)
 }
 
+/// Free blocks of at least this order (2^N pages, here 128 KiB) are reported to the host by
+/// the balloon. Measured on an idle 128 MiB guest, QEMU's resident guest RAM: order 9 (the
+/// default) 104 MiB, 7: 89 MiB, 5: 73.5 MiB, 3 and 0: 73.4 MiB; 5 saves as much as any with
+/// fewer, larger reports.
+pub const PAGE_REPORTING_ORDER: u32 = 5;
+
+/// Lets free page reporting return smaller free blocks than the kernel's default (one
+/// pageblock, 2 MiB). After boot most of a small guest's free memory sits in blocks below
+/// 2 MiB, which the host would otherwise keep resident. Kernel 6.1 overwrites a command-line
+/// value when the balloon registers, so this is written after the driver loaded.
+pub fn tune_page_reporting() {
+    let p = "/sys/module/page_reporting/parameters/page_reporting_order";
+    if let Err(e) = fs::write(p, PAGE_REPORTING_ORDER.to_string()) {
+        log::warn!("cannot set {p}: {e}");
+    }
+}
+
 /// `kernel/fs/fuse/virtiofs.ko` -> `virtiofs`.
 fn module_name(rel: &str) -> String {
     let file = rel.rsplit('/').next().unwrap_or(rel);

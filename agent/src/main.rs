@@ -58,6 +58,8 @@ fn run() -> anyhow::Result<()> {
                 if m == init::VSOCK_TRANSPORT {
                     let _ = vsock_up_tx.send(());
                     let _ = bound_rx.recv_timeout(std::time::Duration::from_secs(1));
+                } else if m == "virtio_balloon" {
+                    init::tune_page_reporting();
                 }
             });
             let _ = booted_tx.send(Some(state));

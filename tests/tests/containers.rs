@@ -408,6 +408,15 @@ async fn cgroup_limits_oom_pause_and_stats() {
     )
     .await;
     assert_eq!(limits, "100663296\n50\n");
+    // The guest hands free 128 KiB blocks back to the host, not just 2 MiB ones.
+    let order = exec_output(
+        &pod,
+        "busy",
+        "reporting",
+        "cat /sys/module/page_reporting/parameters/page_reporting_order",
+    )
+    .await;
+    assert_eq!(order, "5\n", "free page reporting order");
 
     remove(&pod, "busy").await;
     pod.shutdown().await;
