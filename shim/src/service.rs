@@ -40,7 +40,33 @@ pub struct CocoonShim {
     id: String,
     namespace: String,
     bundle: String,
+    /// The ttrpc socket this shim serves on (`-socket`), removed when it shuts down.
+    socket: String,
+    /// containerd's own socket (`-address`), from which shim socket names derive.
+    containerd_address: String,
     exit: Arc<ExitSignal>,
+}
+
+/// The file behind a shim socket address (`unix:///run/containerd/s/<hash>`).
+pub fn socket_file(address: &str) -> &Path {
+    Path::new(address.strip_prefix("unix://").unwrap_or(address))
+}
+
+/// Removes a shim socket that nothing listens on any more. The containerd-shim library only
+/// removes it at exit if it finds an `address` file in its working directory, which this
+/// shim's bundles don't have, and never after a crash.
+pub fn remove_dead_socket(address: &str) {
+    let path = socket_file(address);
+    if address.is_empty() || !path.exists() {
+        return;
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return; // a live shim (another container of the pod) still serves it
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => log::debug!("removed shim socket {}", path.display()),
+        Err(e) => log::warn!("cannot remove shim socket {}: {e}", path.display()),
+    }
 }
 
 impl std::fmt::Debug for CocoonShim {
@@ -61,6 +87,8 @@ impl Shim for CocoonShim {
             id: args.id.clone(),
             namespace: args.namespace.clone(),
             bundle: args.bundle.clone(),
+            socket: args.socket.clone(),
+            containerd_address: args.address.clone(),
             exit: Arc::new(ExitSignal::default()),
         }
     }
@@ -78,6 +106,12 @@ impl Shim for CocoonShim {
             self.bundle.clone().into()
         };
         let sandbox = grouping_id(&self.id, &bundle_spec(&bundle));
+        // The shim of this pod died (or this is a late cleanup): its socket stays behind.
+        remove_dead_socket(&containerd_shim::socket_address(
+            &self.containerd_address,
+            &self.namespace,
+            &sandbox,
+        ));
         match vmm_driver::Config::load() {
             Ok(cfg) => crate::state::cleanup(&cfg.state_dir.join(&sandbox)),
             Err(e) => log::warn!("delete: cannot read the cocoon config ({e}); nothing cleaned"),
@@ -105,6 +139,7 @@ impl Shim for CocoonShim {
             self.namespace.clone(),
             publisher,
             self.exit.clone(),
+            self.socket.clone(),
         )
     }
 }

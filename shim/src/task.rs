@@ -165,6 +165,8 @@ pub struct TaskService {
     namespace: String,
     publisher: Arc<RemotePublisher>,
     exit: Arc<ExitSignal>,
+    /// This shim's own ttrpc socket address, removed at shutdown.
+    socket: String,
     pod: Arc<Mutex<Pod>>,
     /// Serializes creates: the first one boots the VM.
     create_lock: Arc<Mutex<()>>,
@@ -198,12 +200,14 @@ impl TaskService {
         namespace: String,
         publisher: RemotePublisher,
         exit: Arc<ExitSignal>,
+        socket: String,
     ) -> Self {
         TaskService {
             sandbox_id,
             namespace,
             publisher: Arc::new(publisher),
             exit,
+            socket,
             pod: Arc::default(),
             create_lock: Arc::default(),
         }
@@ -1068,6 +1072,11 @@ impl Task for TaskService {
             return Ok(api::Empty::new());
         }
         self.shutdown_if_empty(&mut pod).await;
+        // Unlink the socket now: the connection serving this call stays up, and nothing new
+        // may connect to a shim that is going away.
+        if let Err(e) = std::fs::remove_file(crate::service::socket_file(&self.socket)) {
+            log::debug!("removing {}: {e}", self.socket);
+        }
         self.exit.signal();
         Ok(api::Empty::new())
     }

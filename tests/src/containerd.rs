@@ -90,7 +90,21 @@ pub struct Containerd {
     pub cocoon_config: PathBuf,
     /// Cocoon's state_dir for this instance.
     pub cocoon_state: PathBuf,
+    /// Shim sockets that existed before this instance started (other runs' leftovers).
+    sockets_before: std::collections::BTreeSet<PathBuf>,
     child: Child,
+}
+
+/// Where the containerd-shim library puts shim sockets.
+const SHIM_SOCKETS: &str = "/run/containerd/s";
+
+fn shim_sockets() -> std::collections::BTreeSet<PathBuf> {
+    std::fs::read_dir(SHIM_SOCKETS)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect()
 }
 
 impl Containerd {
@@ -153,6 +167,7 @@ impl Containerd {
             address,
             cocoon_config,
             cocoon_state,
+            sockets_before: shim_sockets(),
             child,
         };
         let t0 = Instant::now();
@@ -229,6 +244,14 @@ impl Containerd {
         assert!(!mounts.contains(&state), "mounts left under {state}");
         let files = crate::leftovers(&self.cocoon_state);
         assert!(files.is_empty(), "files left behind: {files:#?}");
+        let sockets: Vec<PathBuf> = shim_sockets()
+            .difference(&self.sockets_before)
+            .cloned()
+            .collect();
+        assert!(
+            sockets.is_empty(),
+            "shim sockets left in {SHIM_SOCKETS}: {sockets:#?}"
+        );
     }
 
     /// Imports the locally built test image.
