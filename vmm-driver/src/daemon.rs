@@ -117,6 +117,14 @@ fn libc_echild() -> i32 {
     nix::errno::Errno::ECHILD as i32
 }
 
+/// Waits up to `timeout` for a daemon to exit on its own; true if it did (or never ran).
+pub async fn exited_within(d: Option<&mut Daemon>, timeout: Duration) -> bool {
+    match d {
+        Some(d) => tokio::time::timeout(timeout, d.wait()).await.is_ok(),
+        None => true,
+    }
+}
+
 /// Last `n` lines of a text file; empty if it cannot be read.
 pub fn tail_lines(path: &Path, n: usize) -> String {
     let Ok(bytes) = std::fs::read(path) else {

@@ -292,6 +292,22 @@ impl RunDir {
         self.root.join("console.log")
     }
 
+    /// The VMM exited on its own: its own output first (bad flags, KVM errors, unreadable
+    /// files), then the guest console.
+    fn vm_exited(&self, vmm_log: &str, status: String) -> Error {
+        let own = tail_lines(&self.path(vmm_log), 10);
+        let console = tail_lines(&self.console_log(), 20);
+        let console_tail = match (own.trim().is_empty(), console.trim().is_empty()) {
+            (true, _) => console,
+            (false, true) => own,
+            (false, false) => format!("{own}\n--- console ---\n{console}"),
+        };
+        Error::VmExited {
+            status,
+            console_tail,
+        }
+    }
+
     /// Removes the driver's files. The shared dir and the root go only if empty: whatever
     /// else is there (container rootfs mounts, state) belongs to the caller.
     fn remove(&self) -> Result<()> {

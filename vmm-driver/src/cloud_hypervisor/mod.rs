@@ -13,7 +13,7 @@ use tokio::process::Command;
 
 use crate::accel::HostFacts;
 use crate::config::{Accel, Config, VsockMode};
-use crate::daemon::{tail_lines, wait_for_socket, Daemon};
+use crate::daemon::{exited_within, tail_lines, wait_for_socket, Daemon};
 use crate::error::{Error, Result};
 use crate::vsock::VsockEndpoint;
 use crate::{
@@ -211,21 +211,6 @@ impl ChVm {
     pub fn api(&self) -> &ApiClient {
         &self.api
     }
-
-    /// CH's own output first (bad config, KVM errors), then the guest console.
-    fn exited_error(&self, status: String) -> Error {
-        let own = tail_lines(&self.dir.path("cloud-hypervisor.log"), 10);
-        let console = tail_lines(&self.dir.console_log(), 20);
-        let console_tail = match (own.trim().is_empty(), console.trim().is_empty()) {
-            (true, _) => console,
-            (false, true) => own,
-            (false, false) => format!("{own}\n--- console ---\n{console}"),
-        };
-        Error::VmExited {
-            status,
-            console_tail,
-        }
-    }
 }
 
 #[async_trait]
@@ -248,14 +233,14 @@ impl Vmm for ChVm {
 
     fn exit_error(&mut self) -> Option<Error> {
         let status = self.vmm.as_mut()?.try_exited()?;
-        Some(self.exited_error(status.to_string()))
+        Some(
+            self.dir
+                .vm_exited("cloud-hypervisor.log", status.to_string()),
+        )
     }
 
     async fn wait_exit(&mut self, timeout: Duration) -> bool {
-        match self.vmm.as_mut() {
-            Some(d) => tokio::time::timeout(timeout, d.wait()).await.is_ok(),
-            None => true,
-        }
+        exited_within(self.vmm.as_mut(), timeout).await
     }
 
     async fn stop(&mut self) -> Result<()> {

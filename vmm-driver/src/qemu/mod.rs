@@ -12,7 +12,7 @@ use tokio::process::Command;
 
 use crate::accel::{self, Chosen, HostFacts};
 use crate::config::{Config, VsockMode};
-use crate::daemon::{tail_lines, wait_for_socket, Daemon};
+use crate::daemon::{exited_within, wait_for_socket, Daemon};
 use crate::error::{Error, Result};
 use crate::vsock::VsockEndpoint;
 use crate::{
@@ -158,7 +158,7 @@ impl QemuVm {
         let start = tokio::time::Instant::now();
         loop {
             if let Some(status) = self.qemu.as_mut().and_then(Daemon::try_exited) {
-                return Err(self.exited_error(status.to_string()));
+                return Err(self.dir.vm_exited("qemu.log", status.to_string()));
             }
             if sock.exists() {
                 if let Ok(q) = Qmp::connect(sock).await {
@@ -172,21 +172,6 @@ impl QemuVm {
                 )));
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    /// QEMU's own stderr first (bad flags, missing files), then the guest console.
-    fn exited_error(&self, status: String) -> Error {
-        let qemu_log = tail_lines(&self.dir.path("qemu.log"), 10);
-        let console = tail_lines(&self.dir.console_log(), 20);
-        let console_tail = match (qemu_log.trim().is_empty(), console.trim().is_empty()) {
-            (true, _) => console,
-            (false, true) => qemu_log,
-            (false, false) => format!("{qemu_log}\n--- console ---\n{console}"),
-        };
-        Error::VmExited {
-            status,
-            console_tail,
         }
     }
 }
@@ -219,14 +204,11 @@ impl Vmm for QemuVm {
 
     fn exit_error(&mut self) -> Option<Error> {
         let status = self.qemu.as_mut()?.try_exited()?;
-        Some(self.exited_error(status.to_string()))
+        Some(self.dir.vm_exited("qemu.log", status.to_string()))
     }
 
     async fn wait_exit(&mut self, timeout: Duration) -> bool {
-        match self.qemu.as_mut() {
-            Some(q) => tokio::time::timeout(timeout, q.wait()).await.is_ok(),
-            None => true,
-        }
+        exited_within(self.qemu.as_mut(), timeout).await
     }
 
     async fn stop(&mut self) -> Result<()> {
