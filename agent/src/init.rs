@@ -76,6 +76,8 @@ pub fn mount_base() -> Result<()> {
 
 /// The module after which the agent's vsock listener can be bound.
 pub const VSOCK_TRANSPORT: &str = "vmw_vsock_virtio_transport";
+/// The module whose loading registers free page reporting (see [`tune_page_reporting`]).
+pub const BALLOON: &str = "virtio_balloon";
 
 /// Loads the modules listed in `order_file`, in that order, calling `after_each` with each
 /// module's name. The image builder resolved the order from modules.dep, so each module's

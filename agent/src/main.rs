@@ -58,7 +58,7 @@ fn run() -> anyhow::Result<()> {
                 if m == init::VSOCK_TRANSPORT {
                     let _ = vsock_up_tx.send(());
                     let _ = bound_rx.recv_timeout(std::time::Duration::from_secs(1));
-                } else if m == "virtio_balloon" {
+                } else if m == init::BALLOON {
                     init::tune_page_reporting();
                 }
             });
