@@ -1,12 +1,15 @@
 //! PID 1 reaps every process in the guest: container inits and execs (reparented to us when
 //! the runner helper exits), the helpers themselves, and stray orphans. Whoever wants a
-//! process's status registers for its pid; a status that arrives first is kept until asked.
+//! process's status registers for its pid; a status that arrives first is kept until asked,
+//! for a while: stray orphans nobody asks about must not pile up, nor hand a stale status to
+//! a later process that reuses the pid.
 //!
 //! Because this reaps with `waitpid(-1)`, nothing else in the agent may wait for children
 //! (no `std::process::Child::wait`, no `tokio::process`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use tokio::sync::oneshot;
@@ -20,9 +23,14 @@ pub fn exit_code(status: WaitStatus) -> Option<(i32, i32)> {
     }
 }
 
+/// How long an unclaimed status is kept. Waiters register right after a process starts
+/// (milliseconds), so this only has to cover that gap.
+const KEEP_UNCLAIMED: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Default)]
 struct Inner {
-    exited: HashMap<i32, i32>,
+    /// Statuses that arrived before anyone asked: code and arrival time.
+    exited: HashMap<i32, (i32, Instant)>,
     waiters: HashMap<i32, oneshot::Sender<i32>>,
 }
 
@@ -35,7 +43,7 @@ impl Reaper {
     pub async fn wait(&self, pid: i32) -> i32 {
         let rx = {
             let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(code) = g.exited.remove(&pid) {
+            if let Some((code, _)) = g.exited.remove(&pid) {
                 return code;
             }
             let (tx, rx) = oneshot::channel();
@@ -53,7 +61,9 @@ impl Reaper {
                 let _ = tx.send(code);
             }
             None => {
-                g.exited.insert(pid, code);
+                let now = Instant::now();
+                prune(&mut g.exited, now);
+                g.exited.insert(pid, (code, now));
             }
         }
     }
@@ -87,6 +97,11 @@ impl Reaper {
     }
 }
 
+/// Drops unclaimed statuses older than [`KEEP_UNCLAIMED`].
+fn prune(exited: &mut HashMap<i32, (i32, Instant)>, now: Instant) {
+    exited.retain(|_, (_, at)| now.saturating_duration_since(*at) < KEEP_UNCLAIMED);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,5 +129,25 @@ mod tests {
         tokio::task::yield_now().await;
         r.deliver(11, 137);
         assert_eq!(w.await.unwrap(), 137);
+    }
+
+    #[test]
+    fn unclaimed_statuses_expire() {
+        let now = Instant::now();
+        let mut m = HashMap::new();
+        m.insert(1, (0, now));
+        let old = now
+            .checked_sub(KEEP_UNCLAIMED + Duration::from_secs(1))
+            .expect("the monotonic clock has run for more than a minute");
+        m.insert(2, (9, old));
+        prune(&mut m, now);
+        assert_eq!(m.keys().copied().collect::<Vec<_>>(), [1]);
+    }
+
+    #[tokio::test]
+    async fn a_status_that_arrives_first_is_kept_for_its_waiter() {
+        let r = Reaper::default();
+        r.deliver(42, 3);
+        assert_eq!(r.wait(42).await, 3);
     }
 }
