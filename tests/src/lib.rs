@@ -74,11 +74,16 @@ pub fn unavailable(hv: Hypervisor) -> Option<String> {
             ) {
                 return Some(e.to_string());
             }
-            which::which(&cfg.paths.cloud_hypervisor)
-                .is_err()
-                .then(|| "cloud-hypervisor is not on PATH (it has no Debian package; build it from its source and put it on PATH)".into())
+            ch_binary_missing()
         }
     }
+}
+
+/// Why there is no `cloud-hypervisor` to run here, or None when one is on PATH.
+pub fn ch_binary_missing() -> Option<String> {
+    which::which(vmm_driver::config::BinaryPaths::default().cloud_hypervisor)
+        .is_err()
+        .then(|| "cloud-hypervisor is not on PATH (it has no Debian package; build it from its source and put it on PATH)".into())
 }
 
 /// Takes this test's turn on the VM lock, or, where the selected hypervisor can't boot a guest

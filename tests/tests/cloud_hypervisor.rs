@@ -9,7 +9,7 @@ use std::path::Path;
 
 use cocoon_shim::sandbox::Sandbox;
 use cocoon_tests::containerd::{Containerd, IMAGE, RUNTIME};
-use cocoon_tests::{assert_no_leaks, test_config, unavailable, VM_LOCK};
+use cocoon_tests::{assert_no_leaks, ch_binary_missing, test_config, unavailable, VM_LOCK};
 use vmm_driver::accel::HostFacts;
 use vmm_driver::cloud_hypervisor::api::{DiskConfig, VmResize, VmState};
 use vmm_driver::cloud_hypervisor::{check_host, ChVm};
@@ -23,19 +23,13 @@ fn ch_config(state: &Path) -> Config {
     }
 }
 
-fn no_binary() -> Option<String> {
-    which::which("cloud-hypervisor")
-        .is_err()
-        .then(|| "cloud-hypervisor is not on PATH (no Debian package; build it from source)".into())
-}
-
 fn skip(test: &str, why: &str) {
     println!("SKIPPED {test}: {why}");
 }
 
 #[tokio::test]
 async fn api_create_info_lifecycle_hotplug_and_errors() {
-    if let Some(why) = no_binary() {
+    if let Some(why) = ch_binary_missing() {
         return skip("the API test", &why);
     }
     if !Path::new("/dev/kvm").exists() {
@@ -154,7 +148,7 @@ async fn boots_to_the_agent_or_refuses_up_front() {
         assert_no_leaks(state.path());
         return skip("booting a guest with cloud-hypervisor", &why.to_string());
     }
-    if let Some(why) = no_binary() {
+    if let Some(why) = ch_binary_missing() {
         return skip("booting a guest with cloud-hypervisor", &why);
     }
     let _serial = VM_LOCK.lock().await;
