@@ -1,5 +1,8 @@
-//! Child processes that must never outlive their VM: spawn with logs captured, stop with
-//! SIGTERM then SIGKILL, and always reap.
+//! Child processes that must never outlive their VM: find the binary, spawn with logs
+//! captured, wait for its socket, stop with SIGTERM then SIGKILL, and always reap.
+//!
+//! The hypervisor itself and every helper (virtiofsd, vhost-device-vsock) go through here, so
+//! the timeouts and the way a dead process is reported are the same for all of them.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -11,6 +14,37 @@ use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
 use crate::error::{Error, Result};
+
+/// How long a helper daemon (or CH's API server) may take to create its socket.
+pub(crate) const DAEMON_READY: Duration = Duration::from_secs(10);
+/// Grace for a process asked to exit before it is killed.
+pub(crate) const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Finds a helper binary: a path is taken as is, a bare name is looked up on PATH and in the
+/// places `make setup` and Debian install to.
+pub(crate) fn resolve_binary(
+    name: &'static str,
+    key: &'static str,
+    configured: &Path,
+) -> Result<PathBuf> {
+    let missing = || Error::BinaryMissing {
+        name,
+        key,
+        path: configured.to_owned(),
+    };
+    if configured.components().count() > 1 {
+        return if configured.is_file() {
+            Ok(configured.to_owned())
+        } else {
+            Err(missing())
+        };
+    }
+    if let Ok(p) = which::which(configured) {
+        return Ok(p);
+    }
+    let extra = "/usr/local/bin:/usr/bin:/usr/libexec:/usr/lib/qemu";
+    which::which_in(configured, Some(extra), "/").map_err(|_| missing())
+}
 
 /// A running helper (qemu, virtiofsd, vhost-device-vsock) with its stdout/stderr in `log`.
 #[derive(Debug)]
@@ -164,6 +198,38 @@ pub async fn wait_for_socket(d: &mut Daemon, socket: &Path, waited: Duration) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn missing_binary_names_make_setup() {
+        let err = resolve_binary(
+            "virtiofsd",
+            "virtiofsd",
+            Path::new("/nonexistent/virtiofsd"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("virtiofsd")
+                && err.contains("make setup")
+                && err.contains("paths.virtiofsd"),
+            "{err}"
+        );
+        let err = resolve_binary(
+            "qemu-system-x86_64",
+            "qemu",
+            Path::new("no-such-qemu-binary"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("no-such-qemu-binary"), "{err}");
+        assert_eq!(
+            resolve_binary("sh", "x", Path::new("sh"))
+                .unwrap()
+                .file_name()
+                .unwrap(),
+            "sh"
+        );
+    }
 
     #[test]
     fn tail_keeps_the_last_lines() {

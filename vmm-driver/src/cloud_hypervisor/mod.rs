@@ -12,14 +12,16 @@ use async_trait::async_trait;
 use tokio::process::Command;
 
 use crate::accel::HostFacts;
+use crate::boot::{check_image, kernel_cmdline};
 use crate::config::{Accel, Config, VsockMode};
-use crate::daemon::{exited_within, tail_lines, wait_for_socket, Daemon};
-use crate::error::{Error, Result};
-use crate::vsock::VsockEndpoint;
-use crate::{
-    check_image, kernel_cmdline, resolve_binary, spawn_virtiofsd, RunDir, VmSpec, Vmm,
-    DAEMON_READY, STOP_GRACE, VIRTIOFS_TAG,
+use crate::daemon::{
+    exited_within, resolve_binary, tail_lines, wait_for_socket, Daemon, DAEMON_READY, STOP_GRACE,
 };
+use crate::error::{Error, Result};
+use crate::run_dir::RunDir;
+use crate::virtiofsd::{spawn_virtiofsd, VIRTIOFS_TAG};
+use crate::vsock::VsockEndpoint;
+use crate::{VmSpec, Vmm};
 use api::{
     BalloonConfig, ConsoleConfig, ConsoleMode, CpusConfig, FsConfig, MemoryConfig, PayloadConfig,
     RngConfig, SerialConfig, VmConfig, VsockConfig,

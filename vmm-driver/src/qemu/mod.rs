@@ -11,14 +11,16 @@ use tokio::net::UnixStream;
 use tokio::process::Command;
 
 use crate::accel::{self, Chosen, HostFacts};
+use crate::boot::{check_image, kernel_cmdline};
 use crate::config::{Config, VsockMode};
-use crate::daemon::{exited_within, wait_for_socket, Daemon};
-use crate::error::{Error, Result};
-use crate::vsock::VsockEndpoint;
-use crate::{
-    check_image, kernel_cmdline, resolve_binary, spawn_virtiofsd, RunDir, VmSpec, Vmm,
-    DAEMON_READY, STOP_GRACE,
+use crate::daemon::{
+    exited_within, resolve_binary, wait_for_socket, Daemon, DAEMON_READY, STOP_GRACE,
 };
+use crate::error::{Error, Result};
+use crate::run_dir::RunDir;
+use crate::virtiofsd::{spawn_virtiofsd, VIRTIOFS_TAG};
+use crate::vsock::VsockEndpoint;
+use crate::{VmSpec, Vmm};
 use cmdline::{QemuLaunch, VsockDevice};
 use qmp::Qmp;
 
@@ -144,7 +146,7 @@ impl QemuVm {
                 VsockEndpoint::Kernel { cid } => VsockDevice::Kernel { cid: *cid },
             },
             virtiofs_socket: fs_sock,
-            virtiofs_tag: crate::VIRTIOFS_TAG.into(),
+            virtiofs_tag: VIRTIOFS_TAG.into(),
         };
         let mut q = Command::new(&bins.qemu);
         q.args(cmdline::qemu_args(&launch));
