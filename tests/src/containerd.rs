@@ -1,12 +1,21 @@
 //! A private containerd (own root, state and socket in a temp dir) and a locally built OCI
 //! image, for end-to-end tests through `ctr`. No registry is involved.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use vmm_driver::config::Hypervisor;
+
+use crate::config::{test_hypervisor, write_cocoon_toml};
+use crate::leaks::{
+    leftovers, mounts_mentioning, processes_mentioning, shim_sockets, SHIM_SOCKETS,
+};
+use crate::oci::busybox_rootfs;
+use crate::paths::shim_dir;
 
 /// The test image's name after `ctr images import`.
 pub const IMAGE: &str = "docker.io/library/cocoon-test:latest";
@@ -22,7 +31,7 @@ fn sha256(data: &[u8]) -> String {
 /// A one-layer OCI image layout tarball: busybox-static with every applet linked into /bin.
 pub fn build_image(out: &Path) {
     let root = tempfile::tempdir().unwrap();
-    crate::busybox_rootfs(root.path());
+    busybox_rootfs(root.path());
     let mut layer = tar::Builder::new(Vec::new());
     layer.follow_symlinks(false);
     layer.append_dir_all(".", root.path()).unwrap();
@@ -68,19 +77,6 @@ pub fn build_image(out: &Path) {
     t.finish().unwrap();
 }
 
-/// Where cargo put this build's shim binary: beside this executable (a bin target) or beside
-/// its `deps/` directory (a test).
-pub fn shim_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let here = exe.parent().unwrap().to_owned();
-    [here.clone(), here.parent().unwrap().to_owned()]
-        .into_iter()
-        .find(|d| d.join("containerd-shim-cocoon-v2").is_file())
-        .unwrap_or_else(|| {
-            panic!("no containerd-shim-cocoon-v2 near {}: build the workspace first (`cargo test --workspace` does)", here.display())
-        })
-}
-
 /// A running private containerd.
 #[derive(Debug)]
 pub struct Containerd {
@@ -91,29 +87,17 @@ pub struct Containerd {
     /// Cocoon's state_dir for this instance.
     pub cocoon_state: PathBuf,
     /// Shim sockets that existed before this instance started (other runs' leftovers).
-    sockets_before: std::collections::BTreeSet<PathBuf>,
+    sockets_before: BTreeSet<PathBuf>,
     child: Child,
 }
 
-/// Where the containerd-shim library puts shim sockets.
-const SHIM_SOCKETS: &str = "/run/containerd/s";
-
-fn shim_sockets() -> std::collections::BTreeSet<PathBuf> {
-    std::fs::read_dir(SHIM_SOCKETS)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .collect()
-}
-
 impl Containerd {
-    /// A containerd whose Cocoon shims use the hypervisor [`crate::test_hypervisor`] selects.
+    /// A containerd whose Cocoon shims use the hypervisor [`test_hypervisor`] selects.
     pub fn start() -> Containerd {
-        Containerd::start_with(crate::test_hypervisor())
+        Containerd::start_with(test_hypervisor())
     }
 
-    pub fn start_with(hypervisor: vmm_driver::config::Hypervisor) -> Containerd {
+    pub fn start_with(hypervisor: Hypervisor) -> Containerd {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let address = d.join("containerd.sock");
@@ -130,22 +114,8 @@ impl Containerd {
         )
         .unwrap();
         let cocoon_state = d.join("cocoon");
-        let img = crate::image_dir();
         let cocoon_config = d.join("cocoon.toml");
-        std::fs::write(
-            &cocoon_config,
-            format!(
-                "hypervisor = \"{}\"\nstate_dir = \"{}\"\nkernel = \"{}\"\ninitramfs = \"{}\"\n",
-                match hypervisor {
-                    vmm_driver::config::Hypervisor::Qemu => "qemu",
-                    vmm_driver::config::Hypervisor::CloudHypervisor => "cloud-hypervisor",
-                },
-                cocoon_state.display(),
-                img.join("vmlinuz").display(),
-                img.join("initramfs.img").display()
-            ),
-        )
-        .unwrap();
+        write_cocoon_toml(&cocoon_config, hypervisor, &cocoon_state);
         let path = format!(
             "{}:{}",
             shim_dir().display(),
@@ -224,7 +194,7 @@ impl Containerd {
         let t0 = Instant::now();
         let me = format!("{}:", self.child.id());
         let others = || -> Vec<String> {
-            crate::processes_mentioning(self.dir.path())
+            processes_mentioning(self.dir.path())
                 .into_iter()
                 .filter(|p| !p.starts_with(&me))
                 .collect()
@@ -239,10 +209,13 @@ impl Containerd {
             "processes left behind: {procs:#?}\ncontainerd log:\n{}",
             self.log()
         );
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let state = self.cocoon_state.to_string_lossy().into_owned();
-        assert!(!mounts.contains(&state), "mounts left under {state}");
-        let files = crate::leftovers(&self.cocoon_state);
+        let mounts = mounts_mentioning(&self.cocoon_state);
+        assert!(
+            mounts.is_empty(),
+            "mounts left under {}: {mounts:#?}",
+            self.cocoon_state.display()
+        );
+        let files = leftovers(&self.cocoon_state);
         assert!(files.is_empty(), "files left behind: {files:#?}");
         let sockets: Vec<PathBuf> = shim_sockets()
             .difference(&self.sockets_before)

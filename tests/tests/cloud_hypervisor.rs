@@ -9,7 +9,7 @@ use std::path::Path;
 
 use cocoon_shim::sandbox::Sandbox;
 use cocoon_tests::containerd::{Containerd, IMAGE, RUNTIME};
-use cocoon_tests::{assert_no_leaks, ch_binary_missing, test_config, unavailable, VM_LOCK};
+use cocoon_tests::{assert_no_leaks, gate, test_config, Need};
 use vmm_driver::accel::HostFacts;
 use vmm_driver::cloud_hypervisor::api::{DiskConfig, VmResize, VmState};
 use vmm_driver::cloud_hypervisor::{check_host, ChVm};
@@ -23,22 +23,11 @@ fn ch_config(state: &Path) -> Config {
     }
 }
 
-fn skip(test: &str, why: &str) {
-    println!("SKIPPED {test}: {why}");
-}
-
 #[tokio::test]
 async fn api_create_info_lifecycle_hotplug_and_errors() {
-    if let Some(why) = ch_binary_missing() {
-        return skip("the API test", &why);
-    }
-    if !Path::new("/dev/kvm").exists() {
-        return skip(
-            "the API test",
-            "cloud-hypervisor's VMM does not start without /dev/kvm",
-        );
-    }
-    let _serial = VM_LOCK.lock().await;
+    let Some(_gate) = gate(&[Need::ChVmm]).await else {
+        return;
+    };
     let state = tempfile::tempdir().unwrap();
     let scratch = tempfile::tempdir().unwrap();
     let cfg = ch_config(state.path());
@@ -135,8 +124,9 @@ async fn boots_to_the_agent_or_refuses_up_front() {
     let state = tempfile::tempdir().unwrap();
     let cfg = ch_config(state.path());
     let spec = VmSpec::from_config(&cfg, "chboot");
-    if let Err(why) = check_host(&cfg, &HostFacts::probe()) {
-        // Where CH can't run, launch says so, with the way out, before starting anything.
+    if check_host(&cfg, &HostFacts::probe()).is_err() {
+        // Where CH can't run, launch says so, with the way out, before starting anything; then
+        // the gate skips the boot, with the same reason.
         let e = vmm_driver::launch(&cfg, &spec)
             .await
             .unwrap_err()
@@ -146,12 +136,10 @@ async fn boots_to_the_agent_or_refuses_up_front() {
             "{e}"
         );
         assert_no_leaks(state.path());
-        return skip("booting a guest with cloud-hypervisor", &why.to_string());
     }
-    if let Some(why) = ch_binary_missing() {
-        return skip("booting a guest with cloud-hypervisor", &why);
-    }
-    let _serial = VM_LOCK.lock().await;
+    let Some(_gate) = gate(&[Need::Guest(Hypervisor::CloudHypervisor)]).await else {
+        return;
+    };
     let sb = Sandbox::boot(&cfg, &spec).await.unwrap();
     let names: Vec<&str> = sb.vm().pids().iter().map(|(n, _)| *n).collect();
     assert_eq!(names, ["cloud-hypervisor", "virtiofsd"]);
@@ -173,10 +161,9 @@ async fn boots_to_the_agent_or_refuses_up_front() {
 
 #[tokio::test]
 async fn ctr_run_with_cloud_hypervisor() {
-    if let Some(why) = unavailable(Hypervisor::CloudHypervisor) {
-        return skip("ctr run with cloud-hypervisor", &why);
-    }
-    let _serial = VM_LOCK.lock().await;
+    let Some(_gate) = gate(&[Need::Guest(Hypervisor::CloudHypervisor)]).await else {
+        return;
+    };
     let c = Containerd::start_with(Hypervisor::CloudHypervisor);
     c.import_test_image();
     let out = c.ctr(&[
@@ -202,6 +189,9 @@ async fn ctr_run_with_cloud_hypervisor() {
 
 #[tokio::test]
 async fn a_missing_or_dying_vmm_fails_clearly_and_leaves_nothing() {
+    let Some(_gate) = gate(&[]).await else {
+        return;
+    };
     let state = tempfile::tempdir().unwrap();
     let mut cfg = ch_config(state.path());
     let spec = VmSpec::from_config(&cfg, "chfail");

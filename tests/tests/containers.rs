@@ -8,7 +8,7 @@ use cocoon_protocol::agent::{
     StartContainerRequest, StdioStreams, WaitProcessRequest,
 };
 use cocoon_shim::sandbox::StdioKind;
-use cocoon_tests::{ctx, oci_spec, streams, Io, Pod};
+use cocoon_tests::{ctx, gate, oci_spec, streams, Io, Need, Pod};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Creates and starts `cid` running `args`; returns the host ends of its stdio.
@@ -60,9 +60,10 @@ async fn remove(pod: &Pod, cid: &str) {
 
 #[tokio::test]
 async fn exit_codes_and_output() {
-    let Some(pod) = Pod::boot("exits").await else {
+    let Some(pass) = gate(&[Need::selected_guest()]).await else {
         return;
     };
+    let pod = Pod::boot(pass, "exits").await;
 
     let mut io = run(
         &pod,
@@ -110,9 +111,10 @@ async fn exit_codes_and_output() {
 
 #[tokio::test]
 async fn stdin_round_trips_and_streams_stay_separate() {
-    let Some(pod) = Pod::boot("stdio").await else {
+    let Some(pass) = gate(&[Need::selected_guest()]).await else {
         return;
     };
+    let pod = Pod::boot(pass, "stdio").await;
 
     // 8 MiB of pseudo-random bytes through `cat`, byte for byte.
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -181,9 +183,10 @@ async fn exec(pod: &Pod, cid: &str, eid: &str, args: &[&str], stdio: StdioStream
 
 #[tokio::test]
 async fn exec_sees_the_container_and_ttys_resize() {
-    let Some(pod) = Pod::boot("exec").await else {
+    let Some(pass) = gate(&[Need::selected_guest()]).await else {
         return;
     };
+    let pod = Pod::boot(pass, "exec").await;
     let _init = run(
         &pod,
         "box",
@@ -279,9 +282,10 @@ async fn cgroup_limits_oom_pause_and_stats() {
         GetOOMEventRequest, PauseContainerRequest, ResumeContainerRequest, StatsContainerRequest,
         UpdateContainerRequest,
     };
-    let Some(pod) = Pod::boot("cgroups").await else {
+    let Some(pass) = gate(&[Need::selected_guest()]).await else {
         return;
     };
+    let pod = Pod::boot(pass, "cgroups").await;
 
     // A 64 MiB limit shows in memory.max; going past it gets the process OOM-killed.
     let mut spec = oci_spec(
@@ -424,9 +428,10 @@ async fn cgroup_limits_oom_pause_and_stats() {
 
 #[tokio::test]
 async fn bad_input_is_refused_and_the_agent_keeps_serving() {
-    let Some(pod) = Pod::boot("badinput").await else {
+    let Some(pass) = gate(&[Need::selected_guest()]).await else {
         return;
     };
+    let pod = Pod::boot(pass, "badinput").await;
     let agent = pod.sb.agent();
 
     let err = agent
@@ -514,9 +519,10 @@ async fn bad_input_is_refused_and_the_agent_keeps_serving() {
 #[tokio::test]
 async fn process_settings_apply_and_close_stdin_ends_input() {
     use cocoon_protocol::agent::CloseStdinRequest;
-    let Some(pod) = Pod::boot("settings").await else {
+    let Some(pass) = gate(&[Need::selected_guest()]).await else {
         return;
     };
+    let pod = Pod::boot(pass, "settings").await;
 
     // env, cwd, user and additional groups from the spec reach the process.
     let mut spec = oci_spec(

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
 use cocoon_tests::containerd::{Containerd, IMAGE, RUNTIME};
-use cocoon_tests::vm_turn;
+use cocoon_tests::{gate, Need};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -20,7 +20,7 @@ fn run_args<'a>(runtime: &'a str, id: &'a str, extra: &[&'a str], cmd: &[&'a str
 
 #[tokio::test]
 async fn ctr_run_prints_the_guest_kernel() {
-    let Some(_serial) = vm_turn("ctr_run_prints_the_guest_kernel").await else {
+    let Some(_gate) = gate(&[Need::selected_guest()]).await else {
         return;
     };
     let c = Containerd::start();
@@ -74,7 +74,7 @@ fn both(
 
 #[tokio::test]
 async fn ctr_run_exit_codes_stdio_env_and_limits_match_runc() {
-    let Some(_serial) = vm_turn("ctr_run_exit_codes_stdio_env_and_limits_match_runc").await else {
+    let Some(_gate) = gate(&[Need::selected_guest()]).await else {
         return;
     };
     let c = Containerd::start();
@@ -158,7 +158,7 @@ async fn ctr_run_exit_codes_stdio_env_and_limits_match_runc() {
 
 #[tokio::test]
 async fn three_ctr_runs_at_once() {
-    let Some(_serial) = vm_turn("three_ctr_runs_at_once").await else {
+    let Some(_gate) = gate(&[Need::selected_guest()]).await else {
         return;
     };
     let c = std::sync::Arc::new(Containerd::start());
@@ -186,7 +186,7 @@ async fn three_ctr_runs_at_once() {
 
 #[tokio::test]
 async fn detached_task_exec_ps_kill_delete() {
-    let Some(_serial) = vm_turn("detached_task_exec_ps_kill_delete").await else {
+    let Some(_gate) = gate(&[Need::selected_guest()]).await else {
         return;
     };
     let c = Containerd::start();
@@ -289,7 +289,7 @@ async fn detached_task_exec_ps_kill_delete() {
 
 #[tokio::test]
 async fn ctr_run_t_gives_a_tty() {
-    let Some(_serial) = vm_turn("ctr_run_t_gives_a_tty").await else {
+    let Some(_gate) = gate(&[Need::selected_guest()]).await else {
         return;
     };
     let c = Containerd::start();
@@ -317,8 +317,7 @@ async fn ctr_run_t_gives_a_tty() {
 
 #[tokio::test]
 async fn bad_input_gets_a_clear_error_and_the_shim_stays_healthy() {
-    let Some(_serial) = vm_turn("bad_input_gets_a_clear_error_and_the_shim_stays_healthy").await
-    else {
+    let Some(_gate) = gate(&[Need::selected_guest()]).await else {
         return;
     };
     let c = Containerd::start();
@@ -406,8 +405,7 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn a_killed_vm_ends_its_task_and_a_killed_shim_leaves_nothing() {
-    let Some(_serial) = vm_turn("a_killed_vm_ends_its_task_and_a_killed_shim_leaves_nothing").await
-    else {
+    let Some(_gate) = gate(&[Need::selected_guest()]).await else {
         return;
     };
     let c = std::sync::Arc::new(Containerd::start());

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use cocoon_rootfs::initramfs::Initramfs;
 use cocoon_shim::sandbox::Sandbox;
-use cocoon_tests::{assert_no_leaks, image_dir, test_config, VM_LOCK};
+use cocoon_tests::{assert_no_leaks, busybox, gate, image_dir, test_config, Need};
+use vmm_driver::config::Hypervisor;
 use vmm_driver::{Config, VmSpec};
 
 fn host_release() -> String {
@@ -28,7 +29,9 @@ fn manifest_release() -> String {
 
 #[tokio::test]
 async fn boots_the_guest_and_reads_its_kernel_then_leaves_nothing() {
-    let _serial = VM_LOCK.lock().await;
+    let Some(_gate) = gate(&[Need::Guest(Hypervisor::Qemu)]).await else {
+        return;
+    };
     let state = tempfile::tempdir().unwrap();
     let cfg = test_config(state.path());
     let spec = VmSpec::from_config(&cfg, "boot");
@@ -110,7 +113,9 @@ fn console_uptime_ms(console: &str, marker: &str) -> Option<u64> {
 /// (`cocoon.mode=bare`). Printed next to a full agent boot so the agent's own cost shows.
 #[tokio::test]
 async fn bare_boot_floor_against_agent_ready() {
-    let _serial = VM_LOCK.lock().await;
+    let Some(_gate) = gate(&[Need::Guest(Hypervisor::Qemu)]).await else {
+        return;
+    };
     let state = tempfile::tempdir().unwrap();
     let cfg = test_config(state.path());
 
@@ -167,14 +172,10 @@ async fn bare_boot_floor_against_agent_ready() {
 
 /// An initramfs whose /init prints numbered lines and then never answers.
 fn silent_initramfs(dir: &Path) -> PathBuf {
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .find(|p| Path::new(p).is_file())
-        .expect("busybox-static is missing: run `make setup`");
     let script = "#!/bin/sh\ni=1\nwhile [ $i -le 30 ]; do echo \"silent-guest line $i\"; i=$((i+1)); done\nwhile :; do /bin/busybox sleep 3600; done\n";
     let mut img = Initramfs::new();
     img.file("init", 0o755, script.as_bytes().to_vec()).unwrap();
-    img.file("bin/busybox", 0o755, std::fs::read(busybox).unwrap())
+    img.file("bin/busybox", 0o755, std::fs::read(busybox()).unwrap())
         .unwrap();
     img.symlink("bin/sh", "busybox").unwrap();
     img.char_dev("dev/console", 0o600, 5, 1).unwrap();
@@ -185,7 +186,9 @@ fn silent_initramfs(dir: &Path) -> PathBuf {
 
 #[tokio::test]
 async fn a_guest_that_never_answers_fails_with_its_console_tail() {
-    let _serial = VM_LOCK.lock().await;
+    let Some(_gate) = gate(&[Need::Guest(Hypervisor::Qemu)]).await else {
+        return;
+    };
     let state = tempfile::tempdir().unwrap();
     let images = tempfile::tempdir().unwrap();
     let mut cfg = test_config(state.path());
@@ -211,7 +214,9 @@ async fn a_guest_that_never_answers_fails_with_its_console_tail() {
 
 #[tokio::test]
 async fn a_guest_that_dies_fails_with_its_console_tail() {
-    let _serial = VM_LOCK.lock().await;
+    let Some(_gate) = gate(&[Need::Guest(Hypervisor::Qemu)]).await else {
+        return;
+    };
     let state = tempfile::tempdir().unwrap();
     let images = tempfile::tempdir().unwrap();
     let mut cfg = test_config(state.path());
@@ -243,6 +248,9 @@ async fn expect_launch_error(cfg: &Config, state: &Path, needles: &[&str]) {
 
 #[tokio::test]
 async fn missing_kernel_or_initramfs_says_make_image() {
+    let Some(_gate) = gate(&[]).await else {
+        return;
+    };
     let state = tempfile::tempdir().unwrap();
     let mut cfg = test_config(state.path());
     cfg.kernel = "/nonexistent/vmlinuz".into();
@@ -268,6 +276,9 @@ async fn missing_kernel_or_initramfs_says_make_image() {
 
 #[tokio::test]
 async fn missing_helper_binaries_say_make_setup() {
+    let Some(_gate) = gate(&[]).await else {
+        return;
+    };
     let state = tempfile::tempdir().unwrap();
     let mut cfg = test_config(state.path());
     cfg.paths.qemu = "/nonexistent/qemu-system-x86_64".into();
@@ -302,8 +313,11 @@ async fn missing_helper_binaries_say_make_setup() {
     .await;
 }
 
-#[test]
-fn config_files_with_unknown_keys_or_bad_values_are_refused() {
+#[tokio::test]
+async fn config_files_with_unknown_keys_or_bad_values_are_refused() {
+    let Some(_gate) = gate(&[]).await else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let cases = [
         (

@@ -1,0 +1,121 @@
+//! Leak checks: once a VM or a pod is gone, nothing of it may be left: no process whose command
+//! line names its directory, no file or directory under its state, no mount, no shim socket.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+/// Processes whose command line mentions `needle` (a per-test temp dir): anything listed after
+/// a VM stopped is a leak.
+pub fn processes_mentioning(needle: &Path) -> Vec<String> {
+    let needle = needle.to_string_lossy().into_owned();
+    let me = std::process::id().to_string();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    dir.flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .chars()
+                .all(|c| c.is_ascii_digit())
+        })
+        .filter(|e| e.file_name().to_string_lossy() != me)
+        .filter_map(|e| {
+            let raw = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+            cmd.contains(&needle)
+                .then(|| format!("{}: {cmd}", e.file_name().to_string_lossy()))
+        })
+        .collect()
+}
+
+/// Everything left under `dir`, recursively: after a stop there must be nothing.
+pub fn leftovers(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p.clone());
+            }
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Asserts that nothing of a VM under `state` survives: no process, no file, no directory.
+pub fn assert_no_leaks(state: &Path) {
+    let procs = processes_mentioning(state);
+    assert!(procs.is_empty(), "processes left behind: {procs:#?}");
+    let files = leftovers(state);
+    assert!(files.is_empty(), "files left behind: {files:#?}");
+}
+
+/// Lines of this process's mount table that mention `needle`.
+pub fn mounts_mentioning(needle: &Path) -> Vec<String> {
+    let needle = needle.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Where the containerd-shim library puts shim sockets.
+pub const SHIM_SOCKETS: &str = "/run/containerd/s";
+
+/// The shim sockets that exist now: compare a set taken before a run with one taken after.
+pub fn shim_sockets() -> BTreeSet<PathBuf> {
+    std::fs::read_dir(SHIM_SOCKETS)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leftovers_lists_everything_under_a_dir_and_nothing_of_an_empty_one() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(leftovers(dir.path()).is_empty());
+        std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
+        std::fs::write(dir.path().join("a/b/f"), "x").unwrap();
+        let mut found = leftovers(dir.path());
+        found.sort();
+        assert_eq!(
+            found,
+            ["a", "a/b", "a/b/f"].map(|p| dir.path().join(p)),
+            "every file and directory, recursively"
+        );
+    }
+
+    #[test]
+    fn a_process_naming_a_dir_is_found_until_it_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("marker");
+        std::fs::write(&marker, "").unwrap();
+        let mut child = std::process::Command::new("tail")
+            .arg("-f")
+            .arg(&marker)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let found = processes_mentioning(dir.path());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with(&format!("{}: ", child.id())),
+            "{found:?}"
+        );
+        assert!(processes_mentioning(dir.path()).is_empty());
+        assert!(mounts_mentioning(dir.path()).is_empty());
+    }
+}
