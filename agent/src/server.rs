@@ -14,7 +14,7 @@ use cocoon_protocol::agent::{
     WaitProcessRequest, WaitProcessResponse,
 };
 use cocoon_protocol::agent_ttrpc::{create_agent_service, AgentService};
-use cocoon_protocol::{AGENT_PORT, API_VERSION};
+use cocoon_protocol::{ProcessRef, AGENT_PORT, API_VERSION};
 use ttrpc::r#async::{Server, TtrpcContext};
 
 use crate::containers::Manager;
@@ -183,9 +183,8 @@ impl AgentService for Agent {
         _ctx: &TtrpcContext,
         req: SignalProcessRequest,
     ) -> ttrpc::Result<Empty> {
-        self.containers
-            .signal(&req.container_id, &req.exec_id, req.signal, req.all)
-            .await?;
+        let p = ProcessRef::from_wire(&req.container_id, &req.exec_id);
+        self.containers.signal(&p, req.signal, req.all).await?;
         Ok(Empty::default())
     }
 
@@ -194,10 +193,8 @@ impl AgentService for Agent {
         _ctx: &TtrpcContext,
         req: WaitProcessRequest,
     ) -> ttrpc::Result<WaitProcessResponse> {
-        let (status, at) = self
-            .containers
-            .wait(&req.container_id, &req.exec_id)
-            .await?;
+        let p = ProcessRef::from_wire(&req.container_id, &req.exec_id);
+        let (status, at) = self.containers.wait(&p).await?;
         Ok(WaitProcessResponse {
             status,
             exited_at_unix_nanos: at,
@@ -210,8 +207,8 @@ impl AgentService for Agent {
         _ctx: &TtrpcContext,
         req: TtyWinResizeRequest,
     ) -> ttrpc::Result<Empty> {
-        self.containers
-            .resize(&req.container_id, &req.exec_id, req.rows, req.cols)?;
+        let p = ProcessRef::from_wire(&req.container_id, &req.exec_id);
+        self.containers.resize(&p, req.rows, req.cols)?;
         Ok(Empty::default())
     }
 
@@ -220,8 +217,8 @@ impl AgentService for Agent {
         _ctx: &TtrpcContext,
         req: CloseStdinRequest,
     ) -> ttrpc::Result<Empty> {
-        self.containers
-            .close_stdin(&req.container_id, &req.exec_id)?;
+        let p = ProcessRef::from_wire(&req.container_id, &req.exec_id);
+        self.containers.close_stdin(&p)?;
         Ok(Empty::default())
     }
 

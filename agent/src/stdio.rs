@@ -1,42 +1,29 @@
 //! Process stdio over dedicated vsock streams (see docs/architecture.md, "Stdio design").
 //!
 //! The host opens one connection to `STDIO_PORT` per stream and names it in a first line,
-//! `<container> <exec or -> <stdin|stdout|stderr>\n`, before asking for the process. The
-//! create/exec call then claims the streams it was told about.
+//! `<container> <exec or -> <stdin|stdout|stderr>\n` ([`StdioHello`], shared with the host),
+//! before asking for the process. The create/exec call then claims the streams it was told
+//! about.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use cocoon_protocol::STDIO_PORT;
+use cocoon_protocol::process::MAX_HELLO_LEN;
+use cocoon_protocol::{ProcessRef, StdioHello, StdioKind, STDIO_PORT};
 use tokio::io::AsyncReadExt;
 use tokio::sync::Notify;
 use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY};
 
-/// One stream of one process.
-pub type Key = (String, String, String);
+/// How long a new connection may take to send its hello line.
+const HELLO_WAIT: Duration = Duration::from_secs(5);
 
-/// Streams that arrived and wait to be claimed.
+/// Streams that arrived and wait to be claimed, by the hello line that named them.
 #[derive(Debug, Default)]
 pub struct StdioHub {
-    pending: Mutex<HashMap<Key, VsockStream>>,
+    pending: Mutex<HashMap<StdioHello, VsockStream>>,
     arrived: Notify,
-}
-
-/// Parses a hello line (without the newline).
-pub fn parse_hello(line: &str) -> Result<Key, String> {
-    let parts: Vec<&str> = line.split(' ').collect();
-    let [cid, eid, kind] = parts[..] else {
-        return Err(format!(
-            "bad stdio hello {line:?}: want `<container> <exec|-> <stream>`"
-        ));
-    };
-    if !matches!(kind, "stdin" | "stdout" | "stderr") || cid.is_empty() || eid.is_empty() {
-        return Err(format!("bad stdio hello {line:?}"));
-    }
-    let eid = if eid == "-" { "" } else { eid };
-    Ok((cid.to_owned(), eid.to_owned(), kind.to_owned()))
 }
 
 impl StdioHub {
@@ -58,29 +45,21 @@ impl StdioHub {
     }
 
     async fn register(&self, mut stream: VsockStream) {
-        let mut line = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(5), async {
-            while line.len() < 512 {
-                let b = stream.read_u8().await?;
-                if b == b'\n' {
-                    return Ok(());
-                }
-                line.push(b);
-            }
-            Err(std::io::Error::other("hello line too long"))
-        })
-        .await;
-        if !matches!(read, Ok(Ok(()))) {
+        let Some(line) = read_hello(&mut stream).await else {
             log::warn!("stdio connection without a hello line; closing it");
             return;
-        }
-        match parse_hello(&String::from_utf8_lossy(&line)) {
-            Ok(key) => {
-                log::debug!("stdio stream {key:?} connected");
+        };
+        match StdioHello::parse(&String::from_utf8_lossy(&line)) {
+            Ok(hello) => {
+                log::debug!(
+                    "stdio stream {} of {} connected",
+                    hello.stream.name(),
+                    hello.process
+                );
                 self.pending
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(key, stream);
+                    .insert(hello, stream);
                 self.arrived.notify_waiters();
             }
             Err(e) => log::warn!("{e}"),
@@ -90,14 +69,17 @@ impl StdioHub {
     /// Claims a stream, waiting up to `timeout` for it to connect.
     pub async fn take(
         &self,
-        cid: &str,
-        eid: &str,
-        kind: &str,
+        process: &ProcessRef,
+        stream: StdioKind,
         timeout: Duration,
     ) -> Result<VsockStream, String> {
-        let key = (cid.to_owned(), eid.to_owned(), kind.to_owned());
+        let key = StdioHello {
+            process: process.clone(),
+            stream,
+        };
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
+            // Registered before the look-up, so an arrival between the two still wakes us.
             let notified = self.arrived.notified();
             if let Some(s) = self
                 .pending
@@ -109,11 +91,12 @@ impl StdioHub {
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Err(format!(
-                    "the host never connected the {kind} stream of {cid}{}",
-                    if eid.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" exec {eid}")
+                    "the host never connected the {} stream of {}{}",
+                    stream.name(),
+                    process.container_id,
+                    match &process.exec_id {
+                        None => String::new(),
+                        Some(e) => format!(" exec {e}"),
                     }
                 ));
             }
@@ -121,12 +104,30 @@ impl StdioHub {
     }
 
     /// Drops streams of a process whose creation failed.
-    pub fn discard(&self, cid: &str, eid: &str) {
+    pub fn discard(&self, process: &ProcessRef) {
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|(c, e, _), _| !(c == cid && e == eid));
+            .retain(|hello, _| hello.process != *process);
     }
+}
+
+/// The hello line without its newline, or None if the peer sent none in time.
+async fn read_hello(stream: &mut VsockStream) -> Option<Vec<u8>> {
+    let mut line = Vec::new();
+    let read = tokio::time::timeout(HELLO_WAIT, async {
+        // Up to MAX_HELLO_LEN bytes before the newline: never less than the protocol allows.
+        while line.len() < MAX_HELLO_LEN {
+            let b = stream.read_u8().await?;
+            if b == b'\n' {
+                return Ok(());
+            }
+            line.push(b);
+        }
+        Err(std::io::Error::other("hello line too long"))
+    })
+    .await;
+    matches!(read, Ok(Ok(()))).then_some(line)
 }
 
 /// The stream's socket as a plain blocking fd, for a child process's stdio or a relay thread.
@@ -143,18 +144,25 @@ pub fn into_blocking_fd(stream: VsockStream) -> std::io::Result<OwnedFd> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn hello_lines() {
+    #[tokio::test]
+    async fn a_stream_that_never_connects_is_named_in_the_error() {
+        let hub = StdioHub::default();
+        let err = hub
+            .take(
+                &ProcessRef::exec("c1", "e2"),
+                StdioKind::Stdin,
+                Duration::ZERO,
+            )
+            .await
+            .unwrap_err();
         assert_eq!(
-            parse_hello("c1 - stdout").unwrap(),
-            ("c1".into(), "".into(), "stdout".into())
+            err,
+            "the host never connected the stdin stream of c1 exec e2"
         );
-        assert_eq!(
-            parse_hello("c1 e2 stdin").unwrap(),
-            ("c1".into(), "e2".into(), "stdin".into())
-        );
-        assert!(parse_hello("c1 - tty").is_err());
-        assert!(parse_hello("c1 stdout").is_err());
-        assert!(parse_hello("c1  stdout").is_err());
+        let err = hub
+            .take(&ProcessRef::init("c1"), StdioKind::Stdout, Duration::ZERO)
+            .await
+            .unwrap_err();
+        assert_eq!(err, "the host never connected the stdout stream of c1");
     }
 }

@@ -1,0 +1,137 @@
+//! CreateContainer: checks the rootfs, adapts the spec into a bundle, and launches the init
+//! process (stopped until StartContainer). A failed create leaves nothing behind.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use cocoon_protocol::agent::StdioStreams;
+use cocoon_protocol::ProcessRef;
+
+use super::delete::delete_state;
+use super::oom::watch_oom;
+use super::{check_id, failed, Container, Failure, Manager, Res};
+use crate::runner::Job;
+use crate::spec;
+
+/// Where the agent writes bundles (config.json, exec process files, runner results).
+const BUNDLES: &str = "/run/cocoon/bundles";
+
+impl Manager {
+    pub async fn create(
+        &self,
+        id: &str,
+        spec_json: &[u8],
+        rootfs: &str,
+        stdio: &StdioStreams,
+    ) -> Res<i32> {
+        check_id("container", id)?;
+        if self.get(id).is_ok() {
+            return Err(Failure::Exists(format!("container {id:?} already exists")));
+        }
+        let result = self.try_create(id, spec_json, rootfs, stdio).await;
+        if result.is_err() {
+            // Unclaimed streams, the bundle and any half-made libcontainer state would
+            // otherwise block a retry under the same id.
+            self.hub.discard(&ProcessRef::init(id));
+            let _ = std::fs::remove_dir_all(Path::new(BUNDLES).join(id));
+            let _ = tokio::task::spawn_blocking({
+                let id = id.to_owned();
+                move || delete_state(&id)
+            })
+            .await;
+        }
+        result
+    }
+
+    /// The steps of [`Manager::create`] that may fail, leaving cleanup to the caller.
+    async fn try_create(
+        &self,
+        id: &str,
+        spec_json: &[u8],
+        rootfs: &str,
+        stdio: &StdioStreams,
+    ) -> Res<i32> {
+        let root = resolve_rootfs(&self.share, rootfs)?;
+        let spec = spec::adapt(spec_json, id, &root, |p| Path::new(p).exists())
+            .map_err(|e| Failure::Invalid(e.0))?;
+        let bundle = Path::new(BUNDLES).join(id);
+        std::fs::create_dir_all(&bundle).map_err(failed("create the bundle"))?;
+        std::fs::write(bundle.join("config.json"), spec.to_string())
+            .map_err(failed("write config.json"))?;
+        let job = Job::Create {
+            id: id.to_owned(),
+            bundle: bundle.clone(),
+        };
+        let init = self
+            .launch(&ProcessRef::init(id), &bundle, job, stdio)
+            .await?;
+        let pid = init.pid;
+        let oom_watch = tokio::spawn(watch_oom(id.to_owned(), self.oom_tx.clone()));
+        let c = Container {
+            bundle,
+            init,
+            execs: Mutex::new(HashMap::new()),
+            oom_watch,
+        };
+        self.table().insert(id.to_owned(), Arc::new(c));
+        log::info!("container {id} created (init pid {pid})");
+        Ok(pid)
+    }
+}
+
+/// Where a container's rootfs lives, refusing anything that leaves the share.
+fn resolve_rootfs(share: &Path, rel: &str) -> Res<PathBuf> {
+    let p = Path::new(rel);
+    let escapes = rel.is_empty()
+        || p.is_absolute()
+        || p.components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)));
+    if escapes {
+        return Err(Failure::Invalid(format!(
+            "rootfs {rel:?} is outside the shared directory: give a path relative to the share, like <container>/rootfs"
+        )));
+    }
+    let full = share.join(p);
+    let real = full.canonicalize().map_err(|_| {
+        Failure::NotFound(format!(
+            "rootfs {rel:?} does not exist on the share ({})",
+            full.display()
+        ))
+    })?;
+    let share_real = share.canonicalize().map_err(failed("resolve the share"))?;
+    if !real.starts_with(&share_real) {
+        return Err(Failure::Invalid(format!(
+            "rootfs {rel:?} resolves outside the shared directory"
+        )));
+    }
+    if !real.is_dir() {
+        return Err(Failure::Invalid(format!(
+            "rootfs {rel:?} is not a directory"
+        )));
+    }
+    Ok(real)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rootfs_must_stay_inside_the_share() {
+        let share = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(share.path().join("c1/rootfs")).unwrap();
+        std::os::unix::fs::symlink("/", share.path().join("escape")).unwrap();
+        assert!(resolve_rootfs(share.path(), "c1/rootfs").is_ok());
+        for bad in ["/etc", "../x", "c1/../../x", "", "escape"] {
+            assert!(
+                matches!(resolve_rootfs(share.path(), bad), Err(Failure::Invalid(_))),
+                "{bad:?} should be refused"
+            );
+        }
+        assert!(matches!(
+            resolve_rootfs(share.path(), "c2/rootfs"),
+            Err(Failure::NotFound(_))
+        ));
+    }
+}

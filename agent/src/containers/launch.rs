@@ -1,0 +1,212 @@
+//! Starting a process, a container's init (create) or an exec, through the `runner` helper:
+//! claim the host's stdio streams, wire them into the helper, run it, then attach what the
+//! agent relays and track the exit. Shared by create and exec, which differ only in the
+//! runner's [`Job`].
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cocoon_protocol::agent::StdioStreams;
+use cocoon_protocol::{ProcessRef, StdioKind};
+use tokio::sync::oneshot;
+use tokio_vsock::VsockStream;
+
+use super::tty::ConsoleSocket;
+use super::wait::watch_exit;
+use super::{failed, stdin, Failure, Manager, Process, Res};
+use crate::runner::{self, Invocation, Job};
+use crate::stdio::into_blocking_fd;
+
+/// How long the host may take to connect a process's stdio streams.
+const STREAM_WAIT: Duration = Duration::from_secs(10);
+
+/// The host's streams for one process, those the call said it has.
+#[derive(Debug)]
+struct HostStreams {
+    stdin: Option<VsockStream>,
+    stdout: Option<VsockStream>,
+    stderr: Option<VsockStream>,
+}
+
+/// How a process's stdio is wired: set up before the runner runs, finished after it.
+#[derive(Debug)]
+enum Wiring {
+    /// The pty master comes back over the console socket; the agent relays both directions.
+    Terminal {
+        console: ConsoleSocket,
+        stdin: Option<VsockStream>,
+        stdout: Option<VsockStream>,
+    },
+    /// stdout and stderr are the host's sockets themselves, so the agent copies nothing; stdin,
+    /// if any, is a pipe the agent feeds from the host's stream (kept here with its write end).
+    Plain {
+        stdin: Option<(VsockStream, OwnedFd)>,
+    },
+}
+
+/// What the agent keeps for a running process's stdio.
+#[derive(Debug, Default)]
+pub(super) struct Relays {
+    /// A duplicate of the host's stdin stream, for CloseStdin.
+    pub(super) stdin: Option<OwnedFd>,
+    /// The pty master, for resizes.
+    pub(super) tty: Option<OwnedFd>,
+    /// Fires when the terminal output relay has drained.
+    pub(super) output_done: Option<oneshot::Receiver<()>>,
+}
+
+impl Manager {
+    /// Runs the helper for `job` with the process's stdio wired up, and tracks the process.
+    pub(super) async fn launch(
+        &self,
+        p: &ProcessRef,
+        bundle: &Path,
+        job: Job,
+        stdio: &StdioStreams,
+    ) -> Res<Arc<Process>> {
+        let tag = p.exec_id.as_deref().unwrap_or("init");
+        let t0 = Instant::now();
+        let result = bundle.join(format!("runner-{tag}.json"));
+        let _ = std::fs::remove_file(&result);
+        let streams = self.claim_streams(p, stdio).await?;
+
+        let mut cmd = Command::new("/proc/self/exe");
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let wiring = if stdio.terminal {
+            Wiring::Terminal {
+                console: ConsoleSocket::bind(&p.container_id, tag)?,
+                stdin: streams.stdin,
+                stdout: streams.stdout,
+            }
+        } else {
+            Wiring::plain(&mut cmd, streams)?
+        };
+        let inv = Invocation {
+            job,
+            result: result.clone(),
+            console_socket: wiring.console_path(),
+        };
+        cmd.args(inv.to_args());
+
+        let t1 = Instant::now();
+        let code = self.run_runner(cmd).await?;
+        if log::log_enabled!(log::Level::Debug) {
+            log::debug!(
+                "{}/{tag}: stdio streams {} ms, runner {} ms: {}",
+                p.container_id,
+                (t1 - t0).as_millis(),
+                t1.elapsed().as_millis(),
+                std::fs::read_to_string(&result).unwrap_or_default()
+            );
+        }
+        // A runner that exits non-zero reports libcontainer refusing the process (bad spec,
+        // binary not found): the caller's mistake, not the agent's.
+        let pid = runner::read_result(&result).map_err(|e| {
+            if code == 0 {
+                Failure::Failed(e)
+            } else {
+                Failure::Invalid(format!("cannot start the process: {e}"))
+            }
+        })?;
+
+        let relays = wiring.attach()?;
+        Ok(Arc::new(Process {
+            pid,
+            exit: watch_exit(self.reaper.clone(), pid, relays.output_done),
+            stdin: Mutex::new(relays.stdin),
+            tty: relays.tty,
+        }))
+    }
+
+    /// Claims the streams `stdio` announces, one after the other.
+    async fn claim_streams(&self, p: &ProcessRef, stdio: &StdioStreams) -> Res<HostStreams> {
+        Ok(HostStreams {
+            stdin: self.claim(p, stdio.stdin, StdioKind::Stdin).await?,
+            stdout: self.claim(p, stdio.stdout, StdioKind::Stdout).await?,
+            // A pty merges stderr into stdout: a terminal process has no stderr stream.
+            stderr: self
+                .claim(p, stdio.stderr && !stdio.terminal, StdioKind::Stderr)
+                .await?,
+        })
+    }
+
+    async fn claim(
+        &self,
+        p: &ProcessRef,
+        wanted: bool,
+        kind: StdioKind,
+    ) -> Res<Option<VsockStream>> {
+        if !wanted {
+            return Ok(None);
+        }
+        self.hub
+            .take(p, kind, STREAM_WAIT)
+            .await
+            .map(Some)
+            .map_err(Failure::Failed)
+    }
+
+    /// Starts the helper and waits for it to exit; answers its exit code.
+    async fn run_runner(&self, mut cmd: Command) -> Res<i32> {
+        let child = cmd.spawn().map_err(failed("start the runner"))?;
+        // Closes the agent's copies of the stdio fds handed to the helper, so that the process
+        // ends up holding the only ones.
+        drop(cmd);
+        let helper_pid = i32::try_from(child.id()).unwrap_or(0);
+        drop(child); // reaped by the Reaper, never waited on here
+        Ok(self.reaper.wait(helper_pid).await)
+    }
+}
+
+impl Wiring {
+    /// Gives the helper the host's stdout/stderr sockets and, for stdin, the read end of a pipe.
+    fn plain(cmd: &mut Command, streams: HostStreams) -> Res<Wiring> {
+        let mut stdin = None;
+        if let Some(host) = streams.stdin {
+            let (r, w) = stdin::pipe()?;
+            cmd.stdin(Stdio::from(r));
+            stdin = Some((host, w));
+        }
+        if let Some(s) = streams.stdout {
+            cmd.stdout(Stdio::from(
+                into_blocking_fd(s).map_err(failed("stdout stream"))?,
+            ));
+        }
+        if let Some(s) = streams.stderr {
+            cmd.stderr(Stdio::from(
+                into_blocking_fd(s).map_err(failed("stderr stream"))?,
+            ));
+        }
+        Ok(Wiring::Plain { stdin })
+    }
+
+    fn console_path(&self) -> Option<PathBuf> {
+        match self {
+            Wiring::Terminal { console, .. } => Some(console.path().to_owned()),
+            Wiring::Plain { .. } => None,
+        }
+    }
+
+    /// Starts the relays once the process exists.
+    fn attach(self) -> Res<Relays> {
+        match self {
+            Wiring::Terminal {
+                console,
+                stdin,
+                stdout,
+            } => console.attach(stdin, stdout),
+            Wiring::Plain {
+                stdin: Some((host, pipe)),
+            } => Ok(Relays {
+                stdin: Some(stdin::feed(host, pipe)?),
+                ..Relays::default()
+            }),
+            Wiring::Plain { stdin: None } => Ok(Relays::default()),
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! A process's stdin and CloseStdin. A plain process reads a pipe that the agent feeds from the
+//! host's stream, rather than the stream itself, so that CloseStdin can end its input: shutting
+//! the stream's read side makes the relay forward what it has and close the pipe. A terminal's
+//! stdin relay (see `tty`) ends the same way.
+
+use std::os::fd::OwnedFd;
+
+use cocoon_protocol::ProcessRef;
+use tokio_vsock::VsockStream;
+
+use super::{dup, failed, Failure, Manager, Res};
+
+impl Manager {
+    pub fn close_stdin(&self, p: &ProcessRef) -> Res<()> {
+        let proc = self.process(p)?;
+        if let Some(fd) = proc.stdin.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            // The relay sees EOF, forwards what it has, and closes the process's stdin.
+            let _ = rustix::net::shutdown(&fd, rustix::net::Shutdown::Read);
+        }
+        Ok(())
+    }
+}
+
+/// The pipe a plain process gets as stdin: (read end for the runner, write end to feed).
+pub(super) fn pipe() -> Res<(OwnedFd, OwnedFd)> {
+    rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| Failure::Failed(format!("stdin pipe: {e}")))
+}
+
+/// Copies the host's stream into the pipe until EOF; answers a duplicate of the stream, for
+/// CloseStdin to shut.
+pub(super) fn feed(stream: VsockStream, pipe: OwnedFd) -> Res<OwnedFd> {
+    let dup = dup(&stream)?;
+    let mut sink =
+        tokio::net::unix::pipe::Sender::from_owned_fd(pipe).map_err(failed("stdin pipe"))?;
+    tokio::spawn(async move {
+        let mut s = stream;
+        let r = tokio::io::copy(&mut s, &mut sink).await;
+        log::debug!("stdin relay ended: {r:?}");
+    });
+    Ok(dup)
+}
