@@ -15,6 +15,8 @@ mod generated {
     include!(concat!(env!("OUT_DIR"), "/mod.rs"));
 }
 
+pub mod process;
+
 pub use generated::agent;
 pub use generated::agent_ttrpc;
 
@@ -27,5 +29,6 @@ pub const READY_PORT: u32 = 1026;
 /// Bumped on every incompatible change to `agent.proto`.
 pub const API_VERSION: u32 = 2;
 
+pub use process::{ProcessRef, StdioHello, StdioKind};
 pub use protobuf;
 pub use ttrpc;
