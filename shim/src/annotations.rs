@@ -5,6 +5,29 @@ use serde_json::Value;
 use vmm_driver::config::MIN_MEMORY_MIB;
 use vmm_driver::Config;
 
+/// containerd CRI's annotations naming a container's pod.
+const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+
+/// Which pod (and so which shim and VM) a container belongs to: the CRI sandbox id for
+/// containers of a pod, else the container's own id.
+pub fn grouping_id(id: &str, spec: &serde_json::Value) -> String {
+    let ann = &spec["annotations"];
+    match (ann[CONTAINER_TYPE].as_str(), ann[SANDBOX_ID].as_str()) {
+        (Some("container"), Some(sb)) if !sb.is_empty() => sb.to_owned(),
+        _ => id.to_owned(),
+    }
+}
+
+/// The bundle's `config.json`, or null when it can't be read: `start` and `delete` only need
+/// its annotations, and a missing one means "not part of a CRI pod".
+pub fn bundle_spec(bundle: &std::path::Path) -> serde_json::Value {
+    std::fs::read(bundle.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
 pub const VCPUS: &str = "io.cocoon.vm.vcpus";
 pub const MEMORY_MIB: &str = "io.cocoon.vm.memory_mib";
 const KNOWN: [&str; 2] = [VCPUS, MEMORY_MIB];
@@ -117,6 +140,15 @@ mod tests {
                 memory_mib: 512
             }
         );
+    }
+
+    #[test]
+    fn containers_of_a_cri_pod_share_its_shim() {
+        let c = json!({"annotations": {CONTAINER_TYPE: "container", SANDBOX_ID: "pod1"}});
+        assert_eq!(grouping_id("c1", &c), "pod1");
+        let sb = json!({"annotations": {CONTAINER_TYPE: "sandbox", SANDBOX_ID: "pod1"}});
+        assert_eq!(grouping_id("pod1", &sb), "pod1");
+        assert_eq!(grouping_id("solo", &json!({})), "solo");
     }
 
     #[test]

@@ -1,9 +1,25 @@
-//! The host side of Cocoon: a pod's VM plus the agent client that drives it.
+//! The host side of Cocoon: containerd's Task API over a model of one pod.
 //!
-//! The containerd Task service ([`task::TaskService`]) sits on top of [`sandbox::Sandbox`].
+//! Rooms, from the wire inwards:
+//! - [`service`]: the shim process (`start`, `delete` after a crash, the daemon, its socket).
+//! - [`task`]: the Task RPC adapter; each RPC converts its request, calls [`pod::Pod`] and
+//!   converts the answer ([`convert`]). It holds no state and no logic of its own.
+//! - [`pod`]: the pod model: its VM, its containers and their processes, and the one lock that
+//!   guards them. [`process`] holds what one process owns (stdio relays, exit watching).
+//! - [`events`]: the typed events the pod publishes; the topic comes from the type.
+//! - [`sandbox`]: one booted VM with a connected agent, behind the [`pod::VmFactory`] seam that
+//!   the unit tests replace with a fake agent.
+//! - [`rootfs`]: host-side rootfs mounts, behind the [`rootfs::Mounter`] seam.
+//! - [`phase`]: the "phase …" log lines that `make bench` reads.
 
 pub mod annotations;
+pub mod convert;
+pub mod events;
 pub mod io;
+pub mod phase;
+pub mod pod;
+pub mod process;
+pub mod rootfs;
 pub mod sandbox;
 pub mod service;
 pub mod state;
@@ -11,7 +27,8 @@ pub mod task;
 
 use std::time::Duration;
 
-/// The one error type of this crate.
+/// The one error type of this crate. [`convert::status`] maps each variant to the ttrpc status
+/// code containerd expects.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
@@ -30,6 +47,53 @@ pub enum Error {
 
     #[error("the VM did not power off within {0:?} after Shutdown; it was stopped forcibly")]
     ShutdownTimeout(Duration),
+
+    /// The cocoon config could not be read: nothing can boot until it is fixed.
+    #[error("cocoon config: {0}")]
+    Config(#[source] vmm_driver::Error),
+
+    /// A VM that was asked for did not come up.
+    #[error("booting the pod VM: {0}")]
+    Boot(#[source] Box<Error>),
+
+    #[error("{0} not found")]
+    NotFound(String),
+
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+
+    #[error("the pod VM is not running")]
+    NotRunning,
+
+    /// The request itself is wrong (spec, annotations): retrying it won't help.
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// An agent call that failed on an established connection: the status the agent sent (or
+    /// the broken connection) without a console tail, which only boot errors carry.
+    pub fn agent(call: &'static str, source: ttrpc::Error) -> Error {
+        Error::Agent {
+            call,
+            source,
+            console_tail: String::new(),
+        }
+    }
+
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Error {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
 }
 
 fn tail(t: &str) -> String {

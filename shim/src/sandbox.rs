@@ -3,11 +3,13 @@
 
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use cocoon_protocol::agent::{
     CheckRequest, GuestDetailsRequest, GuestDetailsResponse, ShutdownRequest,
 };
 use cocoon_protocol::agent_ttrpc::AgentServiceClient;
-use cocoon_protocol::{AGENT_PORT, API_VERSION, READY_PORT, STDIO_PORT};
+pub use cocoon_protocol::StdioKind;
+use cocoon_protocol::{ProcessRef, StdioHello, AGENT_PORT, API_VERSION, READY_PORT, STDIO_PORT};
 use tokio::io::AsyncWriteExt;
 use ttrpc::context;
 use ttrpc::r#async::transport::Socket;
@@ -15,31 +17,13 @@ use ttrpc::r#async::Client;
 use vmm_driver::vsock::BoxedStream;
 use vmm_driver::{Config, VmSpec, Vmm};
 
-use crate::{Error, Result};
+use crate::pod::{BootTimes, GuestLink, PodVm, StdioDialer, VmFactory};
+use crate::{annotations, Error, Result};
 
 /// Per-call deadline for agent calls that should answer at once.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a guest may take to power off after Shutdown before it is stopped forcibly.
 const POWEROFF_GRACE: Duration = Duration::from_secs(5);
-
-/// One of a process's stdio streams.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StdioKind {
-    Stdin,
-    Stdout,
-    /// Unused for terminal processes: the pty merges it into stdout.
-    Stderr,
-}
-
-impl StdioKind {
-    fn name(self) -> &'static str {
-        match self {
-            StdioKind::Stdin => "stdin",
-            StdioKind::Stdout => "stdout",
-            StdioKind::Stderr => "stderr",
-        }
-    }
-}
 
 /// Where boot time went, measured on the host from the start of [`Sandbox::boot`].
 #[derive(Debug, Clone, Copy)]
@@ -52,40 +36,20 @@ pub struct BootTimings {
     pub agent_ready: Duration,
 }
 
-/// A cheap, cloneable view of a running sandbox: its agent client, where its vsock is and its
-/// shared dir. Lets the shim talk to the guest without holding its pod lock.
-#[derive(Clone)]
-pub struct SandboxHandle {
-    pub agent: AgentServiceClient,
+/// Opens stdio streams on a guest's vsock endpoint: the hello line, then the stream is the
+/// process's stdin, stdout or stderr.
+#[derive(Debug, Clone)]
+pub struct VsockStdio {
     endpoint: vmm_driver::vsock::VsockEndpoint,
-    pub shared_dir: std::path::PathBuf,
 }
 
-impl std::fmt::Debug for SandboxHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SandboxHandle")
-            .field("endpoint", &self.endpoint)
-            .finish_non_exhaustive()
-    }
-}
-
-impl SandboxHandle {
-    /// See [`Sandbox::open_stdio`].
-    pub async fn open_stdio(
-        &self,
-        container_id: &str,
-        exec_id: &str,
-        stream: StdioKind,
-    ) -> Result<BoxedStream> {
+#[async_trait]
+impl StdioDialer for VsockStdio {
+    async fn open(&self, hello: &StdioHello) -> Result<BoxedStream> {
         let mut s = vmm_driver::vsock::connect_once(&self.endpoint, STDIO_PORT).await?;
-        let eid = if exec_id.is_empty() { "-" } else { exec_id };
-        let hello = format!("{container_id} {eid} {}\n", stream.name());
-        s.write_all(hello.as_bytes()).await.map_err(|e| {
-            Error::Vmm(vmm_driver::Error::Io {
-                context: "send the stdio hello".into(),
-                source: e,
-            })
-        })?;
+        s.write_all(hello.to_line().as_bytes())
+            .await
+            .map_err(|e| Error::io("send the stdio hello", e))?;
         Ok(s)
     }
 }
@@ -210,17 +174,16 @@ impl Sandbox {
         exec_id: &str,
         stream: StdioKind,
     ) -> Result<BoxedStream> {
-        self.handle()
-            .open_stdio(container_id, exec_id, stream)
-            .await
+        let hello = StdioHello {
+            process: ProcessRef::from_wire(container_id, exec_id),
+            stream,
+        };
+        self.stdio().open(&hello).await
     }
 
-    /// What callers need to talk to the guest without holding on to the sandbox itself.
-    pub fn handle(&self) -> SandboxHandle {
-        SandboxHandle {
-            agent: self.agent.clone(),
+    fn stdio(&self) -> VsockStdio {
+        VsockStdio {
             endpoint: self.vm.agent_endpoint().clone(),
-            shared_dir: self.shared_dir.clone(),
         }
     }
 
@@ -261,5 +224,65 @@ impl Sandbox {
             return Err(Error::ShutdownTimeout(POWEROFF_GRACE));
         }
         Ok(())
+    }
+}
+
+#[async_trait]
+impl PodVm for Sandbox {
+    fn guest(&self) -> GuestLink {
+        GuestLink {
+            agent: self.agent.clone(),
+            stdio: std::sync::Arc::new(self.stdio()),
+        }
+    }
+
+    fn run_dir(&self) -> std::path::PathBuf {
+        Sandbox::run_dir(self)
+    }
+
+    fn shared_dir(&self) -> std::path::PathBuf {
+        self.shared_dir.clone()
+    }
+
+    fn host_pids(&self) -> Vec<(String, u32)> {
+        self.vm
+            .pids()
+            .into_iter()
+            .map(|(n, p)| (n.to_owned(), p))
+            .collect()
+    }
+
+    fn boot_times(&self) -> Option<BootTimes> {
+        Some(BootTimes {
+            vmm_started: self.timings.vmm_started,
+            agent_ready: self.timings.agent_ready,
+        })
+    }
+
+    fn exit_reason(&mut self) -> Option<String> {
+        self.vm_exit()
+    }
+
+    async fn shutdown(self: Box<Self>) -> Result<()> {
+        Sandbox::shutdown(*self).await
+    }
+}
+
+/// Boots real pod VMs from the cocoon config, sized from the first container's spec.
+#[derive(Debug, Default)]
+pub struct SandboxFactory;
+
+#[async_trait]
+impl VmFactory for SandboxFactory {
+    async fn boot(&self, sandbox_id: &str, spec: &serde_json::Value) -> Result<Box<dyn PodVm>> {
+        let cfg = Config::load().map_err(Error::Config)?;
+        let mut vm = VmSpec::from_config(&cfg, sandbox_id);
+        let size = annotations::vm_size(&cfg, spec).map_err(Error::InvalidArgument)?;
+        vm.vcpus = size.vcpus;
+        vm.memory_mib = size.memory_mib;
+        let sb = Sandbox::boot(&cfg, &vm)
+            .await
+            .map_err(|e| Error::Boot(Box::new(e)))?;
+        Ok(Box::new(sb))
     }
 }

@@ -11,28 +11,12 @@ use containerd_shim::{Config, Error, Flags, StartOpts};
 use containerd_shim_protos::api::DeleteResponse;
 use containerd_shim_protos::protobuf::MessageField;
 
+use crate::annotations::{bundle_spec, grouping_id};
+use crate::events::RemoteSink;
+use crate::pod::Pod;
+use crate::rootfs::HostMounter;
+use crate::sandbox::SandboxFactory;
 use crate::task::TaskService;
-
-/// containerd CRI's annotations naming a container's pod.
-const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
-const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
-
-/// Which pod (and so which shim and VM) a container belongs to: the CRI sandbox id for
-/// containers of a pod, else the container's own id.
-pub fn grouping_id(id: &str, spec: &serde_json::Value) -> String {
-    let ann = &spec["annotations"];
-    match (ann[CONTAINER_TYPE].as_str(), ann[SANDBOX_ID].as_str()) {
-        (Some("container"), Some(sb)) if !sb.is_empty() => sb.to_owned(),
-        _ => id.to_owned(),
-    }
-}
-
-fn bundle_spec(bundle: &Path) -> serde_json::Value {
-    std::fs::read(bundle.join("config.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
-}
 
 /// The shim.
 #[derive(Clone)]
@@ -128,33 +112,24 @@ impl Shim for CocoonShim {
         })
     }
 
+    /// Returns once the Task service's Shutdown let the shim go. The socket is unlinked here:
+    /// the connection serving that call stays up, and nothing new may connect to a shim that is
+    /// going away.
     async fn wait(&mut self) {
         self.exit.wait().await;
+        if let Err(e) = std::fs::remove_file(socket_file(&self.socket)) {
+            log::debug!("removing {}: {e}", self.socket);
+        }
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
         let sandbox = grouping_id(&self.id, &bundle_spec(Path::new(&self.bundle)));
-        TaskService::new(
+        let pod = Pod::new(
             sandbox,
-            self.namespace.clone(),
-            publisher,
-            self.exit.clone(),
-            self.socket.clone(),
-        )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn containers_of_a_cri_pod_share_its_shim() {
-        let c = json!({"annotations": {CONTAINER_TYPE: "container", SANDBOX_ID: "pod1"}});
-        assert_eq!(grouping_id("c1", &c), "pod1");
-        let sb = json!({"annotations": {CONTAINER_TYPE: "sandbox", SANDBOX_ID: "pod1"}});
-        assert_eq!(grouping_id("pod1", &sb), "pod1");
-        assert_eq!(grouping_id("solo", &json!({})), "solo");
+            Box::new(SandboxFactory),
+            Box::new(HostMounter),
+            Box::new(RemoteSink::new(publisher, self.namespace.clone())),
+        );
+        TaskService::new(pod, self.exit.clone())
     }
 }

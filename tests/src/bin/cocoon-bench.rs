@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use cocoon_shim::phase::{Phase, PhaseLine};
 use cocoon_tests::containerd::{Containerd, IMAGE, RUNTIME};
 use serde_json::{json, Value};
 
@@ -323,7 +324,9 @@ fn bare_floor(runs: usize) -> Vec<f64> {
         .collect()
 }
 
-/// Cocoon's phases per cold run, from the shim's log lines (containerd's timestamps).
+/// Cocoon's phases per cold run, from the shim's phase lines in containerd's log (the shim
+/// writes them with `cocoon_shim::phase::PhaseLine`, and this reads them back with the same
+/// type) and containerd's timestamps.
 fn phases(log: &str, runs: usize) -> Value {
     let ts = |line: &str| -> Option<f64> {
         let t = line.split("time=\"").nth(1)?.split('"').next()?;
@@ -337,47 +340,41 @@ fn phases(log: &str, runs: usize) -> Value {
         );
         Some((h * 3600.0 + m * 60.0 + s) * 1000.0)
     };
-    let dur = |line: &str, key: &str| -> Option<f64> {
-        let v = line
-            .split(&format!("{key}: "))
-            .nth(1)?
-            .split([',', ' ', '}'])
-            .next()?;
-        let (num, unit) = v.split_at(v.find(|c: char| c.is_alphabetic())?);
-        let n: f64 = num.parse().ok()?;
-        Some(match unit {
-            "ms" => n,
-            "s" => n * 1000.0,
-            "µs" | "us" => n / 1000.0,
-            "ns" => n / 1e6,
-            _ => return None,
-        })
-    };
+    // (phase line, containerd's time of it in ms of the day)
+    let lines: Vec<(PhaseLine, f64)> = log
+        .lines()
+        .filter_map(|l| Some((PhaseLine::find(l)?, ts(l)?)))
+        .collect();
     let mut cols: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     for i in 0..runs {
         let id = format!("cold-cocoon-{i}");
-        let find = |pat: String| log.lines().find(|l| l.contains(&pat) && l.contains(&id));
-        let (Some(begin), Some(ready), Some(created), Some(started), Some(exited), Some(deleted)) = (
-            find(format!("phase create-begin {id}")),
-            find(format!("sandbox {id}: agent ready")),
-            find(format!("phase created {id}")),
-            find(format!("phase started {id}")),
-            find(format!("phase exited {id}")),
-            find(format!("phase deleted {id}")),
+        let at = |want: fn(&Phase) -> bool| {
+            lines.iter().find(|(p, _)| {
+                p.process.container_id == id && p.process.is_init() && want(&p.phase)
+            })
+        };
+        let (Some(begin), Some(booted), Some(created), Some(started), Some(exited), Some(deleted)) = (
+            at(|p| *p == Phase::CreateBegin),
+            at(|p| matches!(p, Phase::Booted { .. })),
+            at(|p| *p == Phase::Created),
+            at(|p| *p == Phase::Started),
+            at(|p| *p == Phase::Exited),
+            at(|p| *p == Phase::Deleted),
         ) else {
             continue;
         };
-        let (Some(vmm), Some(agent)) = (dur(ready, "vmm_started"), dur(ready, "agent_ready"))
+        let Phase::Booted {
+            vmm_started,
+            agent_ready,
+        } = booted.0.phase
         else {
             continue;
         };
-        let (b, c, s, e, d) = (
-            ts(begin).unwrap(),
-            ts(created).unwrap(),
-            ts(started).unwrap(),
-            ts(exited).unwrap(),
-            ts(deleted).unwrap(),
+        let (vmm, agent) = (
+            vmm_started.as_secs_f64() * 1000.0,
+            agent_ready.as_secs_f64() * 1000.0,
         );
+        let (b, c, s, e, d) = (begin.1, created.1, started.1, exited.1, deleted.1);
         cols.entry("1 vmm spawn (helpers + qemu + QMP)")
             .or_default()
             .push(vmm);

@@ -1,0 +1,225 @@
+//! The events a pod publishes to containerd, as one typed enum: the topic and the protobuf
+//! message both come from the variant, so an event can't go out under the wrong topic.
+//!
+//! The pod publishes through the [`EventSink`] seam: containerd's publisher in the shim
+//! ([`RemoteSink`]), a recording sink in the unit tests.
+
+use async_trait::async_trait;
+use cocoon_protocol::ProcessRef;
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim_protos::api;
+use containerd_shim_protos::events::task as ev;
+use containerd_shim_protos::protobuf::{MessageDyn, MessageField};
+use containerd_shim_protos::topics;
+
+use crate::convert::timestamp;
+use crate::process::{Exit, StdioPaths};
+
+/// One event of the Task API.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Create {
+        container_id: String,
+        bundle: String,
+        rootfs: Vec<api::Mount>,
+        stdio: StdioPaths,
+        pid: u32,
+    },
+    Start {
+        container_id: String,
+        pid: u32,
+    },
+    ExecAdded(ProcessRef),
+    ExecStarted {
+        process: ProcessRef,
+        pid: u32,
+    },
+    /// A process ended and its output reached containerd.
+    Exit {
+        process: ProcessRef,
+        pid: u32,
+        exit: Exit,
+    },
+    Delete {
+        container_id: String,
+        pid: u32,
+        exit: Exit,
+    },
+    Paused(String),
+    Resumed(String),
+    Oom(String),
+}
+
+impl Event {
+    pub fn topic(&self) -> &'static str {
+        match self {
+            Event::Create { .. } => topics::TASK_CREATE_EVENT_TOPIC,
+            Event::Start { .. } => topics::TASK_START_EVENT_TOPIC,
+            Event::ExecAdded(_) => topics::TASK_EXEC_ADDED_EVENT_TOPIC,
+            Event::ExecStarted { .. } => topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+            Event::Exit { .. } => topics::TASK_EXIT_EVENT_TOPIC,
+            Event::Delete { .. } => topics::TASK_DELETE_EVENT_TOPIC,
+            Event::Paused(_) => topics::TASK_PAUSED_EVENT_TOPIC,
+            Event::Resumed(_) => topics::TASK_RESUMED_EVENT_TOPIC,
+            Event::Oom(_) => topics::TASK_OOM_EVENT_TOPIC,
+        }
+    }
+
+    /// containerd's message for this event.
+    pub fn into_message(self) -> Box<dyn MessageDyn> {
+        match self {
+            Event::Create {
+                container_id,
+                bundle,
+                rootfs,
+                stdio,
+                pid,
+            } => Box::new(ev::TaskCreate {
+                container_id,
+                bundle,
+                rootfs,
+                io: MessageField::some(ev::TaskIO {
+                    stdin: stdio.stdin,
+                    stdout: stdio.stdout,
+                    stderr: stdio.stderr,
+                    terminal: stdio.terminal,
+                    ..Default::default()
+                }),
+                pid,
+                ..Default::default()
+            }),
+            Event::Start { container_id, pid } => Box::new(ev::TaskStart {
+                container_id,
+                pid,
+                ..Default::default()
+            }),
+            Event::ExecAdded(p) => Box::new(ev::TaskExecAdded {
+                exec_id: p.exec_wire().to_owned(),
+                container_id: p.container_id,
+                ..Default::default()
+            }),
+            Event::ExecStarted { process, pid } => Box::new(ev::TaskExecStarted {
+                exec_id: process.exec_wire().to_owned(),
+                container_id: process.container_id,
+                pid,
+                ..Default::default()
+            }),
+            Event::Exit { process, pid, exit } => Box::new(ev::TaskExit {
+                // containerd names the init process by its container id here.
+                id: process
+                    .exec_id
+                    .clone()
+                    .unwrap_or_else(|| process.container_id.clone()),
+                container_id: process.container_id,
+                pid,
+                exit_status: exit.status,
+                exited_at: MessageField::some(timestamp(exit.at_unix_nanos)),
+                ..Default::default()
+            }),
+            Event::Delete {
+                container_id,
+                pid,
+                exit,
+            } => Box::new(ev::TaskDelete {
+                id: container_id.clone(),
+                container_id,
+                pid,
+                exit_status: exit.status,
+                exited_at: MessageField::some(timestamp(exit.at_unix_nanos)),
+                ..Default::default()
+            }),
+            Event::Paused(container_id) => Box::new(ev::TaskPaused {
+                container_id,
+                ..Default::default()
+            }),
+            Event::Resumed(container_id) => Box::new(ev::TaskResumed {
+                container_id,
+                ..Default::default()
+            }),
+            Event::Oom(container_id) => Box::new(ev::TaskOOM {
+                container_id,
+                ..Default::default()
+            }),
+        }
+    }
+}
+
+/// Where a pod's events go.
+#[async_trait]
+pub trait EventSink: Send + Sync + std::fmt::Debug {
+    /// Publishes one event; a failure is logged, never returned: an event lost must not fail
+    /// the call that caused it.
+    async fn publish(&self, event: Event);
+}
+
+/// containerd's event publisher, for one namespace.
+pub struct RemoteSink {
+    publisher: RemotePublisher,
+    namespace: String,
+}
+
+impl RemoteSink {
+    pub fn new(publisher: RemotePublisher, namespace: String) -> RemoteSink {
+        RemoteSink {
+            publisher,
+            namespace,
+        }
+    }
+}
+
+impl std::fmt::Debug for RemoteSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteSink")
+            .field("namespace", &self.namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl EventSink for RemoteSink {
+    async fn publish(&self, event: Event) {
+        let topic = event.topic();
+        let ctx = containerd_shim_protos::ttrpc::context::Context::default();
+        if let Err(e) = self
+            .publisher
+            .publish(ctx, topic, &self.namespace, event.into_message())
+            .await
+        {
+            log::warn!("publishing {topic}: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_of_an_init_is_named_by_its_container() {
+        let exit = Exit {
+            status: 3,
+            at_unix_nanos: 1_500_000_000,
+        };
+        let m = Event::Exit {
+            process: ProcessRef::init("c1"),
+            pid: 7,
+            exit,
+        }
+        .into_message();
+        let m = m.downcast_box::<ev::TaskExit>().ok().unwrap();
+        assert_eq!((m.id.as_str(), m.container_id.as_str()), ("c1", "c1"));
+        assert_eq!((m.exit_status, m.exited_at.seconds), (3, 1));
+        let e = Event::Exit {
+            process: ProcessRef::exec("c1", "e1"),
+            pid: 8,
+            exit,
+        };
+        assert_eq!(e.topic(), topics::TASK_EXIT_EVENT_TOPIC);
+        let m = e
+            .into_message()
+            .downcast_box::<ev::TaskExit>()
+            .ok()
+            .unwrap();
+        assert_eq!(m.id, "e1");
+    }
+}

@@ -1,0 +1,518 @@
+//! The pod model: one pod's VM, its containers and their processes, and the rules that tie them
+//! together. The Task RPC layer (`task.rs`) only converts to and from this.
+//!
+//! Lifecycle: the first container's create boots the VM ([`VmFactory`]); deleting the last
+//! container (or Shutdown with none left) stops it.
+//!
+//! Locking, all of it here:
+//! - `state` (the pod's bookkeeping) is taken only through [`Pod::with_state`], whose closure
+//!   can't await: the lock is never held while a VM boots, the agent works or an event goes out,
+//!   so State and friends answer at once whatever else is in flight.
+//! - `lifecycle` serializes the calls that may boot or stop the VM (create, the delete of a
+//!   container's init, Shutdown): a create never races a VM that is going away.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cocoon_protocol::agent as ag;
+use cocoon_protocol::agent_ttrpc::AgentServiceClient;
+use cocoon_protocol::protobuf::MessageField;
+use cocoon_protocol::{ProcessRef, StdioHello};
+use tokio::sync::{watch, Mutex};
+use tokio::task::JoinHandle;
+use vmm_driver::vsock::BoxedStream;
+
+use crate::events::{Event, EventSink};
+use crate::phase::{Phase, PhaseLine};
+use crate::process::{wire_stdio, Container, Exit, Process, StdioPaths};
+use crate::rootfs::{Mounter, RootfsSource};
+use crate::state::SandboxState;
+use crate::{Error, Result};
+
+#[cfg(test)]
+mod fake;
+mod ops;
+#[cfg(test)]
+mod tests;
+
+/// Per-call deadline of agent calls that should answer promptly.
+fn call_ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_duration(Duration::from_secs(60))
+}
+
+/// For calls that wait on the guest (a process's exit, the next OOM event).
+fn no_timeout() -> ttrpc::context::Context {
+    ttrpc::context::Context::default()
+}
+
+/// Opens one stdio stream of a process in the guest.
+#[async_trait]
+pub trait StdioDialer: Send + Sync + std::fmt::Debug {
+    async fn open(&self, hello: &StdioHello) -> Result<BoxedStream>;
+}
+
+/// What the pod needs to talk to a running guest; cheap to clone out of the pod lock.
+#[derive(Clone)]
+pub struct GuestLink {
+    pub agent: AgentServiceClient,
+    pub stdio: Arc<dyn StdioDialer>,
+}
+
+impl std::fmt::Debug for GuestLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestLink")
+            .field("stdio", &self.stdio)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where the time of a boot went, host side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootTimes {
+    pub vmm_started: Duration,
+    pub agent_ready: Duration,
+}
+
+/// A booted pod VM whose agent answered.
+#[async_trait]
+pub trait PodVm: Send + Sync + std::fmt::Debug {
+    fn guest(&self) -> GuestLink;
+    /// `<state_dir>/<sandbox>`: where `state.json` goes.
+    fn run_dir(&self) -> PathBuf;
+    /// The host directory the guest sees over virtio-fs; container rootfs go below it.
+    fn shared_dir(&self) -> PathBuf;
+    /// The VM's host processes, for `shim delete` after a crash.
+    fn host_pids(&self) -> Vec<(String, u32)>;
+    fn boot_times(&self) -> Option<BootTimes>;
+    /// Why the VM is gone, if its VMM exited.
+    fn exit_reason(&mut self) -> Option<String>;
+    /// Powers the guest off and reaps every host process of the VM, whatever happens.
+    async fn shutdown(self: Box<Self>) -> Result<()>;
+}
+
+/// Boots the VM for a pod, sized from the spec of its first container.
+#[async_trait]
+pub trait VmFactory: Send + Sync + std::fmt::Debug {
+    async fn boot(&self, sandbox_id: &str, spec: &serde_json::Value) -> Result<Box<dyn PodVm>>;
+}
+
+/// A container to create.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    pub id: String,
+    pub bundle: String,
+    /// `config.json` as containerd wrote it, passed to the guest unchanged.
+    pub spec_json: Vec<u8>,
+    pub spec: serde_json::Value,
+    pub rootfs: RootfsSource,
+    pub stdio: StdioPaths,
+}
+
+/// What State reports about a process.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessState {
+    pub bundle: String,
+    pub pid: u32,
+    pub status: crate::process::Status,
+    pub stdio: StdioPaths,
+    pub exit: Option<Exit>,
+}
+
+/// A VM taken out of the pod to be stopped, with its OOM watcher.
+type TakenVm = (Box<dyn PodVm>, Option<JoinHandle<()>>);
+
+#[derive(Debug, Default)]
+struct PodState {
+    vm: Option<Box<dyn PodVm>>,
+    containers: HashMap<String, Container>,
+    /// Mirrors `state.json`: what a crash would leave on the host.
+    footprint: SandboxState,
+    oom_watch: Option<JoinHandle<()>>,
+}
+
+impl PodState {
+    fn guest(&self) -> Result<GuestLink> {
+        self.vm
+            .as_ref()
+            .map(|vm| vm.guest())
+            .ok_or(Error::NotRunning)
+    }
+
+    fn container(&self, id: &str) -> Result<&Container> {
+        self.containers
+            .get(id)
+            .ok_or_else(|| Error::NotFound(format!("container {id}")))
+    }
+
+    fn container_mut(&mut self, id: &str) -> Result<&mut Container> {
+        self.containers
+            .get_mut(id)
+            .ok_or_else(|| Error::NotFound(format!("container {id}")))
+    }
+
+    fn process(&self, p: &ProcessRef) -> Result<&Process> {
+        self.container(&p.container_id)?
+            .process(p.exec_id.as_deref())
+    }
+
+    fn process_mut(&mut self, p: &ProcessRef) -> Result<&mut Process> {
+        self.container_mut(&p.container_id)?
+            .process_mut(p.exec_id.as_deref())
+    }
+
+    /// Writes `state.json`, atomically; a failure only costs crash cleanup, so it is logged.
+    fn save_footprint(&self) {
+        if let Some(vm) = &self.vm {
+            if let Err(e) = self.footprint.save(&vm.run_dir()) {
+                log::warn!("saving state.json: {e}");
+            }
+        }
+    }
+
+    /// Takes the VM (and its OOM watcher) out once no container is left.
+    fn take_vm_if_empty(&mut self) -> Option<TakenVm> {
+        if !self.containers.is_empty() {
+            return None;
+        }
+        let vm = self.vm.take()?;
+        Some((vm, self.oom_watch.take()))
+    }
+}
+
+struct Inner {
+    id: String,
+    factory: Box<dyn VmFactory>,
+    mounter: Box<dyn Mounter>,
+    events: Box<dyn EventSink>,
+    state: Mutex<PodState>,
+    lifecycle: Mutex<()>,
+}
+
+/// One pod: cloneable, every clone is the same pod.
+#[derive(Clone)]
+pub struct Pod {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Pod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pod")
+            .field("id", &self.inner.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pod {
+    pub fn new(
+        id: String,
+        factory: Box<dyn VmFactory>,
+        mounter: Box<dyn Mounter>,
+        events: Box<dyn EventSink>,
+    ) -> Pod {
+        Pod {
+            inner: Arc::new(Inner {
+                id,
+                factory,
+                mounter,
+                events,
+                state: Mutex::default(),
+                lifecycle: Mutex::default(),
+            }),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// The one place the pod lock is taken (see the module doc).
+    async fn with_state<R>(&self, f: impl FnOnce(&mut PodState) -> R) -> R {
+        let mut state = self.inner.state.lock().await;
+        f(&mut state)
+    }
+
+    async fn guest(&self) -> Result<GuestLink> {
+        self.with_state(|s| s.guest()).await
+    }
+
+    async fn publish(&self, event: Event) {
+        self.inner.events.publish(event).await;
+    }
+
+    /// Boots the VM for the container in `req` and records it; the caller holds `lifecycle`.
+    async fn boot(&self, req: &CreateRequest) -> Result<(GuestLink, PathBuf)> {
+        let vm = self.inner.factory.boot(&self.inner.id, &req.spec).await?;
+        if let Some(t) = vm.boot_times() {
+            let booted = Phase::Booted {
+                vmm_started: t.vmm_started,
+                agent_ready: t.agent_ready,
+            };
+            PhaseLine::new(booted, ProcessRef::init(&req.id)).emit();
+        }
+        let guest = vm.guest();
+        let shared = vm.shared_dir();
+        let footprint = SandboxState {
+            sandbox_id: self.inner.id.clone(),
+            pids: vm.host_pids(),
+            mounts: vec![],
+        };
+        let oom_watch = self.watch_oom(guest.agent.clone());
+        self.with_state(|s| {
+            s.vm = Some(vm);
+            s.footprint = footprint;
+            s.oom_watch = Some(oom_watch);
+            s.save_footprint();
+        })
+        .await;
+        Ok((guest, shared))
+    }
+
+    /// Stops a VM taken out of the pod: its OOM watcher, its crash record, then the VM.
+    async fn stop_vm(&self, taken: Option<TakenVm>) {
+        let Some((vm, oom_watch)) = taken else {
+            return;
+        };
+        if let Some(h) = oom_watch {
+            h.abort();
+        }
+        let _ = std::fs::remove_file(vm.run_dir().join(crate::state::FILE));
+        if let Err(e) = vm.shutdown().await {
+            log::warn!("stopping the pod VM: {e}");
+        }
+    }
+
+    /// Relays the guest's OOM events for this pod's containers. A weak reference: the watcher
+    /// must not keep a pod alive, and it ends with the agent connection.
+    fn watch_oom(&self, agent: AgentServiceClient) -> JoinHandle<()> {
+        let pod: Weak<Inner> = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            while let Ok(e) = agent
+                .get_oom_event(no_timeout(), &ag::GetOOMEventRequest::new())
+                .await
+            {
+                let Some(inner) = pod.upgrade() else {
+                    return;
+                };
+                let pod = Pod { inner };
+                let ours = pod
+                    .with_state(|s| s.containers.contains_key(&e.container_id))
+                    .await;
+                if ours {
+                    pod.publish(Event::Oom(e.container_id)).await;
+                } else {
+                    log::warn!(
+                        "the guest reported an OOM kill for {:?}, which is not a container of pod {}; ignored",
+                        e.container_id,
+                        pod.id()
+                    );
+                }
+            }
+        })
+    }
+
+    /// Waits for a process's exit in the guest and for its output to drain, then records and
+    /// publishes it. A broken agent connection ends the process with 255 and says why.
+    fn watch_exit(
+        &self,
+        agent: AgentServiceClient,
+        process: ProcessRef,
+        pid: u32,
+        outputs: Vec<JoinHandle<()>>,
+        tx: watch::Sender<Option<Exit>>,
+    ) {
+        let pod = self.clone();
+        tokio::spawn(async move {
+            let req = ag::WaitProcessRequest {
+                container_id: process.container_id.clone(),
+                exec_id: process.exec_wire().to_owned(),
+                ..Default::default()
+            };
+            let exit = match agent.wait_process(no_timeout(), &req).await {
+                Ok(r) => Exit {
+                    status: u32::try_from(r.status).unwrap_or(255),
+                    at_unix_nanos: r.exited_at_unix_nanos,
+                },
+                Err(e) => {
+                    let died = pod
+                        .with_state(|s| s.vm.as_mut().and_then(|vm| vm.exit_reason()))
+                        .await;
+                    match died {
+                        Some(why) => {
+                            log::error!("pod VM {} died; {process} is lost: {why}", pod.id())
+                        }
+                        None => {
+                            log::error!("lost the guest agent while waiting for {process}: {e}")
+                        }
+                    }
+                    Exit::now(255)
+                }
+            };
+            for o in outputs {
+                let _ = o.await;
+            }
+            pod.with_state(|s| {
+                if let Ok(p) = s.process_mut(&process) {
+                    p.status = crate::process::Status::Stopped;
+                }
+            })
+            .await;
+            PhaseLine::new(Phase::Exited, process.clone()).emit();
+            let _ = tx.send(Some(exit));
+            pod.publish(Event::Exit { process, pid, exit }).await;
+        });
+    }
+
+    /// Creates a container; the first one boots the VM. On failure nothing of it is left, and
+    /// a VM booted for it alone is stopped again.
+    pub async fn create(&self, req: CreateRequest) -> Result<u32> {
+        let init = ProcessRef::init(&req.id);
+        PhaseLine::new(Phase::CreateBegin, init.clone()).emit();
+        let lifecycle = self.inner.lifecycle.lock().await;
+        let running = self
+            .with_state(|s| {
+                if s.containers.contains_key(&req.id) {
+                    return Err(Error::AlreadyExists(format!("container {}", req.id)));
+                }
+                Ok(s.vm.as_ref().map(|vm| (vm.guest(), vm.shared_dir())))
+            })
+            .await?;
+        let (guest, shared) = match running {
+            Some(r) => r,
+            None => self.boot(&req).await?,
+        };
+        let rootfs = shared.join(&req.id).join("rootfs");
+        let created = async {
+            self.inner.mounter.mount(&req.rootfs, &rootfs).await?;
+            let relays = wire_stdio(&guest, &init, &req.stdio).await?;
+            let creq = ag::CreateContainerRequest {
+                container_id: req.id.clone(),
+                oci_spec_json: req.spec_json.clone(),
+                rootfs: format!("{}/rootfs", req.id),
+                stdio: MessageField::some(req.stdio.streams()),
+                ..Default::default()
+            };
+            let pid = guest
+                .agent
+                .create_container(call_ctx(), &creq)
+                .await
+                .map_err(|e| Error::agent("create", e))?
+                .pid;
+            Ok::<_, Error>((pid, relays))
+        }
+        .await;
+        let (pid, relays) = match created {
+            Ok(v) => v,
+            Err(e) => {
+                self.inner.mounter.unmount(&rootfs);
+                remove_rootfs_dirs(&rootfs);
+                let taken = self.with_state(PodState::take_vm_if_empty).await;
+                self.stop_vm(taken).await;
+                return Err(e);
+            }
+        };
+        let mut process = Process::new(req.stdio.clone(), vec![]);
+        if let Some(tx) = process.attach(pid, relays.stdin) {
+            self.watch_exit(guest.agent.clone(), init.clone(), pid, relays.outputs, tx);
+        }
+        self.with_state(|s| {
+            s.footprint.mounts.push(rootfs.clone());
+            s.save_footprint();
+            s.containers.insert(
+                req.id.clone(),
+                Container {
+                    bundle: req.bundle.clone(),
+                    rootfs,
+                    init: process,
+                    execs: HashMap::new(),
+                },
+            );
+        })
+        .await;
+        drop(lifecycle);
+        PhaseLine::new(Phase::Created, init).emit();
+        self.publish(Event::Create {
+            container_id: req.id,
+            bundle: req.bundle,
+            rootfs: req.rootfs.mounts,
+            stdio: req.stdio,
+            pid,
+        })
+        .await;
+        Ok(pid)
+    }
+
+    /// Deletes a process: an exec is forgotten; a container is removed from the guest and the
+    /// host, and the last one stops the VM.
+    pub async fn delete(&self, p: &ProcessRef) -> Result<(u32, Exit)> {
+        if let Some(eid) = &p.exec_id {
+            return self
+                .with_state(|s| {
+                    let gone = s
+                        .container_mut(&p.container_id)?
+                        .execs
+                        .remove(eid)
+                        .ok_or_else(|| Error::NotFound(format!("exec {eid}")))?;
+                    Ok((gone.pid, gone.exit().unwrap_or(Exit::now(0))))
+                })
+                .await;
+        }
+        let cid = &p.container_id;
+        let _lifecycle = self.inner.lifecycle.lock().await;
+        let guest = self
+            .with_state(|s| s.container(cid).and_then(|_| s.guest()))
+            .await?;
+        let rreq = ag::RemoveContainerRequest {
+            container_id: cid.clone(),
+            ..Default::default()
+        };
+        if let Err(e) = guest.agent.remove_container(call_ctx(), &rreq).await {
+            log::warn!("removing {cid} in the guest: {e}");
+        }
+        let (c, taken) = self
+            .with_state(|s| {
+                let c = s
+                    .containers
+                    .remove(cid)
+                    .ok_or_else(|| Error::NotFound(format!("container {cid}")))?;
+                s.footprint.mounts.retain(|m| m != &c.rootfs);
+                s.save_footprint();
+                Ok::<_, Error>((c, s.take_vm_if_empty()))
+            })
+            .await?;
+        self.inner.mounter.unmount(&c.rootfs);
+        remove_rootfs_dirs(&c.rootfs);
+        self.stop_vm(taken).await;
+        let exit = c.init.exit().unwrap_or(Exit::now(137));
+        PhaseLine::new(Phase::Deleted, p.clone()).emit();
+        self.publish(Event::Delete {
+            container_id: cid.clone(),
+            pid: c.init.pid,
+            exit,
+        })
+        .await;
+        Ok((c.init.pid, exit))
+    }
+
+    /// containerd's Shutdown: with no container left, stops the VM (if any) and says the shim
+    /// may exit; otherwise does nothing and says it may not.
+    pub async fn shutdown(&self) -> bool {
+        let _lifecycle = self.inner.lifecycle.lock().await;
+        let (empty, taken) = self
+            .with_state(|s| (s.containers.is_empty(), s.take_vm_if_empty()))
+            .await;
+        self.stop_vm(taken).await;
+        empty
+    }
+}
+
+/// Removes a container's rootfs mount point and its directory, never recursively: if the
+/// unmount failed, the rootfs must not be emptied through it.
+fn remove_rootfs_dirs(rootfs: &std::path::Path) {
+    let _ = std::fs::remove_dir(rootfs);
+    if let Some(dir) = rootfs.parent() {
+        let _ = std::fs::remove_dir(dir);
+    }
+}

@@ -1,0 +1,284 @@
+//! The pod's calls on existing containers and processes: start, exec, state, wait, signals,
+//! pause, stdio and resource calls. Create, delete and shutdown, which may boot or stop the
+//! VM, are in `mod.rs` with the lifecycle lock.
+
+use cocoon_protocol::agent as ag;
+use cocoon_protocol::protobuf::MessageField;
+use cocoon_protocol::ProcessRef;
+
+use super::{call_ctx, Pod, ProcessState};
+use crate::events::Event;
+use crate::phase::{Phase, PhaseLine};
+use crate::process::{wire_stdio, Exit, Process, Status, StdioPaths};
+use crate::{Error, Result};
+
+impl Pod {
+    /// Starts a container's init process or an exec added before; returns its guest pid.
+    pub async fn start(&self, p: &ProcessRef) -> Result<u32> {
+        match &p.exec_id {
+            None => self.start_init(&p.container_id).await,
+            Some(_) => self.start_exec(p).await,
+        }
+    }
+
+    async fn start_init(&self, cid: &str) -> Result<u32> {
+        let guest = self
+            .with_state(|s| s.container(cid).and_then(|_| s.guest()))
+            .await?;
+        let req = ag::StartContainerRequest {
+            container_id: cid.to_owned(),
+            ..Default::default()
+        };
+        let pid = guest
+            .agent
+            .start_container(call_ctx(), &req)
+            .await
+            .map_err(|e| Error::agent("start", e))?
+            .pid;
+        self.with_state(|s| {
+            if let Ok(c) = s.container_mut(cid) {
+                c.init.status = Status::Running;
+            }
+        })
+        .await;
+        PhaseLine::new(Phase::Started, ProcessRef::init(cid)).emit();
+        self.publish(Event::Start {
+            container_id: cid.to_owned(),
+            pid,
+        })
+        .await;
+        Ok(pid)
+    }
+
+    async fn start_exec(&self, p: &ProcessRef) -> Result<u32> {
+        let (guest, stdio, spec_json) = self
+            .with_state(|s| {
+                let proc = s.process(p)?;
+                Ok::<_, Error>((s.guest()?, proc.stdio.clone(), proc.spec_json.clone()))
+            })
+            .await?;
+        let relays = wire_stdio(&guest, p, &stdio).await?;
+        let req = ag::ExecProcessRequest {
+            container_id: p.container_id.clone(),
+            exec_id: p.exec_wire().to_owned(),
+            process_json: spec_json,
+            stdio: MessageField::some(stdio.streams()),
+            ..Default::default()
+        };
+        let pid = guest
+            .agent
+            .exec_process(call_ctx(), &req)
+            .await
+            .map_err(|e| Error::agent("exec", e))?
+            .pid;
+        let stdin = relays.stdin;
+        let tx = self
+            .with_state(|s| {
+                let proc = s.process_mut(p).ok()?;
+                proc.status = Status::Running;
+                proc.attach(pid, stdin)
+            })
+            .await;
+        if let Some(tx) = tx {
+            self.watch_exit(guest.agent, p.clone(), pid, relays.outputs, tx);
+        }
+        self.publish(Event::ExecStarted {
+            process: p.clone(),
+            pid,
+        })
+        .await;
+        Ok(pid)
+    }
+
+    /// Adds an exec process (OCI process JSON) to a container; Start runs it.
+    pub async fn add_exec(
+        &self,
+        p: &ProcessRef,
+        stdio: StdioPaths,
+        spec_json: Vec<u8>,
+    ) -> Result<()> {
+        let Some(eid) = &p.exec_id else {
+            return Err(Error::InvalidArgument("an exec needs an exec id".into()));
+        };
+        self.with_state(|s| {
+            let c = s.container_mut(&p.container_id)?;
+            if c.execs.contains_key(eid) {
+                return Err(Error::AlreadyExists(format!("exec {eid}")));
+            }
+            c.execs.insert(eid.clone(), Process::new(stdio, spec_json));
+            Ok(())
+        })
+        .await?;
+        self.publish(Event::ExecAdded(p.clone())).await;
+        Ok(())
+    }
+
+    pub async fn state(&self, p: &ProcessRef) -> Result<ProcessState> {
+        self.with_state(|s| {
+            let bundle = s.container(&p.container_id)?.bundle.clone();
+            let proc = s.process(p)?;
+            Ok(ProcessState {
+                bundle,
+                pid: proc.pid,
+                status: proc.current_status(),
+                stdio: proc.stdio.clone(),
+                exit: proc.exit(),
+            })
+        })
+        .await
+    }
+
+    /// Waits for a process's exit (after its output reached containerd).
+    pub async fn wait(&self, p: &ProcessRef) -> Result<Exit> {
+        let mut rx = self
+            .with_state(|s| s.process(p).map(Process::exit_watch))
+            .await?;
+        let exit = *rx.wait_for(Option::is_some).await.map_err(|_| {
+            Error::io(
+                format!("waiting for {p}"),
+                std::io::Error::other("exit watcher gone"),
+            )
+        })?;
+        Ok(exit.unwrap_or(Exit::now(255)))
+    }
+
+    /// The init pid of a container, 0 if there is none.
+    pub async fn init_pid(&self, cid: &str) -> u32 {
+        self.with_state(|s| s.containers.get(cid).map_or(0, |c| c.init.pid))
+            .await
+    }
+
+    pub async fn signal(&self, p: &ProcessRef, signal: u32, all: bool) -> Result<()> {
+        let req = ag::SignalProcessRequest {
+            container_id: p.container_id.clone(),
+            exec_id: p.exec_wire().to_owned(),
+            signal,
+            all,
+            ..Default::default()
+        };
+        self.guest()
+            .await?
+            .agent
+            .signal_process(call_ctx(), &req)
+            .await
+            .map_err(|e| Error::agent("kill", e))?;
+        Ok(())
+    }
+
+    /// Freezes (`pause`) or thaws a container, then tells containerd.
+    pub async fn set_paused(&self, cid: &str, pause: bool) -> Result<()> {
+        let agent = self.guest().await?.agent;
+        if pause {
+            let r = ag::PauseContainerRequest {
+                container_id: cid.to_owned(),
+                ..Default::default()
+            };
+            agent.pause_container(call_ctx(), &r).await
+        } else {
+            let r = ag::ResumeContainerRequest {
+                container_id: cid.to_owned(),
+                ..Default::default()
+            };
+            agent.resume_container(call_ctx(), &r).await
+        }
+        .map_err(|e| Error::agent(if pause { "pause" } else { "resume" }, e))?;
+        self.with_state(|s| {
+            if let Ok(c) = s.container_mut(cid) {
+                c.init.status = if pause {
+                    Status::Paused
+                } else {
+                    Status::Running
+                };
+            }
+        })
+        .await;
+        let event = if pause {
+            Event::Paused(cid.to_owned())
+        } else {
+            Event::Resumed(cid.to_owned())
+        };
+        self.publish(event).await;
+        Ok(())
+    }
+
+    /// Ends a process's stdin once what containerd wrote has been forwarded: our relay
+    /// half-closes the stream, so the process reads all of it and then EOF. Closing in the
+    /// guest first could drop buffered input.
+    pub async fn close_stdin(&self, p: &ProcessRef) -> Result<()> {
+        let relay = self
+            .with_state(|s| {
+                s.container_mut(&p.container_id).map(|c| {
+                    c.process_mut(p.exec_id.as_deref())
+                        .ok()
+                        .and_then(|proc| proc.stdin_close.take())
+                })
+            })
+            .await?;
+        if let Some((close, done)) = relay {
+            let _ = close.send(());
+            let _ = done.await;
+        }
+        Ok(())
+    }
+
+    pub async fn resize_tty(&self, p: &ProcessRef, rows: u32, cols: u32) -> Result<()> {
+        let req = ag::TtyWinResizeRequest {
+            container_id: p.container_id.clone(),
+            exec_id: p.exec_wire().to_owned(),
+            rows,
+            cols,
+            ..Default::default()
+        };
+        self.guest()
+            .await?
+            .agent
+            .tty_win_resize(call_ctx(), &req)
+            .await
+            .map_err(|e| Error::agent("resize", e))?;
+        Ok(())
+    }
+
+    /// Applies new resources (OCI `LinuxResources` JSON) to a container's cgroup.
+    pub async fn update(&self, cid: &str, resources_json: Vec<u8>) -> Result<()> {
+        let req = ag::UpdateContainerRequest {
+            container_id: cid.to_owned(),
+            resources_json,
+            ..Default::default()
+        };
+        self.guest()
+            .await?
+            .agent
+            .update_container(call_ctx(), &req)
+            .await
+            .map_err(|e| Error::agent("update", e))?;
+        Ok(())
+    }
+
+    pub async fn stats(&self, cid: &str) -> Result<ag::StatsContainerResponse> {
+        let req = ag::StatsContainerRequest {
+            container_id: cid.to_owned(),
+            ..Default::default()
+        };
+        self.guest()
+            .await?
+            .agent
+            .stats_container(call_ctx(), &req)
+            .await
+            .map_err(|e| Error::agent("stats", e))
+    }
+
+    pub async fn pids(&self, cid: &str) -> Result<Vec<u32>> {
+        let req = ag::ListProcessesRequest {
+            container_id: cid.to_owned(),
+            ..Default::default()
+        };
+        Ok(self
+            .guest()
+            .await?
+            .agent
+            .list_processes(call_ctx(), &req)
+            .await
+            .map_err(|e| Error::agent("pids", e))?
+            .pids)
+    }
+}
