@@ -6,11 +6,13 @@
 
 pub mod config;
 pub mod containerd;
+pub mod fuse_client;
 pub mod gate;
 pub mod leaks;
 pub mod oci;
 pub mod paths;
 pub mod pod;
+pub mod virtiofsd;
 
 pub use config::{backend_config, test_config, test_hypervisor, write_cocoon_toml};
 pub use gate::{gate, Gate, Need};
