@@ -94,6 +94,16 @@ pub fn vm_size(cfg: &Config, spec: &Value) -> Result<VmSize, String> {
         let cpus = u32::try_from(quota.unsigned_abs().div_ceil(period)).unwrap_or(u32::MAX);
         size.vcpus = vm.vcpus.saturating_add(cpus).min(vm.max_vcpus);
     }
+    if !vm.annotations {
+        if let Some(k) = [VCPUS, MEMORY_MIB]
+            .into_iter()
+            .find(|k| spec["annotations"][*k].is_string())
+        {
+            return Err(format!(
+                "annotation {k} is not allowed: vm.annotations = false in the cocoon config (remove the annotation, or ask the operator to allow it)"
+            ));
+        }
+    }
     if let Some(n) = annotation(spec, VCPUS, 1, vm.max_vcpus, "vm.max_vcpus")? {
         size.vcpus = n;
     }
@@ -156,6 +166,16 @@ mod tests {
         let cfg = Config::default();
         let e = vm_size(&cfg, &json!({"annotations": {VCPUS: "64"}})).unwrap_err();
         assert!(e.contains(VCPUS) && e.contains("vm.max_vcpus"), "{e}");
+        let e = vm_size(&cfg, &json!({"annotations": {VCPUS: "5"}})).unwrap_err();
+        assert!(e.contains("1..=4"), "the default ceiling is modest: {e}");
+        let mut off = Config::default();
+        off.vm.annotations = false;
+        let e = vm_size(&off, &json!({"annotations": {MEMORY_MIB: "512"}})).unwrap_err();
+        assert!(
+            e.contains(MEMORY_MIB) && e.contains("vm.annotations = false"),
+            "{e}"
+        );
+        assert!(vm_size(&off, &json!({})).is_ok());
         let e = vm_size(&cfg, &json!({"annotations": {MEMORY_MIB: "lots"}})).unwrap_err();
         assert!(e.contains("not a whole number"), "{e}");
         let e = check(&json!({"annotations": {"io.cocoon.vm.kernel": "/tmp/evil"}})).unwrap_err();

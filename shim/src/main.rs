@@ -54,6 +54,14 @@ async fn check(show_console: bool) -> Result<()> {
     }
     let d = details?;
     let host = nix::sys::utsname::uname()?;
+    if cfg.hypervisor == vmm_driver::config::Hypervisor::Qemu {
+        let (chosen, why) =
+            vmm_driver::accel::choose(cfg.accel, &vmm_driver::accel::HostFacts::probe())?;
+        println!("accel       : {chosen:?} ({why})");
+        if let Some(notice) = chosen.security_notice() {
+            println!("WARNING     : {notice}");
+        }
+    }
     println!("host  kernel: {}", host.release().to_string_lossy());
     println!(
         "guest kernel: {} ({} vCPU, {} MiB)",

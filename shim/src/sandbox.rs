@@ -57,7 +57,7 @@ impl StdioDialer for VsockStdio {
 /// A running pod VM and its agent.
 pub struct Sandbox {
     pub id: String,
-    shared_dir: std::path::PathBuf,
+    run_dir: std::path::PathBuf,
     vm: Box<dyn Vmm>,
     agent: AgentServiceClient,
     pub timings: BootTimings,
@@ -96,7 +96,7 @@ impl Sandbox {
                 );
                 Ok(Sandbox {
                     id: spec.id.clone(),
-                    shared_dir: spec.run_dir.join("shared"),
+                    run_dir: spec.run_dir.clone(),
                     vm,
                     agent,
                     timings,
@@ -155,15 +155,14 @@ impl Sandbox {
 
     /// The sandbox's runtime directory (`<state_dir>/<id>`).
     pub fn run_dir(&self) -> std::path::PathBuf {
-        self.shared_dir
-            .parent()
-            .map(std::path::Path::to_path_buf)
-            .unwrap_or_default()
+        self.run_dir.clone()
     }
 
-    /// The host directory the guest sees at `/run/cocoon/shared` (virtio-fs).
-    pub fn shared_dir(&self) -> &std::path::Path {
-        &self.shared_dir
+    /// The host-only directory whose tree the guest sees, read-only at the top, at
+    /// `/run/cocoon/shared` (virtio-fs): container rootfs are mounted below it
+    /// (`vmm_driver::share`).
+    pub fn host_dir(&self) -> std::path::PathBuf {
+        vmm_driver::share::host_dir(&self.run_dir)
     }
 
     /// Opens one stdio stream of a process, to be claimed by the CreateContainer or
@@ -240,8 +239,8 @@ impl PodVm for Sandbox {
         Sandbox::run_dir(self)
     }
 
-    fn shared_dir(&self) -> std::path::PathBuf {
-        self.shared_dir.clone()
+    fn rootfs_dir(&self) -> std::path::PathBuf {
+        self.host_dir()
     }
 
     fn host_pids(&self) -> Vec<(String, u32)> {

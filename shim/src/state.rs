@@ -34,10 +34,12 @@ impl SandboxState {
     }
 }
 
-/// Kills what is left of a sandbox, unmounts its rootfs mounts and removes its directory.
-/// For `shim delete` after a crash; safe to run on a sandbox that is already gone.
+/// Kills what is left of a sandbox, unmounts its rootfs mounts and the share, and removes its
+/// directory. For `shim delete` after a crash; safe to run on a sandbox that is already gone.
+/// Only the recorded mount points are unmounted, without following symlinks.
 pub fn cleanup(run_dir: &Path) {
     let Some(st) = SandboxState::load(run_dir) else {
+        vmm_driver::share::unexport(run_dir);
         let _ = std::fs::remove_dir(run_dir);
         return;
     };
@@ -56,8 +58,9 @@ pub fn cleanup(run_dir: &Path) {
         }
     }
     for m in &st.mounts {
-        let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+        crate::rootfs::unmount(m);
     }
+    vmm_driver::share::unexport(run_dir);
     // Only once nothing is mounted below it may the directory be removed recursively.
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let prefix = run_dir.to_string_lossy().into_owned();

@@ -223,7 +223,8 @@ impl Containerd {
             .collect();
         assert!(
             sockets.is_empty(),
-            "shim sockets left in {SHIM_SOCKETS}: {sockets:#?}"
+            "shim sockets left in {SHIM_SOCKETS}: {sockets:#?}\ncontainerd log:\n{}",
+            self.log()
         );
     }
 

@@ -107,7 +107,15 @@ mod tests {
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        let found = processes_mentioning(dir.path());
+        // Until the child has exec'd, its command line is still this test's: poll.
+        let mut found = vec![];
+        for _ in 0..200 {
+            found = processes_mentioning(dir.path());
+            if !found.is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         child.kill().unwrap();
         child.wait().unwrap();
         assert_eq!(found.len(), 1, "{found:?}");

@@ -76,9 +76,14 @@ impl Pod {
         }
     }
 
-    /// Lays out a busybox rootfs for `cid` on the share; returns its share-relative path.
+    /// Lays out a busybox rootfs for `cid` and mounts it where the shim would (a bind onto
+    /// itself below the host-only dir, so the guest sees it writable under a read-only share);
+    /// returns its share-relative path.
     pub fn rootfs(&self, cid: &str) -> String {
-        busybox_rootfs(&self.sb.shared_dir().join(cid).join("rootfs"));
+        let dir = self.sb.host_dir().join(cid).join("rootfs");
+        busybox_rootfs(&dir);
+        let none: Option<&str> = None;
+        nix::mount::mount(Some(&dir), &dir, none, nix::mount::MsFlags::MS_BIND, none).unwrap();
         format!("{cid}/rootfs")
     }
 
@@ -114,8 +119,13 @@ impl Pod {
 
     /// Stops the VM after removing the test's rootfs dirs, then checks nothing is left.
     pub async fn shutdown(self) {
-        if let Ok(entries) = std::fs::read_dir(self.sb.shared_dir()) {
+        if let Ok(entries) = std::fs::read_dir(self.sb.host_dir()) {
             for e in entries.flatten() {
+                let rootfs = e.path().join("rootfs");
+                let _ = nix::mount::umount2(
+                    &rootfs,
+                    nix::mount::MntFlags::MNT_DETACH | nix::mount::MntFlags::UMOUNT_NOFOLLOW,
+                );
                 std::fs::remove_dir_all(e.path()).unwrap();
             }
         }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use cocoon_tests::fuse_client::{FsFrontend, Reply, FUSE_ROOT_ID};
 use cocoon_tests::processes_mentioning;
-use cocoon_tests::virtiofsd::{virtiofsd_or_skip, Virtiofsd};
+use cocoon_tests::virtiofsd::{virtiofsd_bin, Virtiofsd};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 const VICTIM: &[u8] = b"host data the guest must not touch";
@@ -247,9 +247,7 @@ fn report(run: &Run, log: &str) {
 /// With a sandbox on, nothing outside the share changed, and every attack was refused or
 /// acted only inside the share (where it says it may).
 fn assert_contained(sandbox: &'static str) {
-    let Some(bin) = virtiofsd_or_skip() else {
-        return;
-    };
+    let bin = virtiofsd_bin();
     let run = attack(&bin, sandbox);
     let mut share = vec!["inside", "linkable", "movable"];
     for a in &run.attacks {
@@ -295,9 +293,7 @@ fn chroot_sandbox_keeps_absolute_and_dotdot_names_inside_the_share() {
 /// host tree, and every one of them shows up in the checks.
 #[test]
 fn without_a_sandbox_the_same_requests_escape_so_the_checks_can_fail() {
-    let Some(bin) = virtiofsd_or_skip() else {
-        return;
-    };
+    let bin = virtiofsd_bin();
     let run = attack(&bin, "none");
     let first = &run.attacks[0];
     assert_eq!(first.what, "MKDIR absolute");

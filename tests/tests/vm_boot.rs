@@ -350,3 +350,80 @@ async fn config_files_with_unknown_keys_or_bad_values_are_refused() {
         }
     }
 }
+
+/// `containerd-shim-cocoon-v2 check` boots a pod VM from the config, reports on it, and says
+/// when the accelerator (TCG) is no security boundary.
+#[tokio::test]
+async fn check_reports_the_guest_and_warns_when_tcg_is_no_boundary() {
+    let Some(_gate) = gate(&[Need::Guest(Hypervisor::Qemu)]).await else {
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    let toml = state.path().join("cocoon.toml");
+    cocoon_tests::write_cocoon_toml(&toml, Hypervisor::Qemu, &state.path().join("run"));
+    let out =
+        std::process::Command::new(cocoon_tests::shim_dir().join("containerd-shim-cocoon-v2"))
+            .arg("check")
+            .env("COCOON_CONFIG", &toml)
+            .output()
+            .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!("guest kernel: {}", manifest_release())),
+        "{text}"
+    );
+    assert!(text.contains("shared dir  : /run/cocoon/shared"), "{text}");
+    let tcg = vmm_driver::accel::choose(
+        vmm_driver::config::Accel::Auto,
+        &vmm_driver::accel::HostFacts::probe(),
+    )
+    .unwrap()
+    .0 == vmm_driver::accel::Chosen::Tcg;
+    assert_eq!(
+        text.contains("TCG is not a security boundary"),
+        tcg,
+        "{text}"
+    );
+    assert_no_leaks(state.path());
+}
+
+/// The run dir is root's alone, the logs are private, and QEMU runs under its seccomp sandbox.
+#[tokio::test]
+async fn the_run_dir_is_private_and_qemu_is_sandboxed() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(_gate) = gate(&[Need::Guest(Hypervisor::Qemu)]).await else {
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    let cfg = test_config(state.path());
+    let spec = VmSpec::from_config(&cfg, "private");
+    let sb = Sandbox::boot(&cfg, &spec).await.unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&spec.run_dir), 0o700);
+    for log in [
+        "console.log",
+        "qemu.log",
+        "virtiofsd.log",
+        "vhost-device-vsock.log",
+    ] {
+        assert_eq!(mode(&spec.run_dir.join(log)), 0o600, "{log}");
+    }
+    let (_, qemu) = *sb.vm().pids().iter().find(|(n, _)| *n == "qemu").unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap_or("")
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(field("Seccomp:"), "2", "QEMU runs without a seccomp filter");
+    sb.shutdown().await.unwrap();
+    assert_no_leaks(state.path());
+}

@@ -50,6 +50,21 @@ pub enum Chosen {
     Tcg,
 }
 
+impl Chosen {
+    /// What an operator must know about this accelerator's isolation, if anything.
+    pub fn security_notice(self) -> Option<&'static str> {
+        match self {
+            Chosen::Kvm => None,
+            Chosen::Tcg => Some(TCG_NOTICE),
+        }
+    }
+}
+
+/// QEMU's security documentation: only KVM (and other hardware accelerators) are in scope as a
+/// virtualization boundary; TCG is not.
+pub const TCG_NOTICE: &str = "TCG is not a security boundary (QEMU's security documentation): \
+a guest that escapes the emulator runs as the VMM on the host; run untrusted pods on a host with KVM";
+
 /// Resolves the configured accel against the host, and says why.
 pub fn choose(wanted: Accel, host: &HostFacts) -> Result<(Chosen, String)> {
     match (wanted, host.kvm_blocker()) {

@@ -68,6 +68,27 @@ impl VirtiofsCache {
     }
 }
 
+/// How virtiofsd confines itself (its `--sandbox`). There is deliberately no `none`: the guest
+/// can send virtiofsd raw FUSE requests, and without a sandbox an absolute name in one acts on
+/// the host's `/` (Kata's GHSA-2gv2-cffp-j227).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VirtiofsdSandbox {
+    /// pivot_root into the share inside new mount, pid and network namespaces (the default).
+    Namespace,
+    /// chroot into the share: for hosts where namespaces can't be created.
+    Chroot,
+}
+
+impl VirtiofsdSandbox {
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            VirtiofsdSandbox::Namespace => "namespace",
+            VirtiofsdSandbox::Chroot => "chroot",
+        }
+    }
+}
+
 /// The whole config file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -89,6 +110,8 @@ pub struct Config {
     pub debug_console: bool,
     /// How the guest caches the shared directory (container rootfs).
     pub virtiofs_cache: VirtiofsCache,
+    /// How virtiofsd is confined; never unconfined.
+    pub virtiofsd_sandbox: VirtiofsdSandbox,
     pub vm: VmDefaults,
     pub agent: AgentSettings,
     pub paths: BinaryPaths,
@@ -102,6 +125,9 @@ pub struct VmDefaults {
     pub memory_mib: u32,
     pub max_vcpus: u32,
     pub max_memory_mib: u32,
+    /// Whether pods may size their VM with `io.cocoon.vm.*` annotations (within the maxima).
+    /// A pod author is not trusted: an operator can take the choice away.
+    pub annotations: bool,
 }
 
 /// How long the host waits for the agent.
@@ -135,6 +161,7 @@ impl Default for Config {
             log_level: "info".into(),
             debug_console: false,
             virtiofs_cache: VirtiofsCache::Auto,
+            virtiofsd_sandbox: VirtiofsdSandbox::Namespace,
             vm: VmDefaults::default(),
             agent: AgentSettings::default(),
             paths: BinaryPaths::default(),
@@ -147,8 +174,9 @@ impl Default for VmDefaults {
         VmDefaults {
             vcpus: 1,
             memory_mib: 256,
-            max_vcpus: 8,
-            max_memory_mib: 8192,
+            max_vcpus: 4,
+            max_memory_mib: 4096,
+            annotations: true,
         }
     }
 }

@@ -58,8 +58,7 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn spawn(name: &'static str, mut cmd: Command, log: &Path) -> Result<Daemon> {
-        let out =
-            File::create(log).map_err(|e| Error::io(format!("create {}", log.display()), e))?;
+        let out = private_file(log)?;
         let err = out.try_clone().map_err(|e| Error::io("dup log fd", e))?;
         cmd.stdin(Stdio::null())
             .stdout(out)
@@ -108,30 +107,99 @@ impl Daemon {
         Ok(s)
     }
 
-    /// SIGTERM, up to `grace` to exit, then SIGKILL; reaps in every case.
+    /// SIGTERM, up to `grace` to exit, then SIGKILL; reaps in every case. Returns only once
+    /// the daemon's own children are gone too: virtiofsd's sandbox serves from a forked child
+    /// (in its own pid namespace) that outlives the parent by a moment.
     pub async fn stop(&mut self, grace: Duration) -> Result<ExitStatus> {
         if let Some(s) = self.try_exited() {
             return Ok(s);
         }
+        let children = children_of(self.pid);
         if let Ok(pid) = i32::try_from(self.pid) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
         }
-        if let Ok(r) = tokio::time::timeout(grace, self.wait()).await {
-            return r;
+        let status = match tokio::time::timeout(grace, self.wait()).await {
+            Ok(r) => r,
+            Err(_) => {
+                log::warn!(
+                    "{} (pid {}) ignored SIGTERM for {grace:?}; killing it",
+                    self.name,
+                    self.pid
+                );
+                let _ = self.child.start_kill();
+                self.wait().await
+            }
+        };
+        self.wait_gone(&children, grace).await;
+        status
+    }
+
+    /// Waits up to `grace` for `pids` to end (a zombie has ended), then SIGKILLs what is left
+    /// and waits for that too (bounded: a process in uninterruptible sleep is reported).
+    async fn wait_gone(&self, pids: &[i32], grace: Duration) {
+        let alive = || -> Vec<i32> { pids.iter().copied().filter(|p| running(*p)).collect() };
+        let until_gone = |limit: Duration| async move {
+            let start = tokio::time::Instant::now();
+            while !alive().is_empty() && start.elapsed() < limit {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        until_gone(grace).await;
+        let left = alive();
+        if left.is_empty() {
+            return;
         }
-        log::warn!(
-            "{} (pid {}) ignored SIGTERM for {grace:?}; killing it",
-            self.name,
-            self.pid
-        );
-        let _ = self.child.start_kill();
-        self.wait().await
+        log::warn!("{}: children {left:?} outlived it; killing them", self.name);
+        for p in left {
+            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+        }
+        until_gone(Duration::from_secs(1)).await;
+        let left = alive();
+        if !left.is_empty() {
+            log::error!("{}: children {left:?} survived SIGKILL", self.name);
+        }
     }
 
     /// Last `n` lines of the daemon's own output, for error messages.
     pub fn log_tail(&self, n: usize) -> String {
         tail_lines(&self.log, n)
     }
+}
+
+/// Creates (or truncates) a file only root can read: logs hold guest output and paths.
+pub(crate) fn private_file(path: &Path) -> Result<File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
+    // An existing file keeps its mode through open(2): set it.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io(format!("chmod {}", path.display()), e))?;
+    Ok(f)
+}
+
+/// The direct children of `pid` (from `/proc`), e.g. virtiofsd's sandboxed server.
+fn children_of(pid: u32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// Whether `pid` still runs: it exists and is not a zombie.
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(") ")
+                .map(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
+        })
+        .unwrap_or(false)
 }
 
 /// A host process that reaps with `waitpid(-1)` (the containerd shim library does, for its
@@ -159,13 +227,27 @@ pub async fn exited_within(d: Option<&mut Daemon>, timeout: Duration) -> bool {
     }
 }
 
-/// Last `n` lines of a text file; empty if it cannot be read.
+/// How much of a file's end [`tail_lines`] reads: the guest writes the console, so its size
+/// is the guest's choice, and an error path must not read all of it.
+const TAIL_WINDOW: u64 = 64 * 1024;
+
+/// Last `n` lines of a text file, from at most its last 64 KiB; empty if it cannot be read.
 pub fn tail_lines(path: &Path, n: usize) -> String {
-    let Ok(bytes) = std::fs::read(path) else {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = File::open(path) else {
         return String::new();
     };
+    let len = f.metadata().map_or(0, |m| m.len());
+    let start = len.saturating_sub(TAIL_WINDOW);
+    let mut bytes = Vec::new();
+    if f.seek(SeekFrom::Start(start)).is_err() || f.read_to_end(&mut bytes).is_err() {
+        return String::new();
+    }
     let text = String::from_utf8_lossy(&bytes);
-    let lines: Vec<&str> = text.lines().collect();
+    let mut lines: Vec<&str> = text.lines().collect();
+    if start > 0 && !lines.is_empty() {
+        lines.remove(0); // cut mid-line
+    }
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
@@ -243,6 +325,25 @@ mod tests {
             "{tail}"
         );
         assert_eq!(tail_lines(&dir.path().join("missing"), 5), "");
+        // A huge file: only its end is read, and the first, partial line is dropped.
+        let big: String = (0..200_000).map(|i| format!("l{i}\n")).collect();
+        std::fs::write(&p, big).unwrap();
+        assert_eq!(tail_lines(&p, 2), "l199998\nl199999");
+        let one = tail_lines(&p, 100_000);
+        assert!(one.lines().count() < 20_000 && one.ends_with("l199999"));
+        assert!(one.lines().next().unwrap().starts_with('l'));
+    }
+
+    #[test]
+    fn logs_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("log");
+        std::fs::write(&p, "old").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(private_file(&p).unwrap());
+        let meta = std::fs::metadata(&p).unwrap();
+        assert_eq!((meta.permissions().mode() & 0o777, meta.len()), (0o600, 0));
     }
 
     #[tokio::test]
@@ -259,6 +360,29 @@ mod tests {
             kill(pid, None).is_err(),
             "process {pid} still exists after stop"
         );
+    }
+
+    #[tokio::test]
+    async fn stop_waits_for_the_daemons_children() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new("sh");
+        // A child that ignores SIGTERM and would outlive its parent, like a sandboxed server.
+        cmd.args([
+            "-c",
+            "sh -c 'trap \"\" TERM; while :; do sleep 0.05; done' & wait",
+        ]);
+        let mut d = Daemon::spawn("forking", cmd, &dir.path().join("log")).unwrap();
+        let mut kids = vec![];
+        for _ in 0..100 {
+            kids = children_of(d.pid());
+            if !kids.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(kids.len(), 1, "the child never started");
+        d.stop(Duration::from_millis(300)).await.unwrap();
+        assert!(!running(kids[0]), "child {} outlived stop", kids[0]);
     }
 
     #[tokio::test]

@@ -17,6 +17,7 @@ pub mod error;
 mod guest;
 pub mod qemu;
 mod run_dir;
+pub mod share;
 mod virtiofsd;
 pub mod vsock;
 

@@ -18,9 +18,17 @@ pub(crate) struct RunDir {
 
 impl RunDir {
     pub(crate) fn create(root: &Path) -> Result<RunDir> {
+        use std::os::unix::fs::DirBuilderExt;
         let created_root = !root.exists();
-        std::fs::create_dir_all(root.join("shared"))
+        // Sockets, logs and the share's host side: for root only.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root)
             .map_err(|e| Error::io(format!("create {}", root.display()), e))?;
+        // The VMM opens the console with O_CREAT, which keeps an existing file's mode.
+        crate::daemon::private_file(&root.join("console.log"))?;
+        crate::share::export(root)?;
         Ok(RunDir {
             root: root.to_owned(),
             created_root,
@@ -31,8 +39,9 @@ impl RunDir {
         self.root.join(name)
     }
 
+    /// What virtiofsd exports (see `share`).
     pub(crate) fn shared(&self) -> PathBuf {
-        self.root.join("shared")
+        crate::share::export_dir(&self.root)
     }
 
     pub(crate) fn console_log(&self) -> PathBuf {
@@ -55,8 +64,8 @@ impl RunDir {
         }
     }
 
-    /// Removes the driver's files. The shared dir and the root go only if empty: whatever
-    /// else is there (container rootfs mounts, state) belongs to the caller.
+    /// Removes the driver's files and unexports the share. The share's directories and the
+    /// root go only if empty: whatever else is there (container dirs, state) is the caller's.
     pub(crate) fn remove(&self) -> Result<()> {
         for name in [
             "qmp.sock",
@@ -91,7 +100,7 @@ impl RunDir {
                 }
             }
         }
-        let _ = std::fs::remove_dir(self.shared());
+        crate::share::unexport(&self.root);
         if self.created_root {
             let _ = std::fs::remove_dir(&self.root);
         }
@@ -108,12 +117,17 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let root = t.path().join("sb");
         let d = RunDir::create(&root).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&root), 0o700);
+        assert_eq!(mode(&d.console_log()), 0o600);
         std::fs::write(d.path("console.log"), "x").unwrap();
         std::fs::write(d.path("vsock.sock_1025"), "").unwrap();
         std::fs::write(d.path("state.json"), "{}").unwrap();
         d.remove().unwrap();
         assert!(!d.path("console.log").exists() && !d.path("vsock.sock_1025").exists());
         assert!(d.path("state.json").exists() && !d.shared().exists());
+        assert!(!crate::share::host_dir(&root).exists());
         std::fs::remove_file(d.path("state.json")).unwrap();
         d.remove().unwrap();
         assert!(!root.exists());

@@ -2,6 +2,9 @@
 //!
 //! Both backends start it the same way and give the guest the same tag, which the agent mounts;
 //! only how the hypervisor attaches to its socket differs per backend.
+//!
+//! virtiofsd always runs sandboxed (`Config::virtiofsd_sandbox`): the guest is treated as
+//! hostile, and its FUSE requests must not reach anything outside the share.
 
 use std::path::{Path, PathBuf};
 
@@ -21,7 +24,7 @@ pub(crate) fn spawn_virtiofsd(cfg: &Config, dir: &RunDir, bin: &Path) -> Result<
     cmd.arg(format!("--socket-path={}", sock.display()))
         .arg(format!("--shared-dir={}", dir.shared().display()))
         .arg(format!("--cache={}", cfg.virtiofs_cache.as_arg()))
-        .arg("--sandbox=none");
+        .arg(format!("--sandbox={}", cfg.virtiofsd_sandbox.as_arg()));
     let d = Daemon::spawn("virtiofsd", cmd, &dir.path("virtiofsd.log"))?;
     Ok((d, sock))
 }

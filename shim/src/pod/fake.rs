@@ -40,12 +40,22 @@ impl Journal {
 type ExitCode = watch::Sender<Option<i32>>;
 
 /// The guest side: processes exit when signalled; OOM events are fed by the test.
-#[derive(Debug)]
 pub struct FakeAgent {
     journal: Journal,
     next_pid: AtomicU32,
     exits: StdMutex<HashMap<(String, String), ExitCode>>,
     oom: Mutex<mpsc::UnboundedReceiver<String>>,
+    /// Runs inside CreateContainer, while the host waits: what a hostile guest does then.
+    pub on_create: StdMutex<Option<GuestAction>>,
+}
+
+/// Something the fake guest does during a call, given the container id.
+pub type GuestAction = Box<dyn Fn(&str) + Send + Sync>;
+
+impl std::fmt::Debug for FakeAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeAgent").finish_non_exhaustive()
+    }
 }
 
 impl FakeAgent {
@@ -75,6 +85,9 @@ impl AgentService for FakeAgent {
         r: ag::CreateContainerRequest,
     ) -> ttrpc::Result<ag::CreateContainerResponse> {
         self.journal.add(format!("agent create {}", r.container_id));
+        if let Some(act) = &*self.on_create.lock().unwrap() {
+            act(&r.container_id);
+        }
         if r.container_id.starts_with("bad") {
             return Err(refuse(ttrpc::Code::INVALID_ARGUMENT, "no such executable"));
         }
@@ -220,6 +233,7 @@ pub struct FakeVm {
     relay: tokio::task::JoinHandle<()>,
     dir: PathBuf,
     journal: Journal,
+    real_share: bool,
 }
 
 impl std::fmt::Debug for FakeVm {
@@ -243,8 +257,8 @@ impl PodVm for FakeVm {
         self.dir.clone()
     }
 
-    fn shared_dir(&self) -> PathBuf {
-        self.dir.join("shared")
+    fn rootfs_dir(&self) -> PathBuf {
+        vmm_driver::share::host_dir(&self.dir)
     }
 
     fn host_pids(&self) -> Vec<(String, u32)> {
@@ -264,6 +278,9 @@ impl PodVm for FakeVm {
     async fn shutdown(self: Box<Self>) -> Result<()> {
         self.journal.add("vm shutdown");
         self.relay.abort();
+        if self.real_share {
+            vmm_driver::share::unexport(&self.dir);
+        }
         Ok(())
     }
 }
@@ -276,6 +293,8 @@ pub struct FakeFactory {
     dir: PathBuf,
     relay: StdMutex<Option<tokio::task::AbortHandle>>,
     fail: AtomicBool,
+    /// Export the run dir like the real driver (`vmm_driver::share`), for tests with real mounts.
+    real_share: bool,
 }
 
 #[async_trait]
@@ -285,6 +304,9 @@ impl VmFactory for Arc<FakeFactory> {
         if self.fail.load(Ordering::SeqCst) {
             return Err(Error::Boot(Box::new(Error::NotRunning)));
         }
+        if self.real_share {
+            vmm_driver::share::export(&self.dir)?;
+        }
         let (agent, relay) = connect(self.agent.clone()).await;
         *self.relay.lock().unwrap() = Some(relay.abort_handle());
         Ok(Box::new(FakeVm {
@@ -292,6 +314,7 @@ impl VmFactory for Arc<FakeFactory> {
             relay,
             dir: self.dir.clone(),
             journal: self.journal.clone(),
+            real_share: self.real_share,
         }))
     }
 }
@@ -362,6 +385,16 @@ pub struct Rig {
 
 impl Rig {
     pub fn new() -> Rig {
+        Rig::build(false)
+    }
+
+    /// A rig whose rootfs mounts are real ([`crate::rootfs::HostMounter`]) in a really
+    /// exported run dir: for tests that need root.
+    pub fn with_real_mounts() -> Rig {
+        Rig::build(true)
+    }
+
+    fn build(real: bool) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let journal = Journal::default();
         let (oom, oom_rx) = mpsc::unbounded_channel();
@@ -370,6 +403,7 @@ impl Rig {
             next_pid: AtomicU32::new(10),
             exits: StdMutex::default(),
             oom: Mutex::new(oom_rx),
+            on_create: StdMutex::default(),
         });
         let factory = Arc::new(FakeFactory {
             agent,
@@ -377,16 +411,22 @@ impl Rig {
             dir: dir.path().to_owned(),
             relay: StdMutex::default(),
             fail: AtomicBool::new(false),
+            real_share: real,
         });
         let mounter = Arc::new(FakeMounter {
             journal: journal.clone(),
             fail: AtomicBool::new(false),
         });
         let events = Arc::new(FakeSink::default());
+        let pod_mounter: Box<dyn Mounter> = if real {
+            Box::new(crate::rootfs::HostMounter)
+        } else {
+            Box::new(mounter.clone())
+        };
         let pod = super::Pod::new(
             "pod1".into(),
             Box::new(factory.clone()),
-            Box::new(mounter.clone()),
+            pod_mounter,
             Box::new(events.clone()),
         );
         Rig {
@@ -405,6 +445,11 @@ impl Rig {
     }
 
     /// A create request without stdio, for a container with this id.
+    /// Runs `act` in the fake guest during every CreateContainer.
+    pub fn on_create(&self, act: GuestAction) {
+        *self.factory.agent.on_create.lock().unwrap() = Some(act);
+    }
+
     pub fn create_request(&self, id: &str) -> super::CreateRequest {
         super::CreateRequest {
             id: id.into(),

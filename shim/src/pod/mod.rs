@@ -33,6 +33,8 @@ use crate::state::SandboxState;
 use crate::{Error, Result};
 
 #[cfg(test)]
+mod attack_tests;
+#[cfg(test)]
 mod fake;
 mod ops;
 #[cfg(test)]
@@ -47,6 +49,9 @@ fn call_ctx() -> ttrpc::context::Context {
 fn no_timeout() -> ttrpc::context::Context {
     ttrpc::context::Context::default()
 }
+
+/// The shortest time between two OOM events published for one container.
+const OOM_EVENT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Opens one stdio stream of a process in the guest.
 #[async_trait]
@@ -82,8 +87,10 @@ pub trait PodVm: Send + Sync + std::fmt::Debug {
     fn guest(&self) -> GuestLink;
     /// `<state_dir>/<sandbox>`: where `state.json` goes.
     fn run_dir(&self) -> PathBuf;
-    /// The host directory the guest sees over virtio-fs; container rootfs go below it.
-    fn shared_dir(&self) -> PathBuf;
+    /// The host-only directory below which container rootfs are mounted, as
+    /// `<dir>/<id>/rootfs`; the guest sees its tree over virtio-fs, read-only at the top, so
+    /// it can't rename or replace the paths the host will later unmount.
+    fn rootfs_dir(&self) -> PathBuf;
     /// The VM's host processes, for `shim delete` after a crash.
     fn host_pids(&self) -> Vec<(String, u32)>;
     fn boot_times(&self) -> Option<BootTimes>;
@@ -253,7 +260,7 @@ impl Pod {
             PhaseLine::new(booted, ProcessRef::init(&req.id)).emit();
         }
         let guest = vm.guest();
-        let shared = vm.shared_dir();
+        let rootfs_dir = vm.rootfs_dir();
         let footprint = SandboxState {
             sandbox_id: self.inner.id.clone(),
             pids: vm.host_pids(),
@@ -267,7 +274,7 @@ impl Pod {
             s.save_footprint();
         })
         .await;
-        Ok((guest, shared))
+        Ok((guest, rootfs_dir))
     }
 
     /// Stops a VM taken out of the pod: its OOM watcher, its crash record, then the VM.
@@ -284,10 +291,13 @@ impl Pod {
         }
     }
 
-    /// Relays the guest's OOM events for this pod's containers. A weak reference: the watcher
-    /// must not keep a pod alive, and it ends with the agent connection.
+    /// Relays the guest's OOM events for this pod's containers, at most one per container per
+    /// [`OOM_EVENT_INTERVAL`]: the guest decides how many it sends, and containerd needs to hear
+    /// of a container's OOM kill, not of each one. A weak reference: the watcher must not keep
+    /// a pod alive, and it ends with the agent connection.
     fn watch_oom(&self, agent: AgentServiceClient) -> JoinHandle<()> {
         let pod: Weak<Inner> = Arc::downgrade(&self.inner);
+        let mut last: HashMap<String, tokio::time::Instant> = HashMap::new();
         tokio::spawn(async move {
             while let Ok(e) = agent
                 .get_oom_event(no_timeout(), &ag::GetOOMEventRequest::new())
@@ -301,6 +311,18 @@ impl Pod {
                     .with_state(|s| s.containers.contains_key(&e.container_id))
                     .await;
                 if ours {
+                    let now = tokio::time::Instant::now();
+                    let recent = last
+                        .get(&e.container_id)
+                        .is_some_and(|t| now.duration_since(*t) < OOM_EVENT_INTERVAL);
+                    if recent {
+                        log::debug!(
+                            "OOM event for {} within the interval; dropped",
+                            e.container_id
+                        );
+                        continue;
+                    }
+                    last.insert(e.container_id.clone(), now);
                     pod.publish(Event::Oom(e.container_id)).await;
                 } else {
                     log::warn!(
@@ -376,14 +398,14 @@ impl Pod {
                 if s.containers.contains_key(&req.id) {
                     return Err(Error::AlreadyExists(format!("container {}", req.id)));
                 }
-                Ok(s.vm.as_ref().map(|vm| (vm.guest(), vm.shared_dir())))
+                Ok(s.vm.as_ref().map(|vm| (vm.guest(), vm.rootfs_dir())))
             })
             .await?;
-        let (guest, shared) = match running {
+        let (guest, rootfs_dir) = match running {
             Some(r) => r,
             None => self.boot(&req).await?,
         };
-        let rootfs = shared.join(&req.id).join("rootfs");
+        let rootfs = rootfs_dir.join(&req.id).join("rootfs");
         let created = async {
             self.inner.mounter.mount(&req.rootfs, &rootfs).await?;
             let relays = wire_stdio(&guest, &init, &req.stdio).await?;

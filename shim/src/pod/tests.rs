@@ -212,7 +212,7 @@ async fn a_failed_create_leaves_no_mount_and_no_vm() {
             "vm shutdown"
         ]
     );
-    assert!(!rig.dir.path().join("shared/bad1").exists());
+    assert!(!rig.dir.path().join("mounts/bad1").exists());
 
     // With a container running, a failed create leaves it and the VM alone.
     rig.pod.create(rig.create_request("c1")).await.unwrap();
@@ -261,6 +261,29 @@ async fn oom_events_are_published_only_for_containers_of_this_pod() {
 }
 
 #[tokio::test]
+async fn a_flood_of_oom_events_is_throttled_per_container() {
+    let rig = Rig::new();
+    rig.pod.create(rig.create_request("c1")).await.unwrap();
+    rig.pod.create(rig.create_request("c2")).await.unwrap();
+    for _ in 0..50 {
+        rig.oom.send("c1".into()).unwrap();
+    }
+    rig.oom.send("c2".into()).unwrap();
+    let ev = events_at_least(&rig, 4).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let ooms: Vec<_> = rig
+        .events()
+        .into_iter()
+        .filter(|e| matches!(e, Event::Oom(_)))
+        .collect();
+    assert_eq!(
+        ooms,
+        [Event::Oom("c1".into()), Event::Oom("c2".into())],
+        "{ev:?}"
+    );
+}
+
+#[tokio::test]
 async fn shutdown_lets_the_shim_go_only_when_no_container_is_left() {
     let rig = Rig::new();
     rig.pod.create(rig.create_request("c1")).await.unwrap();
@@ -289,5 +312,5 @@ async fn the_crash_record_lists_the_vm_and_each_mounted_rootfs() {
     assert_eq!(st.mounts.len(), 2);
     rig.pod.delete(&init("c1")).await.unwrap();
     let st = crate::state::SandboxState::load(rig.dir.path()).unwrap();
-    assert_eq!(st.mounts, [rig.dir.path().join("shared/c2/rootfs")]);
+    assert_eq!(st.mounts, [rig.dir.path().join("mounts/c2/rootfs")]);
 }

@@ -102,10 +102,14 @@ fn vm_create_body_matches_the_schema_and_the_sandbox() {
         json["memory"]["shared"], true,
         "virtio-fs needs shared memory"
     );
-    assert_eq!(json["memory"]["hotplug_size"], (8192 - 256) * MIB);
+    // Hotplug room and vCPU ceiling come from the config's maxima (defaults 4096 MiB, 4).
+    assert_eq!(
+        json["memory"]["hotplug_size"],
+        u64::from(cfg.vm.max_memory_mib - 256) * MIB
+    );
     assert_eq!(
         json["cpus"],
-        serde_json::json!({"boot_vcpus": 1, "max_vcpus": 8})
+        serde_json::json!({"boot_vcpus": 1, "max_vcpus": cfg.vm.max_vcpus})
     );
     assert_eq!(json["vsock"]["cid"], 3);
     assert_eq!(

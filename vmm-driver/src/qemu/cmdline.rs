@@ -80,6 +80,9 @@ pub fn qemu_args(l: &QemuLaunch) -> Vec<String> {
         "none",
         "-no-reboot",
     ]);
+    // QEMU's seccomp filter: the guest is hostile, so a QEMU it subverts must not be able to
+    // exec, gain privileges, change scheduling/affinity or use obsolete syscalls.
+    push(&["-sandbox", SECCOMP_SANDBOX]);
     push(&["-serial", &format!("file:{}", p(&l.console_log))]);
     push(&[
         "-qmp",
@@ -107,6 +110,10 @@ pub fn qemu_args(l: &QemuLaunch) -> Vec<String> {
     push(&["-device", "virtio-balloon-pci,free-page-reporting=on"]);
     a
 }
+
+/// QEMU's `-sandbox` setting.
+pub const SECCOMP_SANDBOX: &str =
+    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// Size of TCG's translation cache.
 pub const TCG_TB_SIZE_MIB: u32 = 32;
@@ -180,6 +187,10 @@ mod tests {
             ]
         );
         assert!(args.iter().any(|a| a == "-nodefaults") && args.iter().any(|a| a == "-no-reboot"));
+        assert_eq!(
+            values(&args, "-sandbox"),
+            ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+        );
     }
 
     #[test]

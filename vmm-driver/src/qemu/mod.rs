@@ -71,6 +71,9 @@ impl QemuVm {
         check_image(cfg)?;
         let (chosen, why) = accel::choose(cfg.accel, &HostFacts::probe())?;
         log::info!("VM {}: accel {chosen:?} ({why})", spec.id);
+        if let Some(notice) = chosen.security_notice() {
+            log::warn!("VM {}: {notice}", spec.id);
+        }
 
         let dir = RunDir::create(&spec.run_dir)?;
         let endpoint = if hybrid {
