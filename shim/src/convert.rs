@@ -11,17 +11,11 @@ use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim_protos::protobuf::{Message, MessageField};
 use containerd_shim_protos::ttrpc::{self as sttrpc, Code};
 
+pub use crate::events::timestamp;
 use crate::pod::{CreateRequest, ProcessState};
 use crate::process::{Exit, Status, StdioPaths};
 use crate::rootfs::RootfsSource;
 use crate::{annotations, Error, Result};
-
-pub fn timestamp(unix_nanos: u64) -> Timestamp {
-    let mut t = Timestamp::new();
-    t.seconds = i64::try_from(unix_nanos / 1_000_000_000).unwrap_or(0);
-    t.nanos = i32::try_from(unix_nanos % 1_000_000_000).unwrap_or(0);
-    t
-}
 
 pub fn exited_at(exit: Exit) -> MessageField<Timestamp> {
     MessageField::some(timestamp(exit.at_unix_nanos))

@@ -12,8 +12,16 @@ use containerd_shim_protos::events::task as ev;
 use containerd_shim_protos::protobuf::{MessageDyn, MessageField};
 use containerd_shim_protos::topics;
 
-use crate::convert::timestamp;
 use crate::process::{Exit, StdioPaths};
+use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
+
+/// containerd's time type for a Unix time in nanoseconds.
+pub fn timestamp(unix_nanos: u64) -> Timestamp {
+    let mut t = Timestamp::new();
+    t.seconds = i64::try_from(unix_nanos / 1_000_000_000).unwrap_or(0);
+    t.nanos = i32::try_from(unix_nanos % 1_000_000_000).unwrap_or(0);
+    t
+}
 
 /// One event of the Task API.
 #[derive(Debug, Clone, PartialEq)]

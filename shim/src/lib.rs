@@ -7,6 +7,7 @@
 //! - [`pod`]: the pod model: its VM, its containers and their processes, and the one lock that
 //!   guards them. [`process`] holds what one process owns (stdio relays, exit watching).
 //! - [`events`]: the typed events the pod publishes; the topic comes from the type.
+//! - [`guest`]: the agent client and stdio dialer of a running guest.
 //! - [`sandbox`]: one booted VM with a connected agent, behind the [`pod::VmFactory`] seam that
 //!   the unit tests replace with a fake agent.
 //! - [`rootfs`]: host-side rootfs mounts, behind the [`rootfs::Mounter`] seam.
@@ -15,6 +16,7 @@
 pub mod annotations;
 pub mod convert;
 pub mod events;
+pub mod guest;
 pub mod io;
 pub mod phase;
 pub mod pod;

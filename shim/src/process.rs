@@ -13,8 +13,8 @@ use cocoon_protocol::{ProcessRef, StdioHello, StdioKind};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::guest::GuestLink;
 use crate::io::{relay_output, relay_stdin};
-use crate::pod::GuestLink;
 use crate::{Error, Result};
 
 /// What containerd told us about a process's stdio (FIFO paths; empty means none).

@@ -11,12 +11,11 @@ use std::time::{Duration, Instant};
 
 use cocoon_protocol::agent::StdioStreams;
 use cocoon_protocol::{ProcessRef, StdioKind};
-use tokio::sync::oneshot;
 use tokio_vsock::VsockStream;
 
 use super::tty::ConsoleSocket;
 use super::wait::watch_exit;
-use super::{failed, stdin, Failure, Manager, Process, Res};
+use super::{failed, stdin, Failure, Manager, Process, Relays, Res};
 use crate::runner::{self, Invocation, Job};
 use crate::stdio::into_blocking_fd;
 
@@ -45,17 +44,6 @@ enum Wiring {
     Plain {
         stdin: Option<(VsockStream, OwnedFd)>,
     },
-}
-
-/// What the agent keeps for a running process's stdio.
-#[derive(Debug, Default)]
-pub(super) struct Relays {
-    /// A duplicate of the host's stdin stream, for CloseStdin.
-    pub(super) stdin: Option<OwnedFd>,
-    /// The pty master, for resizes.
-    pub(super) tty: Option<OwnedFd>,
-    /// Fires when the terminal output relay has drained.
-    pub(super) output_done: Option<oneshot::Receiver<()>>,
 }
 
 impl Manager {

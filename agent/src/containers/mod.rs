@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 
 use cocoon_protocol::ProcessRef;
 use libcontainer::container::Container as LcContainer;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::reaper::Reaper;
@@ -60,6 +60,17 @@ type Res<T> = Result<T, Failure>;
 /// An I/O error as an INTERNAL failure that says which step hit it.
 fn failed(what: &str) -> impl Fn(std::io::Error) -> Failure + '_ {
     move |e| Failure::Failed(format!("{what}: {e}"))
+}
+
+/// What the agent keeps for a running process's stdio.
+#[derive(Debug, Default)]
+pub(crate) struct Relays {
+    /// A duplicate of the host's stdin stream, for CloseStdin.
+    pub(crate) stdin: Option<OwnedFd>,
+    /// The pty master, for resizes.
+    pub(crate) tty: Option<OwnedFd>,
+    /// Fires when the terminal output relay has drained.
+    pub(crate) output_done: Option<oneshot::Receiver<()>>,
 }
 
 /// One process: a container's init or an exec.

@@ -11,7 +11,7 @@ use cocoon_protocol::ProcessRef;
 use tokio::sync::oneshot;
 use tokio_vsock::VsockStream;
 
-use super::launch::Relays;
+use super::Relays;
 use super::{dup, failed, Failure, Manager, Res};
 use crate::stdio::into_blocking_fd;
 

@@ -20,12 +20,12 @@ use async_trait::async_trait;
 use cocoon_protocol::agent as ag;
 use cocoon_protocol::agent_ttrpc::AgentServiceClient;
 use cocoon_protocol::protobuf::MessageField;
-use cocoon_protocol::{ProcessRef, StdioHello};
+use cocoon_protocol::ProcessRef;
 use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
-use vmm_driver::vsock::BoxedStream;
 
 use crate::events::{Event, EventSink};
+pub use crate::guest::{GuestLink, StdioDialer};
 use crate::phase::{Phase, PhaseLine};
 use crate::process::{wire_stdio, Container, Exit, Process, StdioPaths};
 use crate::rootfs::{Mounter, RootfsSource};
@@ -52,27 +52,6 @@ fn no_timeout() -> ttrpc::context::Context {
 
 /// The shortest time between two OOM events published for one container.
 const OOM_EVENT_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Opens one stdio stream of a process in the guest.
-#[async_trait]
-pub trait StdioDialer: Send + Sync + std::fmt::Debug {
-    async fn open(&self, hello: &StdioHello) -> Result<BoxedStream>;
-}
-
-/// What the pod needs to talk to a running guest; cheap to clone out of the pod lock.
-#[derive(Clone)]
-pub struct GuestLink {
-    pub agent: AgentServiceClient,
-    pub stdio: Arc<dyn StdioDialer>,
-}
-
-impl std::fmt::Debug for GuestLink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GuestLink")
-            .field("stdio", &self.stdio)
-            .finish_non_exhaustive()
-    }
-}
 
 /// Where the time of a boot went, host side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

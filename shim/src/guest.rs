@@ -1,0 +1,33 @@
+//! What the host needs to talk to a running guest: the agent client and a way to open stdio
+//! streams. Cheap to clone, so the pod clones it out of its lock for every call; the real one
+//! comes from `sandbox`, a fake one from the pod's unit tests.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use cocoon_protocol::agent_ttrpc::AgentServiceClient;
+use cocoon_protocol::StdioHello;
+use vmm_driver::vsock::BoxedStream;
+
+use crate::Result;
+
+/// Opens one stdio stream of a process in the guest.
+#[async_trait]
+pub trait StdioDialer: Send + Sync + std::fmt::Debug {
+    async fn open(&self, hello: &StdioHello) -> Result<BoxedStream>;
+}
+
+/// What the pod needs to talk to a running guest; cheap to clone out of the pod lock.
+#[derive(Clone)]
+pub struct GuestLink {
+    pub agent: AgentServiceClient,
+    pub stdio: Arc<dyn StdioDialer>,
+}
+
+impl std::fmt::Debug for GuestLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestLink")
+            .field("stdio", &self.stdio)
+            .finish_non_exhaustive()
+    }
+}
