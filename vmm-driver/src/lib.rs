@@ -12,6 +12,7 @@ pub mod accel;
 mod boot;
 pub mod cloud_hypervisor;
 pub mod config;
+mod console;
 mod daemon;
 pub mod error;
 mod guest;
@@ -28,6 +29,7 @@ use async_trait::async_trait;
 
 pub use boot::kernel_cmdline;
 pub use config::Config;
+pub use console::CONSOLE_CAP;
 pub use daemon::tail_lines;
 pub use error::{Error, Result};
 pub use guest::connect_guest;

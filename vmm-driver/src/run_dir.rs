@@ -74,6 +74,8 @@ impl RunDir {
             "virtiofsd.sock",
             "virtiofsd.sock.pid",
             "console.log",
+            "console.log.1",
+            "console.sock",
             "qemu.log",
             "ch-api.sock",
             "ch-api.sock.lock",

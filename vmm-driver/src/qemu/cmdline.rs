@@ -18,7 +18,8 @@ pub struct QemuLaunch {
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
     pub cmdline: String,
-    pub console_log: PathBuf,
+    /// The console relay's socket (`console.rs`); QEMU connects to it.
+    pub console_socket: PathBuf,
     pub qmp_socket: PathBuf,
     pub vsock: VsockDevice,
     /// vhost-user socket of the virtiofsd exporting the shared dir.
@@ -83,7 +84,12 @@ pub fn qemu_args(l: &QemuLaunch) -> Vec<String> {
     // QEMU's seccomp filter: the guest is hostile, so a QEMU it subverts must not be able to
     // exec, gain privileges, change scheduling/affinity or use obsolete syscalls.
     push(&["-sandbox", SECCOMP_SANDBOX]);
-    push(&["-serial", &format!("file:{}", p(&l.console_log))]);
+    push(&[
+        "-chardev",
+        &format!("socket,id=con0,path={}", p(&l.console_socket)),
+        "-serial",
+        "chardev:con0",
+    ]);
     push(&[
         "-qmp",
         &format!("unix:{},server=on,wait=off", p(&l.qmp_socket)),
@@ -131,7 +137,7 @@ mod tests {
             kernel: "/k".into(),
             initramfs: "/i".into(),
             cmdline: "console=ttyS0 quiet".into(),
-            console_log: "/r/console.log".into(),
+            console_socket: "/r/console.sock".into(),
             qmp_socket: "/r/qmp.sock".into(),
             vsock,
             virtiofs_socket: "/r/fs.sock".into(),
@@ -166,7 +172,7 @@ mod tests {
         assert_eq!(values(&args, "-kernel"), ["/k"]);
         assert_eq!(values(&args, "-initrd"), ["/i"]);
         assert_eq!(values(&args, "-append"), ["console=ttyS0 quiet"]);
-        assert_eq!(values(&args, "-serial"), ["file:/r/console.log"]);
+        assert_eq!(values(&args, "-serial"), ["chardev:con0"]);
         assert_eq!(
             values(&args, "-qmp"),
             ["unix:/r/qmp.sock,server=on,wait=off"]
@@ -174,6 +180,7 @@ mod tests {
         assert_eq!(
             values(&args, "-chardev"),
             [
+                "socket,id=con0,path=/r/console.sock",
                 "socket,id=vsock0,path=/r/vhost.sock",
                 "socket,id=fs0,path=/r/fs.sock"
             ]
@@ -199,7 +206,13 @@ mod tests {
         assert_eq!(values(&args, "-machine"), ["q35"]);
         assert_eq!(values(&args, "-accel"), ["kvm"]);
         assert_eq!(values(&args, "-cpu"), ["host"]);
-        assert_eq!(values(&args, "-chardev"), ["socket,id=fs0,path=/r/fs.sock"]);
+        assert_eq!(
+            values(&args, "-chardev"),
+            [
+                "socket,id=con0,path=/r/console.sock",
+                "socket,id=fs0,path=/r/fs.sock"
+            ]
+        );
         assert_eq!(
             values(&args, "-device"),
             [

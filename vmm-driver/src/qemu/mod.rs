@@ -13,6 +13,7 @@ use tokio::process::Command;
 use crate::accel::{self, Chosen, HostFacts};
 use crate::boot::{check_image, kernel_cmdline};
 use crate::config::{Config, VsockMode};
+use crate::console::{ConsoleRelay, CONSOLE_CAP};
 use crate::daemon::{
     exited_within, resolve_binary, wait_for_socket, Daemon, DAEMON_READY, STOP_GRACE,
 };
@@ -38,6 +39,8 @@ pub struct QemuVm {
     virtiofsd: Option<Daemon>,
     vsockd: Option<Daemon>,
     qmp: Option<Qmp<UnixStream>>,
+    /// Writes the guest console to `console.log`, capped.
+    console: Option<ConsoleRelay>,
 }
 
 struct Binaries {
@@ -90,6 +93,7 @@ impl QemuVm {
             virtiofsd: None,
             vsockd: None,
             qmp: None,
+            console: None,
         };
         match vm.boot(cfg, spec, &bins, chosen).await {
             Ok(()) => Ok(vm),
@@ -134,6 +138,12 @@ impl QemuVm {
             wait_for_socket(d, &vhost_sock, DAEMON_READY).await?;
         }
 
+        let console_socket = self.dir.path("console.sock");
+        self.console = Some(ConsoleRelay::start(
+            &console_socket,
+            &self.dir.console_log(),
+            CONSOLE_CAP,
+        )?);
         let launch = QemuLaunch {
             name: format!("cocoon-{}", spec.id),
             accel,
@@ -142,7 +152,7 @@ impl QemuVm {
             kernel: cfg.kernel.clone(),
             initramfs: cfg.initramfs.clone(),
             cmdline: kernel_cmdline(cfg, spec),
-            console_log: self.dir.console_log(),
+            console_socket,
             qmp_socket: self.dir.path("qmp.sock"),
             vsock: match &self.endpoint {
                 VsockEndpoint::Hybrid(_) => VsockDevice::VhostUser(vhost_sock),
@@ -236,6 +246,10 @@ impl Vmm for QemuVm {
             }
         }
         self.qmp = None;
+        // QEMU is gone: the relay reads what is left and ends.
+        if let Some(c) = self.console.take() {
+            c.finish(STOP_GRACE).await;
+        }
         for mut d in [self.virtiofsd.take(), self.vsockd.take()]
             .into_iter()
             .flatten()
