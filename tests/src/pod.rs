@@ -82,8 +82,15 @@ impl Pod {
     pub fn rootfs(&self, cid: &str) -> String {
         let dir = self.sb.host_dir().join(cid).join("rootfs");
         busybox_rootfs(&dir);
-        let none: Option<&str> = None;
-        nix::mount::mount(Some(&dir), &dir, none, nix::mount::MsFlags::MS_BIND, none).unwrap();
+        // Once per id: a container created again reuses its mount, as the shim's would be.
+        let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some(&*dir.to_string_lossy()));
+        if !mounted {
+            let none: Option<&str> = None;
+            nix::mount::mount(Some(&dir), &dir, none, nix::mount::MsFlags::MS_BIND, none).unwrap();
+        }
         format!("{cid}/rootfs")
     }
 

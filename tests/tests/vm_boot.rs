@@ -359,8 +359,9 @@ async fn check_reports_the_guest_and_warns_when_tcg_is_no_boundary() {
         return;
     };
     let state = tempfile::tempdir().unwrap();
-    let toml = state.path().join("cocoon.toml");
-    cocoon_tests::write_cocoon_toml(&toml, Hypervisor::Qemu, &state.path().join("run"));
+    let etc = tempfile::tempdir().unwrap();
+    let toml = etc.path().join("cocoon.toml");
+    cocoon_tests::write_cocoon_toml(&toml, Hypervisor::Qemu, state.path());
     let out =
         std::process::Command::new(cocoon_tests::shim_dir().join("containerd-shim-cocoon-v2"))
             .arg("check")
