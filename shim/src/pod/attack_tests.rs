@@ -79,6 +79,24 @@ fn stage_attack(run_dir: &Path, cid: &str, victim: &Path) -> Vec<&'static str> {
     done
 }
 
+/// The victim mount survived, nothing stayed mounted below the pod's directory, and the guest
+/// could not even stage the attack.
+fn assert_attack_failed(victim: &Victim, run_dir: &Path, done: &[&str]) {
+    assert!(
+        victim.intact(),
+        "the host unmounted a mount the guest pointed at ({done:?})"
+    );
+    assert_eq!(
+        mounts_below(run_dir),
+        Vec::<String>::new(),
+        "leaked ({done:?})"
+    );
+    assert!(
+        done.is_empty(),
+        "the guest could change the share's upper levels: {done:?}"
+    );
+}
+
 /// A directory to bind as a container's rootfs.
 fn image() -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
@@ -116,19 +134,7 @@ async fn delete_does_not_follow_a_planted_symlink() {
     assert!(is_mount_point(&rootfs) && rootfs.join("bin").exists());
     let done = stage_attack(rig.dir.path(), "c1", &victim.path);
     rig.pod.delete(&ProcessRef::init("c1")).await.unwrap();
-    assert!(
-        victim.intact(),
-        "the host unmounted a mount the guest pointed at ({done:?})"
-    );
-    assert_eq!(
-        mounts_below(rig.dir.path()),
-        Vec::<String>::new(),
-        "leaked ({done:?})"
-    );
-    assert!(
-        done.is_empty(),
-        "the guest could change the share's upper levels: {done:?}"
-    );
+    assert_attack_failed(&victim, rig.dir.path(), &done);
 }
 
 #[tokio::test]
@@ -151,19 +157,7 @@ async fn a_failed_create_does_not_follow_a_planted_symlink() {
         .await
         .unwrap_err();
     let done = staged.lock().unwrap().clone();
-    assert!(
-        victim.intact(),
-        "the host unmounted a mount the guest pointed at ({done:?})"
-    );
-    assert_eq!(
-        mounts_below(rig.dir.path()),
-        Vec::<String>::new(),
-        "leaked ({done:?})"
-    );
-    assert!(
-        done.is_empty(),
-        "the guest could change the share's upper levels: {done:?}"
-    );
+    assert_attack_failed(&victim, rig.dir.path(), &done);
 }
 
 #[tokio::test]
@@ -181,17 +175,5 @@ async fn crash_cleanup_does_not_follow_a_planted_symlink() {
     let done = stage_attack(rig.dir.path(), "c1", &victim.path);
     // The shim is gone; containerd runs `shim delete`, which has only state.json to go by.
     crate::state::cleanup(rig.dir.path());
-    assert!(
-        victim.intact(),
-        "the host unmounted a mount the guest pointed at ({done:?})"
-    );
-    assert_eq!(
-        mounts_below(rig.dir.path()),
-        Vec::<String>::new(),
-        "leaked ({done:?})"
-    );
-    assert!(
-        done.is_empty(),
-        "the guest could change the share's upper levels: {done:?}"
-    );
+    assert_attack_failed(&victim, rig.dir.path(), &done);
 }
