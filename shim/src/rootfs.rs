@@ -24,8 +24,9 @@ pub struct RootfsSource {
 /// Mounts and unmounts container rootfs on the host.
 #[async_trait]
 pub trait Mounter: Send + Sync + std::fmt::Debug {
-    /// Creates `target` and mounts the rootfs there.
-    async fn mount(&self, source: &RootfsSource, target: &Path) -> Result<()>;
+    /// Creates `target` and mounts the rootfs there, preparing it at `staging` (a directory
+    /// outside the exported tree, see `vmm_driver::share::STAGING_DIR`).
+    async fn mount(&self, source: &RootfsSource, staging: &Path, target: &Path) -> Result<()>;
     /// Unmounts `target`; failures are logged (cleanup goes on regardless).
     fn unmount(&self, target: &Path);
 }
@@ -36,34 +37,93 @@ pub struct HostMounter;
 
 #[async_trait]
 impl Mounter for HostMounter {
-    async fn mount(&self, source: &RootfsSource, target: &Path) -> Result<()> {
-        std::fs::create_dir_all(target)
-            .map_err(|e| Error::io(format!("create {}", target.display()), e))?;
-        let internal = |what: String, e: containerd_shim::Error| {
-            Error::io(what, std::io::Error::other(e.to_string()))
-        };
-        if source.mounts.is_empty() {
-            let m = api::Mount {
-                type_: "bind".into(),
-                source: source.bundle_rootfs.display().to_string(),
-                options: vec!["rbind".into()],
-                ..Default::default()
-            };
-            return containerd_shim::asynchronous::util::mount_rootfs(&m, target)
-                .await
-                .map_err(|e| internal("bind the rootfs".into(), e));
+    async fn mount(&self, source: &RootfsSource, staging: &Path, target: &Path) -> Result<()> {
+        for d in [staging, target] {
+            std::fs::create_dir_all(d)
+                .map_err(|e| Error::io(format!("create {}", d.display()), e))?;
         }
-        for m in &source.mounts {
-            containerd_shim::asynchronous::util::mount_rootfs(m, target)
-                .await
-                .map_err(|e| internal(format!("mount the rootfs ({})", m.type_), e))?;
+        let placed = async {
+            mount_source(source, staging).await?;
+            harden(staging)?;
+            // A bind copies the staged mount's flags; so do the copies that propagate from it.
+            bind(staging, target)
         }
-        Ok(())
+        .await;
+        // The staging mount goes in every case: the target holds its own reference.
+        unmount(staging);
+        let _ = std::fs::remove_dir(staging);
+        placed
     }
 
     fn unmount(&self, target: &Path) {
         unmount(target);
     }
+}
+
+/// containerd's mounts at `target`, or a bind of the bundle's rootfs when there are none.
+async fn mount_source(source: &RootfsSource, target: &Path) -> Result<()> {
+    let internal = |what: String, e: containerd_shim::Error| {
+        Error::io(what, std::io::Error::other(e.to_string()))
+    };
+    if source.mounts.is_empty() {
+        let m = api::Mount {
+            type_: "bind".into(),
+            source: source.bundle_rootfs.display().to_string(),
+            options: vec!["rbind".into()],
+            ..Default::default()
+        };
+        return containerd_shim::asynchronous::util::mount_rootfs(&m, target)
+            .await
+            .map_err(|e| internal("bind the rootfs".into(), e));
+    }
+    for m in &source.mounts {
+        containerd_shim::asynchronous::util::mount_rootfs(m, target)
+            .await
+            .map_err(|e| internal(format!("mount the rootfs ({})", m.type_), e))?;
+    }
+    Ok(())
+}
+
+/// Makes a mount `nosuid,nodev`, keeping it read-only if it is (the containerd CVE-2021-41103
+/// class: nothing the guest writes in its rootfs may become a setuid binary or a device node
+/// that the host, or virtiofsd on the guest's behalf, would honour). A bind ignores these
+/// flags at mount time, so this is a per-mount remount.
+fn harden(target: &Path) -> Result<()> {
+    use nix::mount::MsFlags;
+    use nix::sys::statvfs::{statvfs, FsFlags};
+    let ro = statvfs(target)
+        .map(|s| s.flags().contains(FsFlags::ST_RDONLY))
+        .unwrap_or(false);
+    let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    if ro {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    let none: Option<&str> = None;
+    nix::mount::mount(none, target, none, flags, none).map_err(|e| {
+        Error::io(
+            format!("make {} nosuid,nodev", target.display()),
+            std::io::Error::from(e),
+        )
+    })
+}
+
+/// Recursively binds `from` at `to`.
+fn bind(from: &Path, to: &Path) -> Result<()> {
+    use nix::mount::MsFlags;
+    let none: Option<&str> = None;
+    nix::mount::mount(
+        Some(from),
+        to,
+        none,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        none,
+    )
+    .map_err(|e| {
+        Error::io(
+            format!("bind {} at {}", from.display(), to.display()),
+            std::io::Error::from(e),
+        )
+    })
 }
 
 /// Detaches the mount at `target` without following a symlink there: the share is writable by

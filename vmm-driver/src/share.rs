@@ -24,6 +24,10 @@ use crate::error::{Error, Result};
 pub const HOST_DIR: &str = "mounts";
 /// The exported directory, below `<run>`.
 pub const EXPORT_DIR: &str = "shared";
+/// Where a caller prepares a mount (outside the shared tree, so nothing propagates) before
+/// binding it below the host dir: flags that only a remount can set (`nosuid`, `nodev` on a
+/// bind) must be on the mount before it propagates, or the guest-side copies lack them.
+pub const STAGING_DIR: &str = "staging";
 
 /// Creates `<run>/mounts` and `<run>/shared` and binds them as described above. On failure
 /// nothing stays mounted.
@@ -76,6 +80,14 @@ pub fn export(run_dir: &Path) -> Result<()> {
 /// lazily) and removes both directories if they are empty. Safe to call on a run dir in any
 /// state, including one never exported; never follows a symlink.
 pub fn unexport(run_dir: &Path) {
+    let staging = run_dir.join(STAGING_DIR);
+    if let Ok(entries) = std::fs::read_dir(&staging) {
+        for e in entries.flatten() {
+            let _ = umount2(&e.path(), MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW);
+            let _ = std::fs::remove_dir(e.path());
+        }
+    }
+    let _ = std::fs::remove_dir(&staging);
     for name in [EXPORT_DIR, HOST_DIR] {
         let d = run_dir.join(name);
         // Twice for the host dir: its self-bind can sit on top of nothing else, but a bind

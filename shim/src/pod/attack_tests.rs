@@ -177,3 +177,46 @@ async fn crash_cleanup_does_not_follow_a_planted_symlink() {
     crate::state::cleanup(rig.dir.path());
     assert_attack_failed(&victim, rig.dir.path(), &done);
 }
+
+#[tokio::test]
+async fn a_device_node_the_guest_makes_in_its_rootfs_is_not_honoured_on_the_host() {
+    if !root_or_skip("a_device_node_the_guest_makes_in_its_rootfs_is_not_honoured_on_the_host") {
+        return;
+    }
+    let rig = Rig::with_real_mounts();
+    let img = image();
+    rig.pod
+        .create(request(&rig, "c1", img.path()))
+        .await
+        .unwrap();
+    // What guest root can do through virtio-fs: create a device node in its writable rootfs
+    // (here /dev/null's numbers; a disk's would do the same). Opening it on the host through
+    // the exported tree, as virtiofsd would on the guest's behalf, must fail.
+    let node = vmm_driver::share::export_dir(rig.dir.path()).join("c1/rootfs/devnode");
+    nix::sys::stat::mknod(
+        &node,
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(1, 3),
+    )
+    .unwrap();
+    let e = std::fs::File::open(&node).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+    let rootfs = vmm_driver::share::host_dir(rig.dir.path()).join("c1/rootfs");
+    let line = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(&*rootfs.to_string_lossy()))
+        .unwrap()
+        .to_owned();
+    let opts = line.split(' ').nth(5).unwrap();
+    assert!(opts.contains("nosuid") && opts.contains("nodev"), "{line}");
+    // The bundle's rootfs itself stays as it was, and no staging mount is left.
+    assert!(img.path().join("bin").exists());
+    assert_eq!(
+        mounts_below(&rig.dir.path().join(vmm_driver::share::STAGING_DIR)),
+        Vec::<String>::new()
+    );
+    rig.pod.delete(&ProcessRef::init("c1")).await.unwrap();
+    std::fs::remove_file(img.path().join("devnode")).ok();
+}

@@ -341,7 +341,7 @@ pub struct FakeMounter {
 
 #[async_trait]
 impl Mounter for Arc<FakeMounter> {
-    async fn mount(&self, _source: &RootfsSource, target: &Path) -> Result<()> {
+    async fn mount(&self, _source: &RootfsSource, _staging: &Path, target: &Path) -> Result<()> {
         self.journal.add(format!("mount {}", short(target)));
         if self.fail.load(Ordering::SeqCst) {
             return Err(Error::io("mount", std::io::Error::other("refused")));

@@ -386,7 +386,13 @@ impl Pod {
         };
         let rootfs = rootfs_dir.join(&req.id).join("rootfs");
         let created = async {
-            self.inner.mounter.mount(&req.rootfs, &rootfs).await?;
+            let staging = rootfs_dir
+                .with_file_name(vmm_driver::share::STAGING_DIR)
+                .join(&req.id);
+            self.inner
+                .mounter
+                .mount(&req.rootfs, &staging, &rootfs)
+                .await?;
             let relays = wire_stdio(&guest, &init, &req.stdio).await?;
             let creq = ag::CreateContainerRequest {
                 container_id: req.id.clone(),
