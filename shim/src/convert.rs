@@ -7,19 +7,14 @@ use cocoon_protocol::agent as ag;
 use containerd_shim_protos::api;
 use containerd_shim_protos::cgroups_v2::metrics as m;
 use containerd_shim_protos::protobuf::well_known_types::any::Any;
-use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim_protos::protobuf::{Message, MessageField};
 use containerd_shim_protos::ttrpc::{self as sttrpc, Code};
 
-pub use crate::events::timestamp;
+use crate::events::exited_at;
 use crate::pod::{CreateRequest, ProcessState};
-use crate::process::{Exit, Status, StdioPaths};
+use crate::process::{Status, StdioPaths};
 use crate::rootfs::RootfsSource;
 use crate::{annotations, Error, Result};
-
-pub fn exited_at(exit: Exit) -> MessageField<Timestamp> {
-    MessageField::some(timestamp(exit.at_unix_nanos))
-}
 
 pub fn status(s: Status) -> api::Status {
     match s {
@@ -106,7 +101,7 @@ pub fn state_response(id: String, exec_id: String, st: ProcessState) -> api::Sta
         stderr: st.stdio.stderr,
         terminal: st.stdio.terminal,
         exit_status: st.exit.map_or(0, |e| e.status),
-        exited_at: MessageField::from_option(st.exit.map(|e| timestamp(e.at_unix_nanos))),
+        exited_at: st.exit.map_or_else(MessageField::none, exited_at),
         exec_id,
         ..Default::default()
     }
@@ -179,11 +174,5 @@ mod tests {
             };
             assert_eq!(s.code.enum_value(), Ok(code));
         }
-    }
-
-    #[test]
-    fn timestamps_split_seconds_and_nanos() {
-        let t = timestamp(3_000_000_007);
-        assert_eq!((t.seconds, t.nanos), (3, 7));
     }
 }

@@ -23,6 +23,11 @@ pub fn timestamp(unix_nanos: u64) -> Timestamp {
     t
 }
 
+/// When a process exited, as containerd's events and responses carry it.
+pub fn exited_at(exit: Exit) -> MessageField<Timestamp> {
+    MessageField::some(timestamp(exit.at_unix_nanos))
+}
+
 /// One event of the Task API.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
@@ -121,7 +126,7 @@ impl Event {
                 container_id: process.container_id,
                 pid,
                 exit_status: exit.status,
-                exited_at: MessageField::some(timestamp(exit.at_unix_nanos)),
+                exited_at: exited_at(exit),
                 ..Default::default()
             }),
             Event::Delete {
@@ -133,7 +138,7 @@ impl Event {
                 container_id,
                 pid,
                 exit_status: exit.status,
-                exited_at: MessageField::some(timestamp(exit.at_unix_nanos)),
+                exited_at: exited_at(exit),
                 ..Default::default()
             }),
             Event::Paused(container_id) => Box::new(ev::TaskPaused {
@@ -201,6 +206,12 @@ impl EventSink for RemoteSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_split_seconds_and_nanos() {
+        let t = timestamp(3_000_000_007);
+        assert_eq!((t.seconds, t.nanos), (3, 7));
+    }
 
     #[test]
     fn exit_of_an_init_is_named_by_its_container() {

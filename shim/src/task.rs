@@ -14,7 +14,8 @@ use containerd_shim_protos::shim_async::Task;
 use containerd_shim_protos::ttrpc::r#async::TtrpcContext;
 use containerd_shim_protos::ttrpc::Code;
 
-use crate::convert::{self, exited_at, to_status};
+use crate::convert::{self, to_status};
+use crate::events::exited_at;
 use crate::pod::Pod;
 
 /// The Task service of one shim (one pod).
