@@ -11,7 +11,8 @@ SHIM_BIN     := target/release/containerd-shim-cocoon-v2
 ROOTFS_BIN   := target/release/cocoon-rootfs
 
 APT_PACKAGES := qemu-system-x86 kmod cpio busybox-static dpkg containerd runc runsc bc fonts-dejavu-core \
-                libseccomp-dev libcap-ng-dev pkg-config ca-certificates
+                libseccomp-dev libcap-ng-dev pkg-config ca-certificates \
+                containernetworking-plugins protobuf-compiler iproute2
 # Helper daemons from crates.io, pinned to the versions checked on these machines.
 HELPERS      := virtiofsd@1.14.0 vhost-device-vsock@0.3.0
 
@@ -58,12 +59,7 @@ install: build
 	  install -D -m 0644 config/config.toml $(CONFIG_DIR)/config.toml; \
 	fi
 	install -D -m 0644 config/containerd-cocoon.toml /etc/containerd/conf.d/cocoon.toml
-	@if [ ! -f /etc/containerd/config.toml ]; then \
-	  printf 'version = 2\nimports = ["/etc/containerd/conf.d/*.toml"]\n' > /etc/containerd/config.toml; \
-	  echo "wrote /etc/containerd/config.toml importing /etc/containerd/conf.d/*.toml"; \
-	elif ! grep -qF '/etc/containerd/conf.d' /etc/containerd/config.toml; then \
-	  echo "NOTE: add imports = [\"/etc/containerd/conf.d/*.toml\"] to /etc/containerd/config.toml for the CRI handler 'cocoon'"; \
-	fi
+	scripts/containerd-imports.sh
 
 test: image
 	$(CARGO) test --release --workspace

@@ -36,6 +36,19 @@ pub fn socket_file(address: &str) -> &Path {
     Path::new(address.strip_prefix("unix://").unwrap_or(address))
 }
 
+/// Whether a shim serves on `address`.
+fn shim_alive(address: &str) -> bool {
+    !address.is_empty() && std::os::unix::net::UnixStream::connect(socket_file(address)).is_ok()
+}
+
+/// What a dead shim of pod `sandbox` left: its VM's processes, mounts and runtime directory.
+fn cleanup_sandbox(sandbox: &str) {
+    match vmm_driver::Config::load() {
+        Ok(cfg) => crate::state::cleanup(&cfg.state_dir.join(sandbox)),
+        Err(e) => log::warn!("delete: cannot read the cocoon config ({e}); nothing cleaned"),
+    }
+}
+
 /// Removes a shim socket that nothing listens on any more. The containerd-shim library only
 /// removes it at exit if it finds an `address` file in its working directory, which this
 /// shim's bundles don't have, and never after a crash.
@@ -44,7 +57,7 @@ pub fn remove_dead_socket(address: &str) {
     if address.is_empty() || !path.exists() {
         return;
     }
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+    if shim_alive(address) {
         return; // a live shim (another container of the pod) still serves it
     }
     match std::fs::remove_file(path) {
@@ -90,15 +103,20 @@ impl Shim for CocoonShim {
             self.bundle.clone().into()
         };
         let sandbox = grouping_id(&self.id, &bundle_spec(&bundle));
-        // The shim of this pod died (or this is a late cleanup): its socket stays behind.
-        remove_dead_socket(&containerd_shim::socket_address(
-            &self.containerd_address,
-            &self.namespace,
-            &sandbox,
-        ));
-        match vmm_driver::Config::load() {
-            Ok(cfg) => crate::state::cleanup(&cfg.state_dir.join(&sandbox)),
-            Err(e) => log::warn!("delete: cannot read the cocoon config ({e}); nothing cleaned"),
+        let address =
+            containerd_shim::socket_address(&self.containerd_address, &self.namespace, &sandbox);
+        // containerd runs `delete` whenever its connection for a task closes, also when it
+        // closed it itself after deleting one container of a pod whose shim lives on: then the
+        // pod is not this call's to clean up.
+        if shim_alive(&address) {
+            log::info!(
+                "delete {}: the shim of pod {sandbox} still serves; nothing to clean",
+                self.id
+            );
+        } else {
+            // The shim of this pod died (or this is a late cleanup): its socket stays behind.
+            remove_dead_socket(&address);
+            cleanup_sandbox(&sandbox);
         }
         let mut ts =
             containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp::new();
@@ -130,6 +148,27 @@ impl Shim for CocoonShim {
             Box::new(HostMounter),
             Box::new(RemoteSink::new(publisher, self.namespace.clone())),
         );
+        on_sigterm(pod.clone(), self.exit.clone());
         TaskService::new(pod, self.exit.clone())
     }
+}
+
+/// SIGTERM tears the pod down and lets the shim exit (0). The containerd-shim library only
+/// logs the signal, which would leave a shim that can only be SIGKILLed, and its VM with it.
+fn on_sigterm(pod: Pod, exit: Arc<ExitSignal>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            log::warn!("cannot watch for SIGTERM: {e}");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        if term.recv().await.is_some() {
+            log::info!("SIGTERM: tearing pod {} down", pod.id());
+            pod.terminate().await;
+            exit.signal();
+        }
+    });
 }

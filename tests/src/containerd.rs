@@ -30,6 +30,11 @@ fn sha256(data: &[u8]) -> String {
 
 /// A one-layer OCI image layout tarball: busybox-static with every applet linked into /bin.
 pub fn build_image(out: &Path) {
+    build_named_image(out, IMAGE, &["sh"]);
+}
+
+/// [`build_image`] under another name and default command (e.g. a pause image for CRI pods).
+pub fn build_named_image(out: &Path, name: &str, cmd: &[&str]) {
     let root = tempfile::tempdir().unwrap();
     busybox_rootfs(root.path());
     let mut layer = tar::Builder::new(Vec::new());
@@ -40,7 +45,7 @@ pub fn build_image(out: &Path) {
     let config = serde_json::to_vec(&json!({
         "architecture": "amd64",
         "os": "linux",
-        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["sh"], "WorkingDir": "/"},
+        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": cmd, "WorkingDir": "/"},
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]}
     }))
     .unwrap();
@@ -57,7 +62,7 @@ pub fn build_image(out: &Path) {
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "digest": format!("sha256:{}", sha256(&manifest)),
             "size": manifest.len(),
-            "annotations": {"io.containerd.image.name": IMAGE, "org.opencontainers.image.ref.name": "latest"}
+            "annotations": {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": "latest"}
         }]
     }))
     .unwrap();
@@ -98,6 +103,17 @@ impl Containerd {
     }
 
     pub fn start_with(hypervisor: Hypervisor) -> Containerd {
+        Containerd::start_configured(hypervisor, |_| {
+            "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n".to_owned()
+        })
+    }
+
+    /// A containerd whose config gets the TOML `extra` returns for its temp dir, after the
+    /// top-level keys and before `[grpc]`.
+    pub fn start_configured(
+        hypervisor: Hypervisor,
+        extra: impl FnOnce(&Path) -> String,
+    ) -> Containerd {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let address = d.join("containerd.sock");
@@ -105,11 +121,12 @@ impl Containerd {
         std::fs::write(
             &cfg,
             format!(
-                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n{extra}\n\
                  [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n",
                 root = d.join("root").display(),
                 state = d.join("state").display(),
-                sock = address.display()
+                sock = address.display(),
+                extra = extra(d),
             ),
         )
         .unwrap();
@@ -230,9 +247,14 @@ impl Containerd {
 
     /// Imports the locally built test image.
     pub fn import_test_image(&self) {
+        self.import_image("default", IMAGE, &["sh"]);
+    }
+
+    /// Imports a locally built busybox image named `name` into containerd namespace `ns`.
+    pub fn import_image(&self, ns: &str, name: &str, cmd: &[&str]) {
         let tarball = self.dir.path().join("image.tar");
-        build_image(&tarball);
-        let out = self.ctr(&["images", "import", tarball.to_str().unwrap()]);
+        build_named_image(&tarball, name, cmd);
+        let out = self.ctr(&["-n", ns, "images", "import", tarball.to_str().unwrap()]);
         assert!(
             out.status.success(),
             "import: {}",

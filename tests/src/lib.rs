@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod containerd;
+pub mod cri;
 pub mod fuse_client;
 pub mod gate;
 pub mod leaks;

@@ -224,6 +224,12 @@ impl Pod {
         self.with_state(|s| s.guest()).await
     }
 
+    /// Why the pod's VM is gone, if its VMM exited.
+    async fn vm_gone(&self) -> Option<String> {
+        self.with_state(|s| s.vm.as_mut().and_then(|vm| vm.exit_reason()))
+            .await
+    }
+
     async fn publish(&self, event: Event) {
         self.inner.events.publish(event).await;
     }
@@ -337,10 +343,7 @@ impl Pod {
                     at_unix_nanos: r.exited_at_unix_nanos,
                 },
                 Err(e) => {
-                    let died = pod
-                        .with_state(|s| s.vm.as_mut().and_then(|vm| vm.exit_reason()))
-                        .await;
-                    match died {
+                    match pod.vm_gone().await {
                         Some(why) => {
                             log::error!("pod VM {} died; {process} is lost: {why}", pod.id())
                         }
@@ -512,6 +515,28 @@ impl Pod {
             .await;
         self.stop_vm(taken).await;
         empty
+    }
+}
+
+impl Pod {
+    /// The shim was told to go (SIGTERM): every container is torn down whatever its state and
+    /// the VM stopped; nothing of the pod is left on the host afterwards. Processes still
+    /// running are reported exited (255) by their exit watchers as the agent connection drops.
+    pub async fn terminate(&self) {
+        let _lifecycle = self.inner.lifecycle.lock().await;
+        let (containers, taken) = self
+            .with_state(|s| {
+                let containers: Vec<(String, Container)> = s.containers.drain().collect();
+                s.footprint.mounts.clear();
+                (containers, s.take_vm_if_empty())
+            })
+            .await;
+        for (id, c) in containers {
+            self.inner.mounter.unmount(&c.rootfs);
+            remove_rootfs_dirs(&c.rootfs);
+            log::info!("pod {}: container {id} torn down", self.id());
+        }
+        self.stop_vm(taken).await;
     }
 }
 

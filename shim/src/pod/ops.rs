@@ -156,13 +156,28 @@ impl Pod {
             all,
             ..Default::default()
         };
-        self.guest()
-            .await?
-            .agent
-            .signal_process(call_ctx(), &req)
-            .await
-            .map_err(|e| Error::agent("kill", e))?;
-        Ok(())
+        let (guest, finished) = self
+            .with_state(|s| {
+                let finished = s.process(p)?.status == Status::Stopped;
+                Ok::<_, Error>((s.guest(), finished))
+            })
+            .await?;
+        // Like a process of a dead VM, a finished one has nothing left to signal: Kill
+        // succeeds, so that a pod's stop never fails on what is already gone.
+        if finished {
+            return Ok(());
+        }
+        let sent = guest?.agent.signal_process(call_ctx(), &req).await;
+        match sent {
+            Ok(_) => Ok(()),
+            Err(e) => match self.vm_gone().await {
+                Some(why) => {
+                    log::info!("kill {p}: the pod VM is gone ({why}); nothing to signal");
+                    Ok(())
+                }
+                None => Err(Error::agent("kill", e)),
+            },
+        }
     }
 
     /// Freezes (`pause`) or thaws a container, then tells containerd.

@@ -172,9 +172,11 @@ async fn a_lost_agent_ends_every_process_with_255() {
         )),
         "{ev:?}"
     );
+    // Kill has nothing left to signal and succeeds: a pod's stop must not fail on it.
+    rig.pod.signal(&init("c1"), 9, false).await.unwrap();
     // Calls that need the agent fail with its error instead of hanging.
-    let e = rig.pod.signal(&init("c1"), 9, false).await.unwrap_err();
-    assert!(matches!(e, Error::Agent { call: "kill", .. }), "{e:?}");
+    let e = rig.pod.pids("c1").await.unwrap_err();
+    assert!(matches!(e, Error::Agent { .. }), "{e:?}");
     // Delete still cleans up the host side and stops the VM.
     rig.pod.delete(&init("c1")).await.unwrap();
     let j = rig.journal.entries();
@@ -244,7 +246,7 @@ async fn a_vm_that_does_not_boot_fails_the_create() {
     assert_eq!(rig.journal.entries(), ["vm boot pod1"]);
     assert!(matches!(
         rig.pod.signal(&init("c1"), 9, false).await,
-        Err(Error::NotRunning)
+        Err(Error::NotFound(_))
     ));
 }
 
@@ -313,4 +315,35 @@ async fn the_crash_record_lists_the_vm_and_each_mounted_rootfs() {
     rig.pod.delete(&init("c1")).await.unwrap();
     let st = crate::state::SandboxState::load(rig.dir.path()).unwrap();
     assert_eq!(st.mounts, [rig.dir.path().join("mounts/c2/rootfs")]);
+}
+
+#[tokio::test]
+async fn a_kill_the_dead_vm_never_delivers_still_succeeds() {
+    let rig = Rig::new();
+    rig.pod.create(rig.create_request("c1")).await.unwrap();
+    rig.pod.start(&init("c1")).await.unwrap();
+    rig.pod.create(rig.create_request("c2")).await.unwrap();
+    rig.factory.kill_vm();
+    // c2 was created, never started: no exit watcher marks it stopped, yet the VM is gone.
+    rig.pod.signal(&init("c2"), 9, false).await.unwrap();
+    rig.pod.delete(&init("c2")).await.unwrap();
+    rig.pod.delete(&init("c1")).await.unwrap();
+    assert!(rig.journal.entries().ends_with(&["vm shutdown".to_owned()]));
+}
+
+#[tokio::test]
+async fn terminate_tears_down_every_container_and_the_vm() {
+    let rig = Rig::new();
+    rig.pod.create(rig.create_request("c1")).await.unwrap();
+    rig.pod.start(&init("c1")).await.unwrap();
+    rig.pod.create(rig.create_request("c2")).await.unwrap();
+    rig.pod.terminate().await;
+    let j = rig.journal.entries();
+    for want in ["unmount c1/rootfs", "unmount c2/rootfs"] {
+        assert!(j.contains(&want.to_owned()), "{j:?}");
+    }
+    assert_eq!(j.last().map(String::as_str), Some("vm shutdown"), "{j:?}");
+    // The pod is empty: the shim may go.
+    assert!(rig.pod.shutdown().await);
+    assert!(rig.pod.state(&init("c1")).await.is_err());
 }

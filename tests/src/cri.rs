@@ -1,0 +1,313 @@
+//! Kubernetes without a kubelet: a private containerd with its CRI plugin, the runtime handler
+//! `cocoon`, Debian's CNI bridge + host-local plugins on a bridge and subnet only this test
+//! uses, and a Rust CRI client (`k8s-cri` over tonic on the unix socket) that plays kubelet.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::test_hypervisor;
+use crate::containerd::{Containerd, IMAGE};
+
+/// containerd's CRI namespace.
+pub const NAMESPACE: &str = "k8s.io";
+/// The pause image CRI starts each pod with, built locally like the test image.
+pub const PAUSE_IMAGE: &str = "docker.io/library/cocoon-pause:latest";
+/// Where Debian's `containernetworking-plugins` puts the plugins.
+pub const CNI_BIN: &str = "/usr/lib/cni";
+/// The handler name RunPodSandbox asks for.
+pub const HANDLER: &str = "cocoon";
+
+/// The test's own CNI network: a bridge and a /24 no one else uses, named after this process
+/// so that two test binaries never share them. The bridge plugin creates the bridge; dropping
+/// this removes it.
+#[derive(Debug)]
+pub struct TestNet {
+    pub bridge: String,
+    pub subnet: String,
+    pub gateway: String,
+}
+
+impl TestNet {
+    fn new() -> TestNet {
+        let n = std::process::id() % 200 + 20;
+        TestNet {
+            bridge: format!("cct{}", std::process::id()),
+            subnet: format!("10.231.{n}.0/24"),
+            gateway: format!("10.231.{n}.1"),
+        }
+    }
+
+    fn conflist(&self, ipam_dir: &Path) -> String {
+        serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "cocoon-test",
+            "plugins": [{
+                "type": "bridge",
+                "bridge": self.bridge,
+                "isGateway": true,
+                "ipMasq": false,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": self.subnet, "gateway": self.gateway}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": ipam_dir,
+                }
+            }]
+        })
+        .to_string()
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// The CRI part of a private containerd's config.
+fn cri_config(dir: &Path) -> String {
+    format!(
+        r#"[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE_IMAGE}"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{HANDLER}]
+      runtime_type = "io.containerd.cocoon.v2"
+      pod_annotations = ["io.cocoon.*"]
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{CNI_BIN}"
+    conf_dir = "{conf}"
+    max_conf_num = 1
+"#,
+        conf = dir.join("cni").display()
+    )
+}
+
+/// A private containerd with CRI, its test network and a connected CRI client.
+#[derive(Debug)]
+pub struct Cri {
+    pub net: TestNet,
+    pub containerd: Containerd,
+    pub client: RuntimeServiceClient<Channel>,
+}
+
+/// What a container runs.
+#[derive(Debug, Clone)]
+pub struct ContainerSpec<'a> {
+    pub name: &'a str,
+    pub command: &'a [&'a str],
+}
+
+impl Cri {
+    /// Starts containerd with CRI and the test network, imports the test and pause images and
+    /// connects the client.
+    pub async fn start() -> Cri {
+        let net = TestNet::new();
+        let conflist = |d: &Path| net.conflist(&d.join("ipam"));
+        let containerd = Containerd::start_configured(test_hypervisor(), |d| {
+            let cni = d.join("cni");
+            std::fs::create_dir_all(&cni).unwrap();
+            std::fs::write(cni.join("10-cocoon-test.conflist"), conflist(d)).unwrap();
+            cri_config(d)
+        });
+        containerd.import_image(NAMESPACE, IMAGE, &["sh"]);
+        containerd.import_image(NAMESPACE, PAUSE_IMAGE, &["sleep", "2147483647"]);
+        let client = connect(&containerd.address).await;
+        Cri {
+            net,
+            containerd,
+            client,
+        }
+    }
+
+    /// Where pods' CRI container logs go.
+    pub fn log_dir(&self, pod: &str) -> PathBuf {
+        self.containerd.dir.path().join("logs").join(pod)
+    }
+
+    /// The config kubelet would send for a pod named `name`.
+    pub fn pod_config(&self, name: &str) -> cri::PodSandboxConfig {
+        cri::PodSandboxConfig {
+            metadata: Some(cri::PodSandboxMetadata {
+                name: name.into(),
+                uid: format!("uid-{name}"),
+                namespace: "default".into(),
+                attempt: 0,
+            }),
+            hostname: name.into(),
+            log_directory: self.log_dir(name).to_string_lossy().into_owned(),
+            labels: HashMap::new(),
+            annotations: HashMap::new(),
+            linux: Some(cri::LinuxPodSandboxConfig::default()),
+            ..Default::default()
+        }
+    }
+
+    /// RunPodSandbox with `handler`; returns the pod id and the config, for its containers.
+    pub async fn run_pod(&mut self, name: &str, handler: &str) -> (String, cri::PodSandboxConfig) {
+        let config = self.pod_config(name);
+        std::fs::create_dir_all(self.log_dir(name)).unwrap();
+        let r = self
+            .client
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: handler.into(),
+            })
+            .await;
+        let id = match r {
+            Ok(r) => r.into_inner().pod_sandbox_id,
+            Err(e) => panic!(
+                "RunPodSandbox {name}: {e}\ncontainerd log:\n{}",
+                self.containerd.log()
+            ),
+        };
+        (id, config)
+    }
+
+    /// CreateContainer + StartContainer; returns the container id.
+    pub async fn start_container(
+        &mut self,
+        pod: &str,
+        pod_config: &cri::PodSandboxConfig,
+        c: ContainerSpec<'_>,
+    ) -> String {
+        let config = cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata {
+                name: c.name.into(),
+                attempt: 0,
+            }),
+            image: Some(cri::ImageSpec {
+                image: IMAGE.into(),
+                ..Default::default()
+            }),
+            command: c.command.iter().map(|s| s.to_string()).collect(),
+            log_path: format!("{}.log", c.name),
+            linux: Some(cri::LinuxContainerConfig::default()),
+            ..Default::default()
+        };
+        let created = self
+            .client
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod.into(),
+                config: Some(config),
+                sandbox_config: Some(pod_config.clone()),
+            })
+            .await;
+        let id = match created {
+            Ok(r) => r.into_inner().container_id,
+            Err(e) => panic!(
+                "CreateContainer {}: {e}\ncontainerd log:\n{}",
+                c.name,
+                self.containerd.log()
+            ),
+        };
+        if let Err(e) = self
+            .client
+            .start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+        {
+            panic!(
+                "StartContainer {}: {e}\ncontainerd log:\n{}",
+                c.name,
+                self.containerd.log()
+            );
+        }
+        id
+    }
+
+    /// ExecSync: exit code, stdout, stderr.
+    pub async fn exec_sync(&mut self, container: &str, cmd: &[&str]) -> (i32, String, String) {
+        let r = self
+            .client
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: container.into(),
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                timeout: 60,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("ExecSync {cmd:?}: {e}"))
+            .into_inner();
+        (
+            r.exit_code,
+            String::from_utf8_lossy(&r.stdout).into_owned(),
+            String::from_utf8_lossy(&r.stderr).into_owned(),
+        )
+    }
+
+    /// The pod's IP as CRI reports it (from CNI).
+    pub async fn pod_ip(&mut self, pod: &str) -> String {
+        let s = self
+            .client
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: pod.into(),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        s.status
+            .and_then(|s| s.network)
+            .map(|n| n.ip)
+            .unwrap_or_default()
+    }
+
+    /// StopPodSandbox then RemovePodSandbox, as kubelet does when a pod is deleted; both must
+    /// succeed.
+    pub async fn stop_and_remove_pod(&mut self, pod: &str) {
+        let stop = self
+            .client
+            .stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: pod.into(),
+            })
+            .await;
+        assert!(
+            stop.is_ok(),
+            "StopPodSandbox: {stop:?}\ncontainerd log:\n{}",
+            self.containerd.log()
+        );
+        let rm = self
+            .client
+            .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                pod_sandbox_id: pod.into(),
+            })
+            .await;
+        assert!(
+            rm.is_ok(),
+            "RemovePodSandbox: {rm:?}\ncontainerd log:\n{}",
+            self.containerd.log()
+        );
+    }
+}
+
+/// A CRI client on containerd's unix socket.
+pub async fn connect(socket: &Path) -> RuntimeServiceClient<Channel> {
+    let socket = socket.to_owned();
+    // The URI is required by tonic and ignored by the connector.
+    let channel = Endpoint::from_static("http://localhost")
+        .connect_timeout(Duration::from_secs(10))
+        .connect_with_connector(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move {
+                let s = tokio::net::UnixStream::connect(socket).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(s))
+            }
+        }))
+        .await
+        .expect("connect to containerd's CRI socket");
+    RuntimeServiceClient::new(channel)
+}
