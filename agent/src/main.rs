@@ -3,6 +3,7 @@
 mod containers;
 mod init;
 mod logger;
+mod network;
 mod reaper;
 mod runner;
 mod server;

@@ -5,13 +5,14 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use cocoon_protocol::agent::{
-    CheckRequest, CheckResponse, CloseStdinRequest, CreateContainerRequest,
+    AddNeighboursRequest, CheckRequest, CheckResponse, CloseStdinRequest, CreateContainerRequest,
     CreateContainerResponse, Empty, ExecProcessRequest, ExecProcessResponse, GetOOMEventRequest,
-    GuestDetailsRequest, GuestDetailsResponse, ListProcessesRequest, ListProcessesResponse,
-    OOMEvent, PauseContainerRequest, RemoveContainerRequest, ResumeContainerRequest,
-    ShutdownRequest, SignalProcessRequest, StartContainerRequest, StartContainerResponse,
-    StatsContainerRequest, StatsContainerResponse, TtyWinResizeRequest, UpdateContainerRequest,
-    WaitProcessRequest, WaitProcessResponse,
+    GuestDetailsRequest, GuestDetailsResponse, Interface, ListProcessesRequest,
+    ListProcessesResponse, OOMEvent, PauseContainerRequest, RemoveContainerRequest,
+    ResumeContainerRequest, ShutdownRequest, SignalProcessRequest, StartContainerRequest,
+    StartContainerResponse, StatsContainerRequest, StatsContainerResponse, TtyWinResizeRequest,
+    UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest, WaitProcessRequest,
+    WaitProcessResponse,
 };
 use cocoon_protocol::agent_ttrpc::{create_agent_service, AgentService};
 use cocoon_protocol::{ProcessRef, AGENT_PORT, API_VERSION};
@@ -19,6 +20,7 @@ use ttrpc::r#async::{Server, TtrpcContext};
 
 use crate::containers::Manager;
 use crate::init;
+use crate::network;
 
 /// The outcome of the background bring-up (modules, virtio-fs share).
 #[derive(Debug, Clone)]
@@ -35,6 +37,8 @@ pub struct Agent {
     ready_uptime_ms: u64,
     booted: tokio::sync::watch::Receiver<Option<Booted>>,
     containers: Manager,
+    /// Netlink in the guest's (the pod's) network namespace; None if it could not be opened.
+    net: Option<rtnetlink::Handle>,
 }
 
 impl Agent {
@@ -48,7 +52,16 @@ impl Agent {
             ready_uptime_ms: 0,
             booted,
             containers,
+            net: None,
         }
+    }
+
+    fn net(&self) -> ttrpc::Result<&rtnetlink::Handle> {
+        self.net.as_ref().ok_or_else(|| {
+            net_status(network::NetError(
+                "netlink is not available in the guest".into(),
+            ))
+        })
     }
 
     /// Containers live on the share: calls that touch them need it mounted.
@@ -282,6 +295,41 @@ impl AgentService for Agent {
         })
     }
 
+    async fn update_interface(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateInterfaceRequest,
+    ) -> ttrpc::Result<Interface> {
+        // The NIC exists once the bring-up loaded virtio_net.
+        self.booted().await?;
+        let iface = req.interface.unwrap_or_default();
+        network::update_interface(self.net()?, &iface)
+            .await
+            .map_err(net_status)
+    }
+
+    async fn update_routes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateRoutesRequest,
+    ) -> ttrpc::Result<Empty> {
+        network::update_routes(self.net()?, &req.routes)
+            .await
+            .map_err(net_status)?;
+        Ok(Empty::default())
+    }
+
+    async fn add_neighbours(
+        &self,
+        _ctx: &TtrpcContext,
+        req: AddNeighboursRequest,
+    ) -> ttrpc::Result<Empty> {
+        network::add_neighbours(self.net()?, &req.neighbours)
+            .await
+            .map_err(net_status)?;
+        Ok(Empty::default())
+    }
+
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<Empty> {
         log::info!("shutdown requested; powering off");
         // Reply first; the reply needs a moment on the wire before the guest disappears.
@@ -293,6 +341,10 @@ impl AgentService for Agent {
         });
         Ok(Empty::default())
     }
+}
+
+fn net_status(e: network::NetError) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::INTERNAL, e.0))
 }
 
 /// Tells the host the API listens, by connecting to its READY_PORT. A host that polls instead
@@ -321,6 +373,15 @@ pub async fn serve(mut agent: Agent, bound: impl FnOnce()) -> anyhow::Result<Ser
     log::debug!("binding");
     let server = Server::new().bind(&format!("vsock://-1:{AGENT_PORT}"))?;
     agent.ready_uptime_ms = crate::logger::uptime_ms();
+    match network::connect() {
+        Ok(h) => {
+            if let Err(e) = network::loopback_up(&h).await {
+                log::error!("{e}");
+            }
+            agent.net = Some(h);
+        }
+        Err(e) => log::error!("{e}"),
+    }
     log::debug!("bound");
     bound();
     tokio::spawn(announce_ready());

@@ -24,12 +24,18 @@ pub fn cgroup_path(id: &str) -> String {
     format!("/cocoon/{id}")
 }
 
+/// Namespaces a pod container joins from its sandbox container when the spec says so (by a
+/// host path, which means nothing in the guest).
+const POD_SHARED: [&str; 3] = ["ipc", "uts", "pid"];
+
 /// Adapts `spec_json` for container `id` with its root at `rootfs` (absolute, in the guest).
-/// `exists` says whether a guest path exists (injected for tests).
+/// `pod_holder` is the guest pid of the pod's sandbox container, whose namespaces a spec
+/// naming one by path joins. `exists` says whether a guest path exists (injected for tests).
 pub fn adapt(
     spec_json: &[u8],
     id: &str,
     rootfs: &Path,
+    pod_holder: Option<i32>,
     exists: impl Fn(&str) -> bool,
 ) -> Result<Value, SpecError> {
     let mut v: Value = serde_json::from_slice(spec_json)
@@ -58,8 +64,19 @@ pub fn adapt(
     if let Some(nss) = linux["namespaces"].as_array_mut() {
         nss.retain(|ns| ns["type"] != "network");
         for ns in nss.iter_mut() {
+            let kind = ns["type"].as_str().unwrap_or("").to_owned();
             if let Some(o) = ns.as_object_mut() {
-                o.remove("path");
+                match (o.contains_key("path"), pod_holder) {
+                    (true, Some(pid)) if POD_SHARED.contains(&kind.as_str()) => {
+                        o.insert(
+                            "path".into(),
+                            Value::String(format!("/proc/{pid}/ns/{kind}")),
+                        );
+                    }
+                    _ => {
+                        o.remove("path");
+                    }
+                }
             }
         }
     } else {
@@ -136,9 +153,13 @@ mod tests {
     #[test]
     fn host_only_pieces_are_dropped_and_limits_kept() {
         let raw = serde_json::to_vec(&host_spec()).unwrap();
-        let v = adapt(&raw, "c1", Path::new("/run/cocoon/shared/c1/rootfs"), |p| {
-            p.starts_with("/run/cocoon/shared")
-        })
+        let v = adapt(
+            &raw,
+            "c1",
+            Path::new("/run/cocoon/shared/c1/rootfs"),
+            None,
+            |p| p.starts_with("/run/cocoon/shared"),
+        )
         .unwrap();
         assert_eq!(
             v["root"],
@@ -171,8 +192,23 @@ mod tests {
     }
 
     #[test]
+    fn a_pod_container_joins_its_sandbox_ipc_and_uts_but_not_the_host_netns() {
+        let raw = serde_json::to_vec(&host_spec()).unwrap();
+        let v = adapt(&raw, "c1", Path::new("/r"), Some(81), |_| true).unwrap();
+        assert_eq!(
+            v["linux"]["namespaces"],
+            json!([
+                {"type": "pid"},
+                {"type": "ipc", "path": "/proc/81/ns/ipc"},
+                {"type": "uts"},
+                {"type": "mount"}
+            ])
+        );
+    }
+
+    #[test]
     fn bad_specs_are_refused_with_a_reason() {
-        let err = adapt(b"{not json", "c", Path::new("/r"), |_| true).unwrap_err();
+        let err = adapt(b"{not json", "c", Path::new("/r"), None, |_| true).unwrap_err();
         assert!(err.0.contains("not valid JSON"), "{err}");
         let mut s = host_spec();
         s["process"]["args"] = json!([]);
@@ -180,6 +216,7 @@ mod tests {
             &serde_json::to_vec(&s).unwrap(),
             "c",
             Path::new("/r"),
+            None,
             |_| true,
         )
         .unwrap_err();
@@ -190,6 +227,7 @@ mod tests {
             &serde_json::to_vec(&s).unwrap(),
             "c",
             Path::new("/r"),
+            None,
             |_| true,
         )
         .unwrap_err();

@@ -27,7 +27,7 @@ pub const STDIO_PORT: u32 = 1025;
 /// Host vsock port the agent connects to once it listens, so the host need not poll.
 pub const READY_PORT: u32 = 1026;
 /// Bumped on every incompatible change to `agent.proto`.
-pub const API_VERSION: u32 = 2;
+pub const API_VERSION: u32 = 3;
 
 pub use process::{ProcessRef, StdioHello, StdioKind};
 pub use protobuf;

@@ -52,7 +52,8 @@ pub fn to_status(e: Error) -> sttrpc::Error {
         Error::InvalidArgument(_) => Code::INVALID_ARGUMENT,
         Error::NotRunning | Error::Config(_) => Code::FAILED_PRECONDITION,
         Error::Boot(_) | Error::Vmm(_) | Error::ApiMismatch { .. } => Code::UNAVAILABLE,
-        Error::ShutdownTimeout(_) | Error::Io { .. } => Code::INTERNAL,
+        Error::Netns { .. } => Code::INVALID_ARGUMENT,
+        Error::ShutdownTimeout(_) | Error::Io { .. } | Error::Network(_) => Code::INTERNAL,
     };
     ttrpc_status(code, e)
 }

@@ -18,6 +18,7 @@ pub mod convert;
 pub mod events;
 pub mod guest;
 pub mod io;
+pub mod network;
 pub mod phase;
 pub mod pod;
 pub mod process;
@@ -70,6 +71,17 @@ pub enum Error {
     /// The request itself is wrong (spec, annotations): retrying it won't help.
     #[error("{0}")]
     InvalidArgument(String),
+
+    /// The pod's network namespace (from the sandbox spec) can't be used.
+    #[error("network namespace {path}: {message}")]
+    Netns {
+        path: std::path::PathBuf,
+        message: String,
+    },
+
+    /// A netlink step in the pod's network namespace failed; the message names the interface.
+    #[error("pod network: {0}")]
+    Network(String),
 
     #[error("{context}: {source}")]
     Io {

@@ -17,6 +17,7 @@ use ttrpc::r#async::Client;
 use vmm_driver::vsock::BoxedStream;
 use vmm_driver::{Config, VmSpec, Vmm};
 
+use crate::network::{self, PodNetwork};
 use crate::pod::{BootTimes, GuestLink, PodVm, StdioDialer, VmFactory};
 use crate::{annotations, Error, Result};
 
@@ -61,6 +62,8 @@ pub struct Sandbox {
     vm: Box<dyn Vmm>,
     agent: AgentServiceClient,
     pub timings: BootTimings,
+    /// The pod's taps and redirects, removed after the VM stopped.
+    network: Option<PodNetwork>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -100,6 +103,7 @@ impl Sandbox {
                     vm,
                     agent,
                     timings,
+                    network: None,
                 })
             }
             Err(e) => {
@@ -218,7 +222,11 @@ impl Sandbox {
             );
         }
         let clean = asked.is_ok() && self.vm.wait_exit(POWEROFF_GRACE).await;
-        self.vm.stop().await?;
+        let stopped = self.vm.stop().await;
+        if let Some(net) = self.network.take() {
+            net.teardown().await;
+        }
+        stopped?;
         if asked.is_ok() && !clean {
             return Err(Error::ShutdownTimeout(POWEROFF_GRACE));
         }
@@ -279,9 +287,30 @@ impl VmFactory for SandboxFactory {
         let size = annotations::vm_size(&cfg, spec).map_err(Error::InvalidArgument)?;
         vm.vcpus = size.vcpus;
         vm.memory_mib = size.memory_mib;
-        let sb = Sandbox::boot(&cfg, &vm)
-            .await
-            .map_err(|e| Error::Boot(Box::new(e)))?;
+        let network = match network::netns_of(spec) {
+            Some(netns) => Some(PodNetwork::setup(&netns).await?),
+            None => None,
+        };
+        vm.nics = network.as_ref().map(PodNetwork::nics).unwrap_or_default();
+        let mut sb = match Sandbox::boot(&cfg, &vm).await {
+            Ok(sb) => sb,
+            Err(e) => {
+                if let Some(net) = network {
+                    net.teardown().await;
+                }
+                return Err(Error::Boot(Box::new(e)));
+            }
+        };
+        if let Some(net) = &network {
+            if let Err(e) = net.configure_guest(&sb.agent).await {
+                sb.network = network;
+                if let Err(stop) = sb.shutdown().await {
+                    log::warn!("sandbox {sandbox_id}: stopping after a network failure: {stop}");
+                }
+                return Err(e);
+            }
+        }
+        sb.network = network;
         Ok(Box::new(sb))
     }
 }

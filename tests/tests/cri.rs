@@ -28,8 +28,29 @@ async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// A plain HTTP GET from the host; the body, or why not.
+fn http_get(ip: &str, port: u16) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let addr = format!("{ip}:{port}");
+    let sock: std::net::SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(5))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(format!("GET / HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).map_err(|e| e.to_string())?;
+    Ok(body)
+}
+
+const WEB: &[&str] = &[
+    "sh",
+    "-c",
+    "mkdir -p /www && echo hello-from-pod > /www/index.html && echo web-says-hello && exec httpd -f -p 8080 -h /www",
+];
+
 #[tokio::test]
-async fn a_pod_of_two_containers_shares_one_vm_and_stops_cleanly() {
+async fn a_pod_of_two_containers_shares_one_vm_its_network_and_stops_cleanly() {
     let Some(_gate) = gate(&[Need::selected_guest()]).await else {
         return;
     };
@@ -41,7 +62,7 @@ async fn a_pod_of_two_containers_shares_one_vm_and_stops_cleanly() {
             &config,
             ContainerSpec {
                 name: "web",
-                command: &["sh", "-c", "echo web-says-hello; exec sleep 1000"],
+                command: WEB,
             },
         )
         .await;
@@ -76,6 +97,47 @@ async fn a_pod_of_two_containers_shares_one_vm_and_stops_cleanly() {
     })
     .await;
 
+    // The pod's identity: its IP on the guest's interface, its hostname in every container.
+    let ip = cri.pod_ip(&pod).await;
+    assert!(ip.starts_with("10.231."), "pod IP from CNI: {ip:?}");
+    let (_, addrs, _) = cri.exec_sync(&side, &["ip", "-4", "addr"]).await;
+    assert!(
+        addrs.contains(&format!("inet {ip}/24")),
+        "ip addr in the pod:\n{addrs}"
+    );
+    for c in [&web, &side] {
+        let (_, host, _) = cri.exec_sync(c, &["hostname"]).await;
+        assert_eq!(host.trim(), "web");
+    }
+
+    // The server answers the host at the pod IP, and the other container on 127.0.0.1.
+    let got = http_get(&ip, 8080);
+    assert!(
+        got.as_ref().is_ok_and(|b| b.contains("hello-from-pod")),
+        "host -> pod {ip}:8080: {got:?}"
+    );
+    let (code, body, err) = cri
+        .exec_sync(&side, &["wget", "-qO-", "http://127.0.0.1:8080/"])
+        .await;
+    assert_eq!((code, body.trim()), (0, "hello-from-pod"), "{err}");
+
+    // A second pod reaches it by IP.
+    let (other, other_config) = cri.run_pod("client", HANDLER).await;
+    let client = cri
+        .start_container(
+            &other,
+            &other_config,
+            ContainerSpec {
+                name: "client",
+                command: &["sleep", "1000"],
+            },
+        )
+        .await;
+    let url = format!("http://{ip}:8080/");
+    let (code, body, err) = cri.exec_sync(&client, &["wget", "-qO-", &url]).await;
+    assert_eq!((code, body.trim()), (0, "hello-from-pod"), "{err}");
+
+    cri.stop_and_remove_pod(&other).await;
     cri.stop_and_remove_pod(&pod).await;
     cri.containerd.assert_clean();
 }

@@ -26,6 +26,11 @@ pub enum Error {
     #[error("accel = \"kvm\" was asked for, but KVM is not usable here: {reason}; use accel = \"auto\" or \"tcg\"")]
     KvmUnusable { reason: String },
 
+    #[error("{what} is not supported with {hypervisor} yet; use hypervisor = \"qemu\"")]
+    Unsupported {
+        what: &'static str,
+        hypervisor: &'static str,
+    },
     #[error("{name} can't run on this host: {reason}; use hypervisor = \"qemu\", which falls back to TCG")]
     HypervisorUnusable { name: &'static str, reason: String },
 

@@ -46,6 +46,18 @@ pub struct VmSpec {
     pub run_dir: PathBuf,
     /// Appended to the kernel command line after the config's own.
     pub kernel_params: Vec<String>,
+    /// The pod's network interfaces, one virtio-net each, in this order.
+    pub nics: Vec<Nic>,
+}
+
+/// One guest NIC backed by a tap the caller opened (in the pod's network namespace). The
+/// VMM gets its own copy of the fd; the tap goes away once every copy is closed.
+#[derive(Debug, Clone)]
+pub struct Nic {
+    pub tap: std::sync::Arc<std::os::fd::OwnedFd>,
+    /// The guest side's MAC, `aa:bb:cc:dd:ee:ff`: the pod interface's, so that neighbours
+    /// and the pod's own ARP answers stay valid.
+    pub mac: String,
 }
 
 impl VmSpec {
@@ -57,6 +69,7 @@ impl VmSpec {
             memory_mib: cfg.vm.memory_mib,
             run_dir: cfg.state_dir.join(id),
             kernel_params: vec![],
+            nics: vec![],
         }
     }
 }

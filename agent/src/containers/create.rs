@@ -53,7 +53,8 @@ impl Manager {
         stdio: &StdioStreams,
     ) -> Res<i32> {
         let root = resolve_rootfs(&self.share, rootfs)?;
-        let spec = spec::adapt(spec_json, id, &root, |p| Path::new(p).exists())
+        let pod = self.pod_holder(spec_json);
+        let spec = spec::adapt(spec_json, id, &root, pod, |p| Path::new(p).exists())
             .map_err(|e| Failure::Invalid(e.0))?;
         let bundle = Path::new(BUNDLES).join(id);
         std::fs::create_dir_all(&bundle).map_err(failed("create the bundle"))?;
@@ -77,6 +78,27 @@ impl Manager {
         self.table().insert(id.to_owned(), Arc::new(c));
         log::info!("container {id} created (init pid {pid})");
         Ok(pid)
+    }
+}
+
+impl Manager {
+    /// For a container of a CRI pod, the guest pid of its sandbox (pause) container, whose
+    /// namespaces it joins where the spec names the sandbox's: the pod shares IPC and UTS (the
+    /// pod's hostname), as under runc.
+    fn pod_holder(&self, spec_json: &[u8]) -> Option<i32> {
+        let v: serde_json::Value = serde_json::from_slice(spec_json).ok()?;
+        let ann = &v["annotations"];
+        if ann["io.kubernetes.cri.container-type"] != "container" {
+            return None;
+        }
+        let sandbox = ann["io.kubernetes.cri.sandbox-id"].as_str()?;
+        let pid = self.table().get(sandbox).map(|c| c.init.pid);
+        if pid.is_none() {
+            log::warn!(
+                "pod sandbox {sandbox} is not a container here: its namespaces can't be joined"
+            );
+        }
+        pid
     }
 }
 

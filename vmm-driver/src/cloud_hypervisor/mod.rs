@@ -72,6 +72,12 @@ impl ChVm {
     /// VM. A failure after the first process started tears down what was started.
     pub async fn launch(cfg: &Config, spec: &VmSpec) -> Result<ChVm> {
         check_host(cfg, &HostFacts::probe())?;
+        if !spec.nics.is_empty() {
+            return Err(Error::Unsupported {
+                what: "pod networking (a tap NIC)",
+                hypervisor: "cloud-hypervisor",
+            });
+        }
         let mut vm = ChVm::start(cfg, spec).await?;
         let booted = async {
             vm.api.create(&vm.vm_config(cfg, spec)).await?;

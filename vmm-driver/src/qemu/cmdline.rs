@@ -25,6 +25,16 @@ pub struct QemuLaunch {
     /// vhost-user socket of the virtiofsd exporting the shared dir.
     pub virtiofs_socket: PathBuf,
     pub virtiofs_tag: String,
+    pub nics: Vec<NicArg>,
+}
+
+/// A virtio-net device on a tap QEMU inherits as `fd`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicArg {
+    pub fd: i32,
+    pub mac: String,
+    /// In-kernel vhost-net: only where `/dev/vhost-net` exists (QEMU fails otherwise).
+    pub vhost: bool,
 }
 
 /// The guest's vsock device.
@@ -111,6 +121,17 @@ pub fn qemu_args(l: &QemuLaunch) -> Vec<String> {
         "-device",
         &format!("vhost-user-fs-pci,chardev=fs0,tag={}", l.virtiofs_tag),
     ]);
+    for (i, n) in l.nics.iter().enumerate() {
+        let vhost = if n.vhost { "on" } else { "off" };
+        push(&[
+            "-netdev",
+            &format!("tap,id=net{i},fd={},vhost={vhost}", n.fd),
+        ]);
+        push(&[
+            "-device",
+            &format!("virtio-net-pci,netdev=net{i},mac={}", n.mac),
+        ]);
+    }
     // Free page reporting: the guest hands memory it freed back, so an idle pod's host
     // footprint follows what the guest uses rather than what it once touched.
     push(&["-device", "virtio-balloon-pci,free-page-reporting=on"]);
@@ -142,7 +163,36 @@ mod tests {
             vsock,
             virtiofs_socket: "/r/fs.sock".into(),
             virtiofs_tag: "cocoon".into(),
+            nics: vec![],
         }
+    }
+
+    #[test]
+    fn each_nic_is_a_tap_fd_and_a_virtio_net_with_the_pod_mac() {
+        let mut l = launch(Chosen::Tcg, VsockDevice::Kernel { cid: 9 });
+        l.nics = vec![
+            NicArg {
+                fd: 3,
+                mac: "02:00:00:00:00:01".into(),
+                vhost: false,
+            },
+            NicArg {
+                fd: 4,
+                mac: "02:00:00:00:00:02".into(),
+                vhost: true,
+            },
+        ];
+        let args = qemu_args(&l);
+        assert_eq!(
+            values(&args, "-netdev"),
+            ["tap,id=net0,fd=3,vhost=off", "tap,id=net1,fd=4,vhost=on"]
+        );
+        let devices = values(&args, "-device");
+        assert!(devices.contains(&"virtio-net-pci,netdev=net0,mac=02:00:00:00:00:01"));
+        assert!(devices.contains(&"virtio-net-pci,netdev=net1,mac=02:00:00:00:00:02"));
+        // No NIC, no network device at all (`-nodefaults` leaves none either).
+        let bare = qemu_args(&launch(Chosen::Tcg, VsockDevice::Kernel { cid: 9 }));
+        assert!(values(&bare, "-netdev").is_empty());
     }
 
     /// The value following `flag`, for every occurrence.

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use command_fds::{CommandFdExt, FdMapping};
 use tokio::net::UnixStream;
 use tokio::process::Command;
 
@@ -24,6 +25,9 @@ use crate::vsock::VsockEndpoint;
 use crate::{VmSpec, Vmm};
 use cmdline::{QemuLaunch, VsockDevice};
 use qmp::Qmp;
+
+/// QEMU's tap fds start here, above stdio.
+const FIRST_NIC_FD: i32 = 3;
 
 /// How long QEMU may take to open its QMP socket.
 const QMP_READY: Duration = Duration::from_secs(10);
@@ -160,8 +164,30 @@ impl QemuVm {
             },
             virtiofs_socket: fs_sock,
             virtiofs_tag: VIRTIOFS_TAG.into(),
+            nics: vec![],
         };
+        let mut launch = launch;
         let mut q = Command::new(&bins.qemu);
+        let mut fds = Vec::with_capacity(spec.nics.len());
+        let vhost = Path::new("/dev/vhost-net").exists();
+        for (i, nic) in spec.nics.iter().enumerate() {
+            let fd = FIRST_NIC_FD + i32::try_from(i).unwrap_or(0);
+            let parent_fd = nic
+                .tap
+                .try_clone()
+                .map_err(|e| Error::io("dup the pod's tap fd", e))?;
+            fds.push(FdMapping {
+                parent_fd,
+                child_fd: fd,
+            });
+            launch.nics.push(cmdline::NicArg {
+                fd,
+                mac: nic.mac.clone(),
+                vhost,
+            });
+        }
+        q.fd_mappings(fds)
+            .map_err(|e| Error::io("hand QEMU the tap fds", std::io::Error::other(e)))?;
         q.args(cmdline::qemu_args(&launch));
         log::debug!("VM {}: {:?}", spec.id, q.as_std());
         self.qemu = Some(Daemon::spawn("qemu", q, &self.dir.path("qemu.log"))?);

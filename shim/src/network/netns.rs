@@ -1,0 +1,49 @@
+//! Running netlink work inside a pod's network namespace. `setns` moves only the calling
+//! thread, so the work gets a thread of its own (with a one-thread runtime for rtnetlink) and
+//! the shim's runtime threads never change namespace. Sockets and taps opened there stay in
+//! that namespace whatever thread uses them later.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use nix::sched::CloneFlags;
+
+use crate::{Error, Result};
+
+/// Runs `work` on a fresh thread inside the network namespace at `netns`.
+pub fn run_in<T, F, Fut>(netns: &Path, work: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce(rtnetlink::Handle) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let file = File::open(netns).map_err(|e| Error::Netns {
+        path: netns.to_owned(),
+        message: e.to_string(),
+    })?;
+    let path: PathBuf = netns.to_owned();
+    let thread = std::thread::Builder::new()
+        .name("pod-netns".into())
+        .spawn(move || {
+            nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| Error::Netns {
+                path: path.clone(),
+                message: format!("not a network namespace, or no right to join it ({e})"),
+            })?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| Error::io("a runtime for netlink", e))?;
+            rt.block_on(async move {
+                let (conn, handle, _) = rtnetlink::new_connection()
+                    .map_err(|e| Error::io("open a netlink socket in the pod netns", e))?;
+                let conn = tokio::spawn(conn);
+                let r = work(handle).await;
+                conn.abort();
+                r
+            })
+        })
+        .map_err(|e| Error::io("spawn the netns thread", e))?;
+    thread
+        .join()
+        .unwrap_or_else(|_| Err(Error::Network("the netns thread panicked".into())))
+}
