@@ -107,6 +107,44 @@ pub fn adapt(
     Ok(v)
 }
 
+/// Takes the `net.*` sysctls out of an adapted spec. The container shares the guest's network
+/// namespace, which is the pod's, so the runtime would refuse them there (runc does too, in
+/// the host's); the agent writes them into the guest instead, as the pod's own. Keys are
+/// checked: they become paths under /proc/sys.
+pub fn take_net_sysctls(v: &mut Value) -> Result<Vec<(String, String)>, SpecError> {
+    let Some(map) = v["linux"]["sysctl"].as_object_mut() else {
+        return Ok(vec![]);
+    };
+    let keys: Vec<String> = map
+        .keys()
+        .filter(|k| k.starts_with("net."))
+        .cloned()
+        .collect();
+    let mut out = vec![];
+    for k in keys {
+        let ok = k.split('.').all(|part| {
+            !part.is_empty()
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+        });
+        if !ok {
+            return Err(SpecError(format!("sysctl {k:?} is not a valid name")));
+        }
+        let value = map
+            .remove(&k)
+            .and_then(|x| x.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        out.push((k, value));
+    }
+    Ok(out)
+}
+
+/// `/proc/sys/...` of a sysctl name (`net.ipv4.ip_forward`).
+pub fn sysctl_path(key: &str) -> std::path::PathBuf {
+    Path::new("/proc/sys").join(key.replace('.', "/"))
+}
+
 /// Checks an exec's process object (spec.process) before it is handed to the runner.
 pub fn check_process(process_json: &[u8]) -> Result<Value, SpecError> {
     let v: Value = serde_json::from_slice(process_json)
@@ -204,6 +242,30 @@ mod tests {
                 {"type": "mount"}
             ])
         );
+    }
+
+    #[test]
+    fn net_sysctls_are_taken_out_and_checked() {
+        let mut v = json!({"linux": {"sysctl": {
+            "net.ipv4.ip_unprivileged_port_start": "0", "kernel.shmmax": "1024"
+        }}});
+        let net = take_net_sysctls(&mut v).unwrap();
+        assert_eq!(
+            net,
+            [(
+                "net.ipv4.ip_unprivileged_port_start".to_owned(),
+                "0".to_owned()
+            )]
+        );
+        assert_eq!(v["linux"]["sysctl"], json!({"kernel.shmmax": "1024"}));
+        assert_eq!(
+            sysctl_path("net.ipv4.ip_forward"),
+            Path::new("/proc/sys/net/ipv4/ip_forward")
+        );
+        let mut bad = json!({"linux": {"sysctl": {"net.ipv4..": "1"}}});
+        assert!(take_net_sysctls(&mut bad).is_err());
+        let mut bad = json!({"linux": {"sysctl": {"net./../../x": "1"}}});
+        assert!(take_net_sysctls(&mut bad).is_err());
     }
 
     #[test]

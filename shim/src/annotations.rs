@@ -28,6 +28,11 @@ pub fn bundle_spec(bundle: &std::path::Path) -> serde_json::Value {
         .unwrap_or_default()
 }
 
+/// The pod's resource totals containerd's CRI plugin puts on the sandbox container.
+const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+const SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+
 pub const VCPUS: &str = "io.cocoon.vm.vcpus";
 pub const MEMORY_MIB: &str = "io.cocoon.vm.memory_mib";
 const KNOWN: [&str; 2] = [VCPUS, MEMORY_MIB];
@@ -76,7 +81,8 @@ fn annotation(
 }
 
 /// Sizes the VM like Kata's static sizing: the config's defaults plus the container's memory
-/// limit and CPU quota when it has them, capped at the config's maxima; annotations override.
+/// limit and CPU quota when it has them (for a CRI pod: the pod's totals from the sandbox
+/// annotations), capped at the config's maxima; `io.cocoon.vm.*` annotations override.
 pub fn vm_size(cfg: &Config, spec: &Value) -> Result<VmSize, String> {
     let vm = &cfg.vm;
     let res = &spec["linux"]["resources"];
@@ -92,6 +98,23 @@ pub fn vm_size(cfg: &Config, spec: &Value) -> Result<VmSize, String> {
     let period = res["cpu"]["period"].as_u64().unwrap_or(0);
     if quota > 0 && period > 0 {
         let cpus = u32::try_from(quota.unsigned_abs().div_ceil(period)).unwrap_or(u32::MAX);
+        size.vcpus = vm.vcpus.saturating_add(cpus).min(vm.max_vcpus);
+    }
+    // A CRI pod: containerd puts the pod's totals on the sandbox (kubelet ≥ 1.23 sends them),
+    // whose own container (pause) has no limits. Added to the defaults, which are the VM's
+    // own overhead, as Kata does.
+    let cri = |k: &str| {
+        spec["annotations"][k]
+            .as_str()
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .filter(|n| *n > 0)
+    };
+    if let Some(bytes) = cri(SANDBOX_MEMORY) {
+        let mib = u32::try_from(bytes.unsigned_abs().div_ceil(1 << 20)).unwrap_or(u32::MAX);
+        size.memory_mib = vm.memory_mib.saturating_add(mib).min(vm.max_memory_mib);
+    }
+    if let (Some(q), Some(p)) = (cri(SANDBOX_CPU_QUOTA), cri(SANDBOX_CPU_PERIOD)) {
+        let cpus = u32::try_from(q.unsigned_abs().div_ceil(p.unsigned_abs())).unwrap_or(u32::MAX);
         size.vcpus = vm.vcpus.saturating_add(cpus).min(vm.max_vcpus);
     }
     if !vm.annotations {
@@ -149,6 +172,32 @@ mod tests {
                 vcpus: 2,
                 memory_mib: 512
             }
+        );
+    }
+
+    #[test]
+    fn a_cri_pod_is_sized_from_its_totals_plus_the_overhead() {
+        let cfg = Config::default();
+        let spec = json!({"annotations": {
+            SANDBOX_MEMORY: "268435456", SANDBOX_CPU_QUOTA: "150000", SANDBOX_CPU_PERIOD: "100000"
+        }});
+        assert_eq!(
+            vm_size(&cfg, &spec).unwrap(),
+            VmSize {
+                vcpus: 3,
+                memory_mib: 512
+            }
+        );
+        // Unlimited (0 or -1) adds nothing; the maxima still hold.
+        let spec = json!({"annotations": {SANDBOX_MEMORY: "0", SANDBOX_CPU_QUOTA: "-1", SANDBOX_CPU_PERIOD: "100000"}});
+        assert_eq!(
+            vm_size(&cfg, &spec).unwrap(),
+            vm_size(&cfg, &json!({})).unwrap()
+        );
+        let spec = json!({"annotations": {SANDBOX_MEMORY: "68719476736"}});
+        assert_eq!(
+            vm_size(&cfg, &spec).unwrap().memory_mib,
+            cfg.vm.max_memory_mib
         );
     }
 

@@ -84,6 +84,10 @@ fn cri_config(dir: &Path) -> String {
     default_runtime_name = "runc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.gvisor]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.gvisor.options]
+        BinaryName = "runsc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{HANDLER}]
       runtime_type = "io.containerd.cocoon.v2"
       pod_annotations = ["io.cocoon.*"]
@@ -159,22 +163,51 @@ impl Cri {
     /// RunPodSandbox with `handler`; returns the pod id and the config, for its containers.
     pub async fn run_pod(&mut self, name: &str, handler: &str) -> (String, cri::PodSandboxConfig) {
         let config = self.pod_config(name);
-        std::fs::create_dir_all(self.log_dir(name)).unwrap();
+        self.run_pod_with(config, handler).await
+    }
+
+    /// RunPodSandbox of `config` with `handler`.
+    pub async fn run_pod_with(
+        &mut self,
+        config: cri::PodSandboxConfig,
+        handler: &str,
+    ) -> (String, cri::PodSandboxConfig) {
+        match self.try_run_pod_with(config, handler).await {
+            Ok(v) => v,
+            Err(e) => panic!("{e}\ncontainerd log:\n{}", self.containerd.log()),
+        }
+    }
+
+    /// [`Cri::run_pod`] that returns the error instead of failing the test.
+    pub async fn try_run_pod(
+        &mut self,
+        name: &str,
+        handler: &str,
+    ) -> Result<(String, cri::PodSandboxConfig), String> {
+        let config = self.pod_config(name);
+        self.try_run_pod_with(config, handler).await
+    }
+
+    async fn try_run_pod_with(
+        &mut self,
+        config: cri::PodSandboxConfig,
+        handler: &str,
+    ) -> Result<(String, cri::PodSandboxConfig), String> {
+        let name = config
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
+        std::fs::create_dir_all(self.log_dir(&name)).unwrap();
         let r = self
             .client
             .run_pod_sandbox(cri::RunPodSandboxRequest {
                 config: Some(config.clone()),
                 runtime_handler: handler.into(),
             })
-            .await;
-        let id = match r {
-            Ok(r) => r.into_inner().pod_sandbox_id,
-            Err(e) => panic!(
-                "RunPodSandbox {name}: {e}\ncontainerd log:\n{}",
-                self.containerd.log()
-            ),
-        };
-        (id, config)
+            .await
+            .map_err(|e| format!("RunPodSandbox {name} ({handler}): {e}"))?;
+        Ok((r.into_inner().pod_sandbox_id, config))
     }
 
     /// CreateContainer + StartContainer; returns the container id.
@@ -184,6 +217,19 @@ impl Cri {
         pod_config: &cri::PodSandboxConfig,
         c: ContainerSpec<'_>,
     ) -> String {
+        match self.try_start_container(pod, pod_config, c).await {
+            Ok(id) => id,
+            Err(e) => panic!("{e}\ncontainerd log:\n{}", self.containerd.log()),
+        }
+    }
+
+    /// [`Cri::start_container`] that returns the error instead of failing the test.
+    pub async fn try_start_container(
+        &mut self,
+        pod: &str,
+        pod_config: &cri::PodSandboxConfig,
+        c: ContainerSpec<'_>,
+    ) -> Result<String, String> {
         let config = cri::ContainerConfig {
             metadata: Some(cri::ContainerMetadata {
                 name: c.name.into(),
@@ -206,28 +252,17 @@ impl Cri {
                 sandbox_config: Some(pod_config.clone()),
             })
             .await;
-        let id = match created {
-            Ok(r) => r.into_inner().container_id,
-            Err(e) => panic!(
-                "CreateContainer {}: {e}\ncontainerd log:\n{}",
-                c.name,
-                self.containerd.log()
-            ),
-        };
-        if let Err(e) = self
-            .client
+        let id = created
+            .map_err(|e| format!("CreateContainer {}: {e}", c.name))?
+            .into_inner()
+            .container_id;
+        self.client
             .start_container(cri::StartContainerRequest {
                 container_id: id.clone(),
             })
             .await
-        {
-            panic!(
-                "StartContainer {}: {e}\ncontainerd log:\n{}",
-                c.name,
-                self.containerd.log()
-            );
-        }
-        id
+            .map_err(|e| format!("StartContainer {}: {e}", c.name))?;
+        Ok(id)
     }
 
     /// ExecSync: exit code, stdout, stderr.

@@ -4,9 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support: a panic is the failure report
 
+pub mod bench_chart;
 pub mod config;
 pub mod containerd;
 pub mod cri;
+pub mod cri_bench;
 pub mod fuse_client;
 pub mod gate;
 pub mod leaks;

@@ -121,8 +121,20 @@ async fn a_pod_of_two_containers_shares_one_vm_its_network_and_stops_cleanly() {
         .await;
     assert_eq!((code, body.trim()), (0, "hello-from-pod"), "{err}");
 
-    // A second pod reaches it by IP.
-    let (other, other_config) = cri.run_pod("client", HANDLER).await;
+    // A second pod reaches it by IP. It asks for resources (kubelet sends the pod's totals,
+    // containerd puts them on the sandbox) and a net.* sysctl.
+    let mut client_config = cri.pod_config("client");
+    let linux = client_config.linux.get_or_insert_with(Default::default);
+    linux.resources = Some(k8s_cri::v1::LinuxContainerResources {
+        cpu_period: 100_000,
+        cpu_quota: 100_000,
+        memory_limit_in_bytes: 256 << 20,
+        ..Default::default()
+    });
+    linux
+        .sysctls
+        .insert("net.ipv4.ip_unprivileged_port_start".into(), "1000".into());
+    let (other, other_config) = cri.run_pod_with(client_config, HANDLER).await;
     let client = cri
         .start_container(
             &other,
@@ -136,6 +148,29 @@ async fn a_pod_of_two_containers_shares_one_vm_its_network_and_stops_cleanly() {
     let url = format!("http://{ip}:8080/");
     let (code, body, err) = cri.exec_sync(&client, &["wget", "-qO-", &url]).await;
     assert_eq!((code, body.trim()), (0, "hello-from-pod"), "{err}");
+    // Its VM: the configured overhead (1 vCPU, 256 MiB) plus what the pod asked for.
+    let (_, cpus, _) = cri.exec_sync(&client, &["nproc"]).await;
+    assert_eq!(cpus.trim(), "2", "vCPUs of a pod with a 1-CPU quota");
+    let (_, mem, _) = cri
+        .exec_sync(&client, &["head", "-1", "/proc/meminfo"])
+        .await;
+    let kib: u64 = mem
+        .split_whitespace()
+        .nth(1)
+        .and_then(|k| k.parse().ok())
+        .unwrap_or(0);
+    assert!(kib > 400 << 10, "a 256 MiB pod gets 256 + 256 MiB: {mem}");
+    let (_, port, _) = cri
+        .exec_sync(
+            &client,
+            &["cat", "/proc/sys/net/ipv4/ip_unprivileged_port_start"],
+        )
+        .await;
+    assert_eq!(
+        port.trim(),
+        "1000",
+        "the pod's net.* sysctl, in its network namespace"
+    );
 
     cri.stop_and_remove_pod(&other).await;
     cri.stop_and_remove_pod(&pod).await;

@@ -54,8 +54,16 @@ impl Manager {
     ) -> Res<i32> {
         let root = resolve_rootfs(&self.share, rootfs)?;
         let pod = self.pod_holder(spec_json);
-        let spec = spec::adapt(spec_json, id, &root, pod, |p| Path::new(p).exists())
+        let mut spec = spec::adapt(spec_json, id, &root, pod, |p| Path::new(p).exists())
             .map_err(|e| Failure::Invalid(e.0))?;
+        for (key, value) in spec::take_net_sysctls(&mut spec).map_err(|e| Failure::Invalid(e.0))? {
+            std::fs::write(spec::sysctl_path(&key), &value).map_err(|e| {
+                Failure::Invalid(format!(
+                    "sysctl {key}={value:?} in the pod's network namespace: {e}"
+                ))
+            })?;
+            log::info!("container {id}: sysctl {key}={value} (pod network namespace)");
+        }
         let bundle = Path::new(BUNDLES).join(id);
         std::fs::create_dir_all(&bundle).map_err(failed("create the bundle"))?;
         std::fs::write(bundle.join("config.json"), spec.to_string())

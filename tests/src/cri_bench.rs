@@ -1,0 +1,161 @@
+//! `make bench`'s CRI figures: a pod through containerd's CRI plugin with the handlers
+//! `cocoon`, `runc` and `gvisor` (runc's shim running `runsc`) side by side, one run, one
+//! machine: pod start (RunPodSandbox to the first HTTP reply from the pod IP), TCP throughput
+//! host → pod, and the round trip of a small HTTP request.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::cri::{ContainerSpec, Cri, HANDLER};
+
+/// The handlers compared, with the name the results use.
+pub const HANDLERS: [(&str, &str); 3] =
+    [("cocoon", HANDLER), ("runc", "runc"), ("gvisor", "gvisor")];
+
+const SERVER: &[&str] = &[
+    "sh",
+    "-c",
+    "mkdir -p /www && echo ok > /www/index.html && (while :; do nc -l -p 5001 > /dev/null; done &) && exec httpd -f -p 8080 -h /www",
+];
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// One HTTP GET of `/`; the whole reply.
+fn get(addr: SocketAddr) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body)
+}
+
+/// Runs a pod with the server; returns its id, address and the time to its first reply.
+async fn start_pod(
+    cri: &mut Cri,
+    name: &str,
+    handler: &str,
+) -> Result<(String, String, Duration), String> {
+    let t0 = Instant::now();
+    let (pod, config) = cri.try_run_pod(name, handler).await?;
+    cri.try_start_container(
+        &pod,
+        &config,
+        ContainerSpec {
+            name: "server",
+            command: SERVER,
+        },
+    )
+    .await?;
+    let ip = cri.pod_ip(&pod).await;
+    let addr: SocketAddr = format!("{ip}:8080")
+        .parse()
+        .map_err(|e| format!("pod IP {ip:?}: {e}"))?;
+    while !get(addr).is_ok_and(|b| b.contains("ok")) {
+        if t0.elapsed() > Duration::from_secs(60) {
+            return Err(format!("no HTTP reply from {addr} within 60 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok((pod, ip, t0.elapsed()))
+}
+
+/// MB/s of `mib` MiB sent from the host to the pod's sink on port 5001.
+fn throughput(ip: &str, mib: usize) -> std::io::Result<f64> {
+    let addr: SocketAddr = format!("{ip}:5001")
+        .parse()
+        .map_err(std::io::Error::other)?;
+    let chunk = vec![0x5a_u8; 1 << 20];
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    let t0 = Instant::now();
+    for _ in 0..mib {
+        s.write_all(&chunk)?;
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut rest = vec![];
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let _ = s.read_to_end(&mut rest);
+    Ok(mib as f64 / t0.elapsed().as_secs_f64())
+}
+
+fn summary(v: &[f64]) -> Value {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let median = if s.is_empty() { 0.0 } else { s[s.len() / 2] };
+    json!({"median": median, "min": s.first(), "max": s.last(), "n": s.len()})
+}
+
+/// The CRI figures for every handler; a handler that fails here gives its error instead.
+pub async fn figures(runs: usize) -> Value {
+    let mut cri = Cri::start().await;
+    let mut out = serde_json::Map::new();
+    for (name, handler) in HANDLERS {
+        let r = one_handler(&mut cri, handler, runs).await;
+        println!("CRI {name}: {r}");
+        out.insert(name.to_owned(), r);
+    }
+    Value::Object(out)
+}
+
+async fn one_handler(cri: &mut Cri, handler: &str, runs: usize) -> Value {
+    let mut start = vec![];
+    let mut tput = vec![];
+    let mut rtt = vec![];
+    for i in 0..runs {
+        let (pod, ip, t) = match start_pod(cri, &format!("bench-{handler}-{i}"), handler).await {
+            Ok(v) => v,
+            Err(e) => return json!({"error": e}),
+        };
+        start.push(ms(t));
+        if i == 0 {
+            for _ in 0..3 {
+                match throughput(&ip, 64) {
+                    Ok(v) => tput.push(v),
+                    Err(e) => return json!({"error": format!("throughput: {e}")}),
+                }
+            }
+            let addr: SocketAddr = format!("{ip}:8080")
+                .parse()
+                .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
+            for _ in 0..50 {
+                let t0 = Instant::now();
+                if get(addr).is_ok() {
+                    rtt.push(ms(t0.elapsed()));
+                }
+            }
+        }
+        cri.stop_and_remove_pod(&pod).await;
+    }
+    json!({
+        "pod_start_ms": summary(&start),
+        "tcp_host_to_pod_mb_s": summary(&tput),
+        "http_rtt_ms": summary(&rtt),
+    })
+}
+
+/// The CRI rows of results.md.
+pub fn markdown(cri: &Value) -> String {
+    let f = |v: &Value| format!("{:.1}", v.as_f64().unwrap_or(f64::NAN));
+    let mut s = String::from(
+        "\n| CRI pod (one container) | pod start, RunPodSandbox → first HTTP reply (ms, median) | TCP host → pod (MB/s, median) | HTTP round trip (ms, median) |\n|---|---|---|---|\n",
+    );
+    for (name, _) in HANDLERS {
+        let v = &cri[name];
+        if let Some(e) = v["error"].as_str() {
+            s += &format!("| {name} | failed: {e} | | |\n");
+        } else {
+            s += &format!(
+                "| {name} | {} | {} | {} |\n",
+                f(&v["pod_start_ms"]["median"]),
+                f(&v["tcp_host_to_pod_mb_s"]["median"]),
+                f(&v["http_rtt_ms"]["median"])
+            );
+        }
+    }
+    s
+}
