@@ -80,6 +80,9 @@ fn cri_config(dir: &Path) -> String {
   sandbox_image = "{PAUSE_IMAGE}"
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
+  # Lowering oom_score_adj is refused on these machines (kubelet gives the sandbox -998),
+  # which runc can't do; CRI then keeps a container's score at containerd's own or above.
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     default_runtime_name = "runc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]

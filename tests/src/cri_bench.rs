@@ -1,7 +1,8 @@
 //! `make bench`'s CRI figures: a pod through containerd's CRI plugin with the handlers
 //! `cocoon`, `runc` and `gvisor` (runc's shim running `runsc`) side by side, one run, one
-//! machine: pod start (RunPodSandbox to the first HTTP reply from the pod IP), TCP throughput
-//! host → pod, and the round trip of a small HTTP request.
+//! machine: pod start (RunPodSandbox to the first HTTP reply from the pod IP) and the round
+//! trip of a small HTTP request. Host → pod TCP throughput is not measured yet: a 32 MiB
+//! transfer into a Cocoon pod under TCG stalled, and the pod's stop then hung (see the notes).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -18,7 +19,7 @@ pub const HANDLERS: [(&str, &str); 3] =
 const SERVER: &[&str] = &[
     "sh",
     "-c",
-    "mkdir -p /www && echo ok > /www/index.html && (while :; do nc -l -p 5001 > /dev/null; done &) && exec httpd -f -p 8080 -h /www",
+    "mkdir -p /www && echo ok > /www/index.html && exec httpd -f -p 8080 -h /www",
 ];
 
 fn ms(d: Duration) -> f64 {
@@ -65,24 +66,6 @@ async fn start_pod(
     Ok((pod, ip, t0.elapsed()))
 }
 
-/// MB/s of `mib` MiB sent from the host to the pod's sink on port 5001.
-fn throughput(ip: &str, mib: usize) -> std::io::Result<f64> {
-    let addr: SocketAddr = format!("{ip}:5001")
-        .parse()
-        .map_err(std::io::Error::other)?;
-    let chunk = vec![0x5a_u8; 1 << 20];
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    let t0 = Instant::now();
-    for _ in 0..mib {
-        s.write_all(&chunk)?;
-    }
-    s.shutdown(std::net::Shutdown::Write)?;
-    let mut rest = vec![];
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let _ = s.read_to_end(&mut rest);
-    Ok(mib as f64 / t0.elapsed().as_secs_f64())
-}
-
 fn summary(v: &[f64]) -> Value {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
@@ -104,7 +87,6 @@ pub async fn figures(runs: usize) -> Value {
 
 async fn one_handler(cri: &mut Cri, handler: &str, runs: usize) -> Value {
     let mut start = vec![];
-    let mut tput = vec![];
     let mut rtt = vec![];
     for i in 0..runs {
         let (pod, ip, t) = match start_pod(cri, &format!("bench-{handler}-{i}"), handler).await {
@@ -113,12 +95,6 @@ async fn one_handler(cri: &mut Cri, handler: &str, runs: usize) -> Value {
         };
         start.push(ms(t));
         if i == 0 {
-            for _ in 0..3 {
-                match throughput(&ip, 64) {
-                    Ok(v) => tput.push(v),
-                    Err(e) => return json!({"error": format!("throughput: {e}")}),
-                }
-            }
             let addr: SocketAddr = format!("{ip}:8080")
                 .parse()
                 .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
@@ -133,7 +109,6 @@ async fn one_handler(cri: &mut Cri, handler: &str, runs: usize) -> Value {
     }
     json!({
         "pod_start_ms": summary(&start),
-        "tcp_host_to_pod_mb_s": summary(&tput),
         "http_rtt_ms": summary(&rtt),
     })
 }
@@ -142,17 +117,16 @@ async fn one_handler(cri: &mut Cri, handler: &str, runs: usize) -> Value {
 pub fn markdown(cri: &Value) -> String {
     let f = |v: &Value| format!("{:.1}", v.as_f64().unwrap_or(f64::NAN));
     let mut s = String::from(
-        "\n| CRI pod (one container) | pod start, RunPodSandbox → first HTTP reply (ms, median) | TCP host → pod (MB/s, median) | HTTP round trip (ms, median) |\n|---|---|---|---|\n",
+        "\n| CRI pod (one container) | pod start, RunPodSandbox → first HTTP reply (ms, median) | HTTP round trip (ms, median) |\n|---|---|---|\n",
     );
     for (name, _) in HANDLERS {
         let v = &cri[name];
         if let Some(e) = v["error"].as_str() {
-            s += &format!("| {name} | failed: {e} | | |\n");
+            s += &format!("| {name} | failed: {e} | |\n");
         } else {
             s += &format!(
-                "| {name} | {} | {} | {} |\n",
+                "| {name} | {} | {} |\n",
                 f(&v["pod_start_ms"]["median"]),
-                f(&v["tcp_host_to_pod_mb_s"]["median"]),
                 f(&v["http_rtt_ms"]["median"])
             );
         }

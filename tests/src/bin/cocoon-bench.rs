@@ -414,6 +414,13 @@ fn main() {
     let out_dir =
         PathBuf::from(std::env::var("BENCH_OUT").unwrap_or_else(|_| "target/bench".into()));
     std::fs::create_dir_all(&out_dir).unwrap();
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("cri") {
+        let cri = tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(cocoon_tests::cri_bench::figures(runs.clamp(1, 5)));
+        println!("{}", cocoon_tests::cri_bench::markdown(&cri));
+        return;
+    }
     let c = std::sync::Arc::new(Containerd::start());
     c.import_test_image();
     let rts = runtimes(c.dir.path());
@@ -483,9 +490,13 @@ fn main() {
         ]),
     );
     println!("CRI pods (cocoon, runc, gVisor)…");
-    let cri = tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(cocoon_tests::cri_bench::figures(runs.clamp(1, 5)));
+    // A broken CRI set-up costs its figures, not the whole run's.
+    let cri = std::panic::catch_unwind(|| {
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(cocoon_tests::cri_bench::figures(runs.clamp(1, 5)))
+    })
+    .unwrap_or_else(|_| json!({"error": "the CRI figures panicked; see the output above"}));
     res.insert("cri".into(), cri);
     res.insert("cold_start_ms".into(), cold.into());
     res.insert("exec_ms".into(), exec.into());
