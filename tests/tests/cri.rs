@@ -17,6 +17,18 @@ fn pids_of(cri: &Cri, what: &str) -> Vec<i32> {
         .collect()
 }
 
+/// A private CRI containerd with one Cocoon pod whose one container sleeps.
+async fn sleeping_pod(name: &str) -> (Cri, String) {
+    let mut cri = Cri::start().await;
+    let (pod, config) = cri.run_pod(name, HANDLER).await;
+    let app = ContainerSpec {
+        name: "app",
+        command: &["sleep", "1000"],
+    };
+    cri.start_container(&pod, &config, app).await;
+    (cri, pod)
+}
+
 async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !f() {
@@ -182,17 +194,7 @@ async fn a_pod_whose_vm_was_killed_still_stops_and_is_removed() {
     let Some(_gate) = gate(&[Need::selected_guest()]).await else {
         return;
     };
-    let mut cri = Cri::start().await;
-    let (pod, config) = cri.run_pod("doomed", HANDLER).await;
-    cri.start_container(
-        &pod,
-        &config,
-        ContainerSpec {
-            name: "app",
-            command: &["sleep", "1000"],
-        },
-    )
-    .await;
+    let (mut cri, pod) = sleeping_pod("doomed").await;
     let qemu = pids_of(&cri, "qemu-system");
     assert_eq!(qemu.len(), 1, "one VM for the pod");
     nix::sys::signal::kill(
@@ -211,17 +213,7 @@ async fn a_sigtermed_shim_tears_its_pod_down_and_exits() {
     let Some(_gate) = gate(&[Need::selected_guest()]).await else {
         return;
     };
-    let mut cri = Cri::start().await;
-    let (pod, config) = cri.run_pod("term", HANDLER).await;
-    cri.start_container(
-        &pod,
-        &config,
-        ContainerSpec {
-            name: "app",
-            command: &["sleep", "1000"],
-        },
-    )
-    .await;
+    let (mut cri, pod) = sleeping_pod("term").await;
     let shim: Vec<i32> = processes_mentioning(cri.containerd.dir.path())
         .iter()
         .filter(|p| p.contains("containerd-shim-cocoon-v2"))

@@ -66,12 +66,7 @@ pub async fn create(h: &Handle, name: &str, veth: &str, veth_index: u32, mtu: u3
         .execute()
         .await
         .map_err(nl(format!("interface {name}: MTU {mtu} and up")))?;
-    h.qdisc()
-        .add(idx_i32(veth_index))
-        .ingress()
-        .execute()
-        .await
-        .map_err(nl(format!("interface {veth}: add the ingress qdisc")))?;
+    add_ingress(h, veth, veth_index).await?;
     // From here on the veth carries a qdisc of ours: a failure removes it (the tap's own
     // qdisc and filter go with the tap when `fd` is dropped).
     if let Err(e) = redirect_both(h, name, index, veth, veth_index).await {
@@ -93,12 +88,7 @@ async fn redirect_both(
     veth: &str,
     veth_index: u32,
 ) -> Result<()> {
-    h.qdisc()
-        .add(idx_i32(tap_index))
-        .ingress()
-        .execute()
-        .await
-        .map_err(nl(format!("interface {tap}: add the ingress qdisc")))?;
+    add_ingress(h, tap, tap_index).await?;
     for ((from, from_idx), to_idx) in [
         ((veth, veth_index), tap_index),
         ((tap, tap_index), veth_index),
@@ -114,6 +104,15 @@ async fn redirect_both(
             .map_err(nl(format!("interface {from}: add the redirect filter")))?;
     }
     Ok(())
+}
+
+async fn add_ingress(h: &Handle, dev: &str, index: u32) -> Result<()> {
+    h.qdisc()
+        .add(idx_i32(index))
+        .ingress()
+        .execute()
+        .await
+        .map_err(nl(format!("interface {dev}: add the ingress qdisc")))
 }
 
 fn idx_i32(index: u32) -> i32 {
