@@ -49,21 +49,23 @@ fn cleanup_sandbox(sandbox: &str) {
     }
 }
 
-/// Removes a shim socket that nothing listens on any more. The containerd-shim library only
-/// removes it at exit if it finds an `address` file in its working directory, which this
-/// shim's bundles don't have, and never after a crash.
-pub fn remove_dead_socket(address: &str) {
+/// Removes a shim socket that nothing listens on any more; says whether a live shim still
+/// serves it (then it stays). The containerd-shim library only removes it at exit if it finds
+/// an `address` file in its working directory, which this shim's bundles don't have, and never
+/// after a crash.
+pub fn remove_dead_socket(address: &str) -> bool {
     let path = socket_file(address);
     if address.is_empty() || !path.exists() {
-        return;
+        return false;
     }
     if shim_alive(address) {
-        return; // a live shim (another container of the pod) still serves it
+        return true; // a live shim (another container of the pod) still serves it
     }
     match std::fs::remove_file(path) {
         Ok(()) => log::debug!("removed shim socket {}", path.display()),
         Err(e) => log::warn!("cannot remove shim socket {}: {e}", path.display()),
     }
+    false
 }
 
 impl std::fmt::Debug for CocoonShim {
@@ -108,14 +110,13 @@ impl Shim for CocoonShim {
         // containerd runs `delete` whenever its connection for a task closes, also when it
         // closed it itself after deleting one container of a pod whose shim lives on: then the
         // pod is not this call's to clean up.
-        if shim_alive(&address) {
+        if remove_dead_socket(&address) {
             log::info!(
                 "delete {}: the shim of pod {sandbox} still serves; nothing to clean",
                 self.id
             );
         } else {
-            // The shim of this pod died (or this is a late cleanup): its socket stays behind.
-            remove_dead_socket(&address);
+            // The shim of this pod died (or this is a late cleanup): clean up what it left.
             cleanup_sandbox(&sandbox);
         }
         let mut ts =

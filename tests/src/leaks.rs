@@ -29,6 +29,15 @@ pub fn processes_mentioning(needle: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Pids of the processes whose command line mentions `needle` and contains `what`.
+pub fn pids_mentioning(needle: &Path, what: &str) -> Vec<i32> {
+    processes_mentioning(needle)
+        .iter()
+        .filter(|p| p.contains(what))
+        .filter_map(|p| p.split(':').next()?.parse().ok())
+        .collect()
+}
+
 /// Everything left under `dir`, recursively: after a stop there must be nothing.
 pub fn leftovers(dir: &Path) -> Vec<PathBuf> {
     let mut out = vec![];

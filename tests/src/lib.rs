@@ -19,7 +19,7 @@ pub mod virtiofsd;
 
 pub use config::{backend_config, test_config, test_hypervisor, write_cocoon_toml};
 pub use gate::{gate, Gate, Need};
-pub use leaks::{assert_no_leaks, leftovers, processes_mentioning};
+pub use leaks::{assert_no_leaks, leftovers, pids_mentioning, processes_mentioning};
 pub use oci::{busybox_rootfs, oci_spec};
 pub use paths::{busybox, image_dir, shim_dir};
 pub use pod::{ctx, streams, Io, Pod};

@@ -6,15 +6,11 @@
 use std::time::{Duration, Instant};
 
 use cocoon_tests::cri::{ContainerSpec, Cri, HANDLER};
-use cocoon_tests::{gate, processes_mentioning, Need};
+use cocoon_tests::{gate, pids_mentioning, processes_mentioning, Need};
 
 /// Pids of this containerd's processes whose command line contains `what`.
 fn pids_of(cri: &Cri, what: &str) -> Vec<i32> {
-    processes_mentioning(&cri.containerd.cocoon_state)
-        .iter()
-        .filter(|p| p.contains(what))
-        .filter_map(|p| p.split(':').next()?.parse().ok())
-        .collect()
+    pids_mentioning(&cri.containerd.cocoon_state, what)
 }
 
 /// A private CRI containerd with one Cocoon pod whose one container sleeps.
@@ -214,11 +210,7 @@ async fn a_sigtermed_shim_tears_its_pod_down_and_exits() {
         return;
     };
     let (mut cri, pod) = sleeping_pod("term").await;
-    let shim: Vec<i32> = processes_mentioning(cri.containerd.dir.path())
-        .iter()
-        .filter(|p| p.contains("containerd-shim-cocoon-v2"))
-        .filter_map(|p| p.split(':').next()?.parse().ok())
-        .collect();
+    let shim = pids_mentioning(cri.containerd.dir.path(), "containerd-shim-cocoon-v2");
     assert_eq!(shim.len(), 1, "one shim for the pod");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(shim[0]),

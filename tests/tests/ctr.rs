@@ -377,11 +377,7 @@ async fn bad_input_gets_a_clear_error_and_the_shim_stays_healthy() {
 
 /// Pids of this instance's processes whose command line contains `what`.
 fn pids_of(c: &Containerd, what: &str) -> Vec<i32> {
-    cocoon_tests::processes_mentioning(&c.cocoon_state)
-        .iter()
-        .filter(|p| p.contains(what))
-        .filter_map(|p| p.split(':').next()?.parse().ok())
-        .collect()
+    cocoon_tests::pids_mentioning(&c.cocoon_state, what)
 }
 
 fn kill9(pid: i32) {
