@@ -1,6 +1,7 @@
 //! cocoon-agent: PID 1 of every Cocoon guest.
 
 mod containers;
+mod forward;
 mod init;
 mod logger;
 mod network;
@@ -84,6 +85,7 @@ fn run() -> anyhow::Result<()> {
         tokio::spawn(reaper.clone().run());
         let hub = std::sync::Arc::new(stdio::StdioHub::default());
         hub.clone().serve().await?;
+        forward::serve().context("listen for port-forward connections")?;
         let manager = containers::Manager::new(reaper, hub, init::SHARED_MOUNT.into());
         let _server = server::serve(
             server::Agent::new(start_uptime_ms, booted_rx, manager),

@@ -8,11 +8,11 @@ use cocoon_protocol::agent::{
     AddNeighboursRequest, CheckRequest, CheckResponse, CloseStdinRequest, CreateContainerRequest,
     CreateContainerResponse, Empty, ExecProcessRequest, ExecProcessResponse, GetOOMEventRequest,
     GuestDetailsRequest, GuestDetailsResponse, Interface, ListProcessesRequest,
-    ListProcessesResponse, OOMEvent, PauseContainerRequest, RemoveContainerRequest,
-    ResumeContainerRequest, ShutdownRequest, SignalProcessRequest, StartContainerRequest,
-    StartContainerResponse, StatsContainerRequest, StatsContainerResponse, TtyWinResizeRequest,
-    UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest, WaitProcessRequest,
-    WaitProcessResponse,
+    ListProcessesResponse, ListenPortsRequest, ListenPortsResponse, OOMEvent,
+    PauseContainerRequest, RemoveContainerRequest, ResumeContainerRequest, ShutdownRequest,
+    SignalProcessRequest, StartContainerRequest, StartContainerResponse, StatsContainerRequest,
+    StatsContainerResponse, TtyWinResizeRequest, UpdateContainerRequest, UpdateInterfaceRequest,
+    UpdateRoutesRequest, WaitProcessRequest, WaitProcessResponse,
 };
 use cocoon_protocol::agent_ttrpc::{create_agent_service, AgentService};
 use cocoon_protocol::{ProcessRef, AGENT_PORT, API_VERSION};
@@ -328,6 +328,24 @@ impl AgentService for Agent {
             .await
             .map_err(net_status)?;
         Ok(Empty::default())
+    }
+
+    async fn listen_ports(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ListenPortsRequest,
+    ) -> ttrpc::Result<ListenPortsResponse> {
+        let known = req
+            .known
+            .iter()
+            .filter_map(|p| u16::try_from(*p).ok())
+            .collect();
+        let wait = std::time::Duration::from_millis(req.wait_ms.into());
+        let ports = crate::forward::wait_change(&known, wait).await;
+        Ok(ListenPortsResponse {
+            ports: ports.into_iter().map(u32::from).collect(),
+            ..Default::default()
+        })
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<Empty> {

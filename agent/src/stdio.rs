@@ -113,7 +113,7 @@ impl StdioHub {
 }
 
 /// The hello line without its newline, or None if the peer sent none in time.
-async fn read_hello(stream: &mut VsockStream) -> Option<Vec<u8>> {
+pub(crate) async fn read_hello(stream: &mut VsockStream) -> Option<Vec<u8>> {
     let mut line = Vec::new();
     let read = tokio::time::timeout(HELLO_WAIT, async {
         // Up to MAX_HELLO_LEN bytes before the newline: never less than the protocol allows.

@@ -26,8 +26,11 @@ pub const AGENT_PORT: u32 = 1024;
 pub const STDIO_PORT: u32 = 1025;
 /// Host vsock port the agent connects to once it listens, so the host need not poll.
 pub const READY_PORT: u32 = 1026;
+/// vsock port the agent accepts port-forward connections on: a first line `<tcp port>\n`,
+/// then the stream is a connection to 127.0.0.1:<tcp port> in the guest.
+pub const FORWARD_PORT: u32 = 1027;
 /// Bumped on every incompatible change to `agent.proto`.
-pub const API_VERSION: u32 = 3;
+pub const API_VERSION: u32 = 4;
 
 pub use process::{ProcessRef, StdioHello, StdioKind};
 pub use protobuf;

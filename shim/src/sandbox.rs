@@ -64,6 +64,8 @@ pub struct Sandbox {
     pub timings: BootTimings,
     /// The pod's taps and redirects, removed after the VM stopped.
     network: Option<PodNetwork>,
+    /// Listeners in the pod netns that reach the guest's ports (CRI PortForward).
+    ports: Option<network::PortMirror>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -104,6 +106,7 @@ impl Sandbox {
                     agent,
                     timings,
                     network: None,
+                    ports: None,
                 })
             }
             Err(e) => {
@@ -208,6 +211,7 @@ impl Sandbox {
     /// Asks the guest to power off, then stops and reaps everything, even if the guest did not
     /// cooperate. The sandbox is gone afterwards in every case.
     pub async fn shutdown(mut self) -> Result<()> {
+        drop(self.ports.take());
         let asked = self
             .agent
             .shutdown(
@@ -310,6 +314,9 @@ impl VmFactory for SandboxFactory {
                 return Err(e);
             }
         }
+        sb.ports = network
+            .as_ref()
+            .map(|n| n.mirror_ports(sb.agent.clone(), sb.vm.agent_endpoint().clone()));
         sb.network = network;
         Ok(Box::new(sb))
     }

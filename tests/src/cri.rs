@@ -24,7 +24,7 @@ pub const CNI_BIN: &str = "/usr/lib/cni";
 pub const HANDLER: &str = "cocoon";
 
 /// The test's own CNI network: a bridge and a /24 no one else uses, named after this process
-/// so that two test binaries never share them. The bridge plugin creates the bridge; dropping
+/// and numbered within it, so that two tests (or test binaries) never share them. The bridge plugin creates the bridge; dropping
 /// this removes it.
 #[derive(Debug)]
 pub struct TestNet {
@@ -35,9 +35,12 @@ pub struct TestNet {
 
 impl TestNet {
     fn new() -> TestNet {
-        let n = std::process::id() % 200 + 20;
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pid = std::process::id();
+        let n = (pid + 37 * k) % 200 + 20;
         TestNet {
-            bridge: format!("cct{}", std::process::id()),
+            bridge: format!("cct{pid}x{k}"),
             subnet: format!("10.231.{n}.0/24"),
             gateway: format!("10.231.{n}.1"),
         }

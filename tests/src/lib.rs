@@ -15,6 +15,7 @@ pub mod leaks;
 pub mod oci;
 pub mod paths;
 pub mod pod;
+pub mod portforward;
 pub mod virtiofsd;
 
 pub use config::{backend_config, test_config, test_hypervisor, write_cocoon_toml};

@@ -51,6 +51,28 @@ fn http_get(ip: &str, port: u16) -> Result<String, String> {
     Ok(body)
 }
 
+/// An HTTP GET through CRI PortForward, retried while the forward isn't there yet (a server
+/// that just started, or a mirror that hasn't seen it); the last result after 60 s.
+async fn forward_get(cri: &mut Cri, pod: &str, port: u16, want: &str) -> String {
+    let t0 = Instant::now();
+    loop {
+        let got = cri
+            .port_forward(pod, port, b"GET / HTTP/1.0\r\n\r\n")
+            .await
+            .map(|f| format!("{}{}", String::from_utf8_lossy(&f.data), f.error));
+        match got {
+            Ok(text) if text.contains(want) => return text,
+            other if t0.elapsed() > Duration::from_secs(60) => {
+                panic!(
+                    "PortForward {port}: {other:?}\ncontainerd log:\n{}",
+                    cri.containerd.log()
+                )
+            }
+            _ => tokio::time::sleep(Duration::from_millis(300)).await,
+        }
+    }
+}
+
 const WEB: &[&str] = &[
     "sh",
     "-c",
@@ -129,6 +151,27 @@ async fn a_pod_of_two_containers_shares_one_vm_its_network_and_stops_cleanly() {
         .await;
     assert_eq!((code, body.trim()), (0, "hello-from-pod"), "{err}");
 
+    // CRI PortForward (kubectl port-forward) reaches it, and a server that listens on
+    // 127.0.0.1 only, as under runc; a port nobody listens on fails on the error channel.
+    forward_get(&mut cri, &pod, 8080, "hello-from-pod").await;
+    let (code, _, err) = cri
+        .exec_sync(
+            &side,
+            &[
+                "sh",
+                "-c",
+                "mkdir -p /lo && echo loopback-only > /lo/index.html && httpd -p 127.0.0.1:9090 -h /lo",
+            ],
+        )
+        .await;
+    assert_eq!(code, 0, "{err}");
+    forward_get(&mut cri, &pod, 9090, "loopback-only").await;
+    let none = cri.port_forward(&pod, 9999, b"hello").await.unwrap();
+    assert!(
+        none.data.is_empty() && none.error.contains("9999"),
+        "forward to a closed port: {none:?}"
+    );
+
     // A second pod reaches it by IP. It asks for resources (kubelet sends the pod's totals,
     // containerd puts them on the sandbox) and a net.* sysctl.
     let mut client_config = cri.pod_config("client");
@@ -183,6 +226,30 @@ async fn a_pod_of_two_containers_shares_one_vm_its_network_and_stops_cleanly() {
     cri.stop_and_remove_pod(&other).await;
     cri.stop_and_remove_pod(&pod).await;
     cri.containerd.assert_clean();
+}
+
+/// The same PortForward client against a runc pod: what Cocoon must match.
+#[tokio::test]
+async fn port_forward_reaches_a_runc_pod_the_same_way() {
+    let Some(_gate) = gate(&[]).await else {
+        return;
+    };
+    let mut cri = Cri::start().await;
+    let (pod, config) = cri.run_pod("runc-web", "runc").await;
+    let app = ContainerSpec {
+        name: "web",
+        command: WEB,
+    };
+    cri.start_container(&pod, &config, app).await;
+    forward_get(&mut cri, &pod, 8080, "hello-from-pod").await;
+    let none = cri.port_forward(&pod, 9999, b"hello").await.unwrap();
+    assert!(
+        none.data.is_empty() && none.error.contains("9999"),
+        "forward to a closed port: {none:?}"
+    );
+    // No assert_clean: shim sockets live in one host-wide directory, and this test runs beside
+    // the ones that hold the VM lock.
+    cri.stop_and_remove_pod(&pod).await;
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@
 //! mirred included) rather than running `ip`/`tc`: no parsing of tool output, no dependency
 //! on iproute2's version, and errors that say which step failed.
 
+mod forward;
 mod netns;
 mod scan;
 mod tap;
@@ -19,6 +20,7 @@ use cocoon_protocol::agent as ag;
 use cocoon_protocol::agent_ttrpc::AgentServiceClient;
 use cocoon_protocol::protobuf::MessageField;
 
+pub use forward::PortMirror;
 pub use scan::{mac_string, PodInterface, Scan};
 
 use crate::{Error, Result};
@@ -151,6 +153,15 @@ impl PodNetwork {
                 .map_err(|e| Error::agent("AddNeighbours", e))?;
         }
         Ok(())
+    }
+
+    /// Starts mirroring the guest's listening ports into the pod netns for CRI PortForward.
+    pub fn mirror_ports(
+        &self,
+        agent: AgentServiceClient,
+        endpoint: vmm_driver::vsock::VsockEndpoint,
+    ) -> PortMirror {
+        PortMirror::start(self.netns.clone(), agent, endpoint)
     }
 
     /// Removes the redirects from the veths and closes the shim's tap fds; the taps go once

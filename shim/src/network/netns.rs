@@ -47,3 +47,36 @@ where
         .join()
         .unwrap_or_else(|_| Err(Error::Network("the netns thread panicked".into())))
 }
+
+/// Binds a TCP listener on 127.0.0.1:`port` inside the network namespace at `netns`, for each
+/// port; a failure to enter the netns fails all of them.
+pub fn bind_loopback(
+    netns: &Path,
+    ports: Vec<u16>,
+) -> Result<Vec<(u16, std::io::Result<std::net::TcpListener>)>> {
+    let file = File::open(netns).map_err(|e| Error::Netns {
+        path: netns.to_owned(),
+        message: e.to_string(),
+    })?;
+    let path: PathBuf = netns.to_owned();
+    let thread = std::thread::Builder::new()
+        .name("pod-netns-bind".into())
+        .spawn(move || {
+            nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| Error::Netns {
+                path,
+                message: format!("not a network namespace, or no right to join it ({e})"),
+            })?;
+            Ok(ports
+                .into_iter()
+                .map(|p| {
+                    let l = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, p))
+                        .and_then(|l| l.set_nonblocking(true).map(|()| l));
+                    (p, l)
+                })
+                .collect())
+        })
+        .map_err(|e| Error::io("spawn the netns thread", e))?;
+    thread
+        .join()
+        .unwrap_or_else(|_| Err(Error::Network("the netns thread panicked".into())))
+}
