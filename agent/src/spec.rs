@@ -24,6 +24,18 @@ pub fn cgroup_path(id: &str) -> String {
     format!("/cocoon/{id}")
 }
 
+/// Whether the container's init dying leaves other processes of it alive: unless the spec
+/// gives it a PID namespace of its own, the kernel does not kill the rest (CRI's pod-shared
+/// PID namespace, or none at all). runc's shim then kills them (`ShouldKillAllOnExit`), and so
+/// does the agent, or they would hold the container's stdio open and its exit would never be
+/// complete.
+pub fn init_exit_leaves_others(spec: &Value) -> bool {
+    !spec["linux"]["namespaces"].as_array().is_some_and(|nss| {
+        nss.iter()
+            .any(|ns| ns["type"] == "pid" && ns["path"].as_str().unwrap_or("").is_empty())
+    })
+}
+
 /// Namespaces a pod container joins from its sandbox container when the spec says so (by a
 /// host path, which means nothing in the guest).
 const POD_SHARED: [&str; 3] = ["ipc", "uts", "pid"];
@@ -162,6 +174,17 @@ pub fn check_process(process_json: &[u8]) -> Result<Value, SpecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_container_with_its_own_pid_namespace_loses_everything_with_its_init() {
+        let own = serde_json::json!({"linux": {"namespaces": [{"type": "pid"}]}});
+        let joined = serde_json::json!({"linux": {"namespaces": [
+            {"type": "pid", "path": "/proc/7/ns/pid"}]}});
+        let none = serde_json::json!({"linux": {"namespaces": [{"type": "mount"}]}});
+        assert!(!init_exit_leaves_others(&own));
+        assert!(init_exit_leaves_others(&joined));
+        assert!(init_exit_leaves_others(&none));
+    }
     use serde_json::json;
 
     fn host_spec() -> Value {

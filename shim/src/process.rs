@@ -14,7 +14,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::guest::GuestLink;
-use crate::io::{relay_output, relay_stdin};
+use crate::io::{relay_stdin, Outputs};
 use crate::{Error, Result};
 
 /// What containerd told us about a process's stdio (FIFO paths; empty means none).
@@ -78,7 +78,7 @@ pub type StdinCloser = (oneshot::Sender<()>, JoinHandle<()>);
 #[derive(Debug)]
 pub struct Relays {
     /// Output relays; the exit is published only after they all finish.
-    pub outputs: Vec<JoinHandle<()>>,
+    pub outputs: Outputs,
     pub stdin: Option<StdinCloser>,
 }
 
@@ -184,7 +184,7 @@ pub async fn wire_stdio(guest: &GuestLink, process: &ProcessRef, p: &StdioPaths)
         };
         async move { guest.stdio.open(&hello).await }
     };
-    let mut outputs = vec![];
+    let mut outputs = Outputs::default();
     let mut stdin = None;
     if !p.stdin.is_empty() {
         let s = open(StdioKind::Stdin).await?;
@@ -193,11 +193,11 @@ pub async fn wire_stdio(guest: &GuestLink, process: &ProcessRef, p: &StdioPaths)
     }
     if !p.stdout.is_empty() {
         let s = open(StdioKind::Stdout).await?;
-        outputs.push(relay_output(s, p.stdout.clone()));
+        outputs.relay(s, p.stdout.clone());
     }
     if !p.stderr.is_empty() && !p.terminal {
         let s = open(StdioKind::Stderr).await?;
-        outputs.push(relay_output(s, p.stderr.clone()));
+        outputs.relay(s, p.stderr.clone());
     }
     Ok(Relays { outputs, stdin })
 }

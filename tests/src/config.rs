@@ -53,6 +53,7 @@ pub fn backend_config(state: &Path) -> Config {
 
 /// Writes the `cocoon.toml` a shim reads (COCOON_CONFIG): `hypervisor`, runtime state in
 /// `state_dir`, and the installed image.
+/// `COCOON_TEST_GUEST_LOG=debug` raises the guest agent's log level (in `console.log`).
 pub fn write_cocoon_toml(path: &Path, hypervisor: Hypervisor, state_dir: &Path) {
     let cfg = image_config(state_dir);
     std::fs::write(
@@ -66,7 +67,9 @@ pub fn write_cocoon_toml(path: &Path, hypervisor: Hypervisor, state_dir: &Path) 
             cfg.state_dir.display(),
             cfg.kernel.display(),
             cfg.initramfs.display()
-        ),
+        ) + &std::env::var("COCOON_TEST_GUEST_LOG")
+            .map(|level| format!("log_level = \"{level}\"\n"))
+            .unwrap_or_default(),
     )
     .unwrap();
 }

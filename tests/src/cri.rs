@@ -161,7 +161,20 @@ impl Cri {
             log_directory: self.log_dir(name).to_string_lossy().into_owned(),
             labels: HashMap::new(),
             annotations: HashMap::new(),
-            linux: Some(cri::LinuxPodSandboxConfig::default()),
+            // kubelet's defaults: the pod's network and IPC, a PID namespace per container
+            // (set `pid` to POD for `shareProcessNamespace: true`).
+            linux: Some(cri::LinuxPodSandboxConfig {
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    namespace_options: Some(cri::NamespaceOption {
+                        network: cri::NamespaceMode::Pod.into(),
+                        pid: cri::NamespaceMode::Container.into(),
+                        ipc: cri::NamespaceMode::Pod.into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }
@@ -247,7 +260,18 @@ impl Cri {
             }),
             command: c.command.iter().map(|s| s.to_string()).collect(),
             log_path: format!("{}.log", c.name),
-            linux: Some(cri::LinuxContainerConfig::default()),
+            // As kubelet does, the container's namespaces follow the pod's.
+            linux: Some(cri::LinuxContainerConfig {
+                security_context: Some(cri::LinuxContainerSecurityContext {
+                    namespace_options: pod_config
+                        .linux
+                        .as_ref()
+                        .and_then(|l| l.security_context.as_ref())
+                        .and_then(|s| s.namespace_options.clone()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let created = self

@@ -252,6 +252,70 @@ async fn port_forward_reaches_a_runc_pod_the_same_way() {
     cri.stop_and_remove_pod(&pod).await;
 }
 
+/// With `shareProcessNamespace`, a container's init dying does not make the kernel kill the
+/// rest of the container; the runtime must (runc's shim does), or the container never finishes
+/// exiting and StopPodSandbox waits for good.
+#[tokio::test]
+async fn a_container_in_a_shared_pid_namespace_stops_with_its_children() {
+    let Some(_gate) = gate(&[Need::selected_guest()]).await else {
+        return;
+    };
+    let mut cri = Cri::start().await;
+    let mut config = cri.pod_config("shared-pid");
+    if let Some(ns) = config
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+        .and_then(|s| s.namespace_options.as_mut())
+    {
+        ns.pid = k8s_cri::v1::NamespaceMode::Pod.into();
+    }
+    let (pod, config) = cri.run_pod_with(config, HANDLER).await;
+    let parent = cri
+        .start_container(
+            &pod,
+            &config,
+            ContainerSpec {
+                name: "parent",
+                command: &["sh", "-c", "sleep 1000 & sleep 1000 & wait"],
+            },
+        )
+        .await;
+    let side = cri
+        .start_container(
+            &pod,
+            &config,
+            ContainerSpec {
+                name: "side",
+                command: &["sleep", "1000"],
+            },
+        )
+        .await;
+    // One PID namespace for the pod: the side container sees the parent's children.
+    let (_, ps, _) = cri.exec_sync(&side, &["ps", "-o", "args"]).await;
+    assert!(ps.matches("sleep 1000").count() >= 3, "ps in the pod:\n{ps}");
+
+    let stop = cri
+        .client
+        .stop_container(k8s_cri::v1::StopContainerRequest {
+            container_id: parent.clone(),
+            timeout: 0,
+        });
+    let stopped = tokio::time::timeout(Duration::from_secs(60), stop).await;
+    assert!(
+        matches!(stopped, Ok(Ok(_))),
+        "StopContainer of a parent in a shared PID namespace: {stopped:?}"
+    );
+    let (_, ps, _) = cri.exec_sync(&side, &["ps", "-o", "args"]).await;
+    assert_eq!(
+        ps.matches("sleep 1000").count(),
+        1,
+        "only the side container's sleep is left:\n{ps}"
+    );
+    cri.stop_and_remove_pod(&pod).await;
+    cri.containerd.assert_clean();
+}
+
 #[tokio::test]
 async fn a_pod_whose_vm_was_killed_still_stops_and_is_removed() {
     let Some(_gate) = gate(&[Need::selected_guest()]).await else {

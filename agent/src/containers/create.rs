@@ -72,8 +72,13 @@ impl Manager {
             id: id.to_owned(),
             bundle: bundle.clone(),
         };
+        let kill_rest = spec::init_exit_leaves_others(&spec).then(|| {
+            PathBuf::from("/sys/fs/cgroup")
+                .join(spec::cgroup_path(id).trim_start_matches('/'))
+                .join("cgroup.kill")
+        });
         let init = self
-            .launch(&ProcessRef::init(id), &bundle, job, stdio)
+            .launch(&ProcessRef::init(id), &bundle, job, stdio, kill_rest)
             .await?;
         let pid = init.pid;
         let oom_watch = tokio::spawn(watch_oom(id.to_owned(), self.oom_tx.clone()));

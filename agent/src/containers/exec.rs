@@ -37,7 +37,7 @@ impl Manager {
         };
         let p = ProcessRef::exec(id, exec_id);
         let proc = self
-            .launch(&p, &c.bundle, job, stdio)
+            .launch(&p, &c.bundle, job, stdio, None)
             .await
             .inspect_err(|_| self.hub.discard(&p))?;
         let pid = proc.pid;

@@ -48,12 +48,15 @@ enum Wiring {
 
 impl Manager {
     /// Runs the helper for `job` with the process's stdio wired up, and tracks the process.
+    /// `kill_rest`: a `cgroup.kill` to write once the process exits (a container init whose
+    /// death does not end the rest of the container).
     pub(super) async fn launch(
         &self,
         p: &ProcessRef,
         bundle: &Path,
         job: Job,
         stdio: &StdioStreams,
+        kill_rest: Option<PathBuf>,
     ) -> Res<Arc<Process>> {
         let tag = p.exec_id.as_deref().unwrap_or("init");
         let t0 = Instant::now();
@@ -105,7 +108,7 @@ impl Manager {
         let relays = wiring.attach()?;
         Ok(Arc::new(Process {
             pid,
-            exit: watch_exit(self.reaper.clone(), pid, relays.output_done),
+            exit: watch_exit(self.reaper.clone(), pid, relays.output_done, kill_rest),
             stdin: Mutex::new(relays.stdin),
             tty: relays.tty,
         }))

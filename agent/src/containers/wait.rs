@@ -1,6 +1,7 @@
 //! Exit statuses: the watcher that records a process's exit, and WaitProcess, which waits for
 //! it.
 
+use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use cocoon_protocol::ProcessRef;
@@ -27,14 +28,25 @@ impl Manager {
 
 /// Publishes `pid`'s exit once the reaper has it and, for a terminal, once `output_done` says
 /// the output relay drained the pty: a waiter that then reads the stream to EOF has it all.
+/// With `kill_rest`, the container's remaining processes are killed through that
+/// `cgroup.kill` first.
 pub(super) fn watch_exit(
     reaper: Reaper,
     pid: i32,
     output_done: Option<oneshot::Receiver<()>>,
+    kill_rest: Option<PathBuf>,
 ) -> Exit {
     let (tx, rx) = watch::channel(None);
     tokio::spawn(async move {
         let code = reaper.wait(pid).await;
+        if let Some(kill) = kill_rest {
+            // Gone already when the cgroup went with the last process.
+            match std::fs::write(&kill, "1") {
+                Ok(()) => log::debug!("init {pid} exited: killed the rest ({})", kill.display()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => log::warn!("init {pid} exited; {}: {e}", kill.display()),
+            }
+        }
         if let Some(done) = output_done {
             let _ = done.await;
         }

@@ -52,6 +52,9 @@ fn no_timeout() -> ttrpc::context::Context {
 
 /// The shortest time between two OOM events published for one container.
 const OOM_EVENT_INTERVAL: Duration = Duration::from_secs(1);
+/// After a process exited, how long its output may stay silent but open before the exit is
+/// published anyway (a child it left behind holds the stream).
+const OUTPUT_IDLE: Duration = Duration::from_secs(2);
 
 /// Where the time of a boot went, host side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -327,7 +330,7 @@ impl Pod {
         agent: AgentServiceClient,
         process: ProcessRef,
         pid: u32,
-        outputs: Vec<JoinHandle<()>>,
+        outputs: crate::io::Outputs,
         tx: watch::Sender<Option<Exit>>,
     ) {
         let pod = self.clone();
@@ -354,8 +357,11 @@ impl Pod {
                     Exit::now(255)
                 }
             };
-            for o in outputs {
-                let _ = o.await;
+            if !outputs.drain(OUTPUT_IDLE).await {
+                log::warn!(
+                    "{process} exited, but something in the guest still holds its output open \
+                     and writes nothing; its exit is published now, the relay stays"
+                );
             }
             pod.with_state(|s| {
                 if let Ok(p) = s.process_mut(&process) {
