@@ -270,6 +270,29 @@ impl Drop for Containerd {
             nix::sys::signal::Signal::SIGTERM,
         );
         let _ = self.child.wait();
+        // A test that failed half-way leaves pods running: their shims tear them down on
+        // SIGTERM; whatever still names this directory after that is killed, so one failed
+        // test doesn't leave VMs behind for the next.
+        let signal_all = |sig| {
+            for pid in crate::leaks::pids_mentioning(self.dir.path(), "") {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+            }
+        };
+        if !crate::leaks::pids_mentioning(self.dir.path(), "containerd-shim").is_empty() {
+            for pid in crate::leaks::pids_mentioning(self.dir.path(), "containerd-shim") {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            let t0 = std::time::Instant::now();
+            while t0.elapsed() < std::time::Duration::from_secs(15)
+                && !crate::leaks::pids_mentioning(self.dir.path(), "").is_empty()
+            {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+        signal_all(nix::sys::signal::Signal::SIGKILL);
         // Snapshots stay mounted under root/ if a test failed half-way; don't leave them.
         let root = self.dir.path().to_string_lossy().into_owned();
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();

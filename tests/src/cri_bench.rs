@@ -1,8 +1,8 @@
 //! `make bench`'s CRI figures: a pod through containerd's CRI plugin with the handlers
 //! `cocoon`, `runc` and `gvisor` (runc's shim running `runsc`) side by side, one run, one
 //! machine: pod start (RunPodSandbox to the first HTTP reply from the pod IP) and the round
-//! trip of a small HTTP request. Host → pod TCP throughput is not measured yet: a 32 MiB
-//! transfer into a Cocoon pod under TCG stalled, and the pod's stop then hung (see the notes).
+//! trip of a small HTTP request, and host → pod TCP throughput (32 MiB into `nc -l` in the pod,
+//! timed from connect to the server's close after it read everything).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -22,6 +22,16 @@ const SERVER: &[&str] = &[
     "mkdir -p /www && echo ok > /www/index.html && exec httpd -f -p 8080 -h /www",
 ];
 
+/// A sink in the pod: netcat 1.10 semantics (Debian's busybox), so it reads the connection to
+/// its end and closes it then, whatever its own stdin does.
+const SINK: &[&str] = &[
+    "sh",
+    "-c",
+    "while true; do nc -l -p 9000 > /dev/null; done",
+];
+/// Bytes per throughput sample.
+const TRANSFER: usize = 32 << 20;
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -34,6 +44,32 @@ fn get(addr: SocketAddr) -> std::io::Result<String> {
     let mut body = String::new();
     s.read_to_string(&mut body)?;
     Ok(body)
+}
+
+/// Sends [`TRANSFER`] bytes to the sink, half-closes, and waits for the sink's close: MB/s.
+fn transfer(addr: SocketAddr) -> std::io::Result<f64> {
+    let t0 = Instant::now();
+    let mut s = loop {
+        // The sink's loop restarts nc after each connection.
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            Ok(s) => break s,
+            Err(e) if t0.elapsed() > Duration::from_secs(10) => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    let t0 = Instant::now();
+    s.set_write_timeout(Some(Duration::from_secs(60)))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let buf = vec![0x5au8; 256 << 10];
+    let mut sent = 0;
+    while sent < TRANSFER {
+        s.write_all(&buf)?;
+        sent += buf.len();
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut rest = vec![];
+    s.read_to_end(&mut rest)?;
+    Ok(TRANSFER as f64 / 1e6 / t0.elapsed().as_secs_f64())
 }
 
 /// Runs a pod with the server; returns its id, address and the time to its first reply.
@@ -88,6 +124,7 @@ pub async fn figures(runs: usize) -> Value {
 async fn one_handler(cri: &mut Cri, handler: &str, runs: usize) -> Value {
     let mut start = vec![];
     let mut rtt = vec![];
+    let mut tcp = vec![];
     for i in 0..runs {
         let (pod, ip, t) = match start_pod(cri, &format!("bench-{handler}-{i}"), handler).await {
             Ok(v) => v,
@@ -104,12 +141,29 @@ async fn one_handler(cri: &mut Cri, handler: &str, runs: usize) -> Value {
                     rtt.push(ms(t0.elapsed()));
                 }
             }
+            let sink = ContainerSpec {
+                name: "sink",
+                command: SINK,
+            };
+            let config = cri.pod_config(&format!("bench-{handler}-{i}"));
+            if let Err(e) = cri.try_start_container(&pod, &config, sink).await {
+                return json!({"error": e});
+            }
+            let addr = SocketAddr::new(addr.ip(), 9000);
+            for _ in 0..3 {
+                match tokio::task::spawn_blocking(move || transfer(addr)).await {
+                    Ok(Ok(mbps)) => tcp.push(mbps),
+                    Ok(Err(e)) => return json!({"error": format!("TCP to {addr}: {e}")}),
+                    Err(e) => return json!({"error": e.to_string()}),
+                }
+            }
         }
         cri.stop_and_remove_pod(&pod).await;
     }
     json!({
         "pod_start_ms": summary(&start),
         "http_rtt_ms": summary(&rtt),
+        "tcp_host_to_pod_mbps": summary(&tcp),
     })
 }
 
@@ -117,17 +171,18 @@ async fn one_handler(cri: &mut Cri, handler: &str, runs: usize) -> Value {
 pub fn markdown(cri: &Value) -> String {
     let f = |v: &Value| format!("{:.1}", v.as_f64().unwrap_or(f64::NAN));
     let mut s = String::from(
-        "\n| CRI pod (one container) | pod start, RunPodSandbox → first HTTP reply (ms, median) | HTTP round trip (ms, median) |\n|---|---|---|\n",
+        "\n| CRI pod | pod start, RunPodSandbox → first HTTP reply (ms, median) | HTTP round trip (ms, median) | TCP host → pod (MB/s, median of 3 × 32 MiB) |\n|---|---|---|---|\n",
     );
     for (name, _) in HANDLERS {
         let v = &cri[name];
         if let Some(e) = v["error"].as_str() {
-            s += &format!("| {name} | failed: {e} | |\n");
+            s += &format!("| {name} | failed: {e} | | |\n");
         } else {
             s += &format!(
-                "| {name} | {} | {} |\n",
+                "| {name} | {} | {} | {} |\n",
                 f(&v["pod_start_ms"]["median"]),
-                f(&v["http_rtt_ms"]["median"])
+                f(&v["http_rtt_ms"]["median"]),
+                f(&v["tcp_host_to_pod_mbps"]["median"])
             );
         }
     }
