@@ -13,7 +13,7 @@ use nix::mount::{mount, MsFlags};
 /// Where the load order written by the image builder lives (module paths, dependencies first).
 pub const MODULE_ORDER: &str = "/lib/modules/load-order";
 /// Where the virtio-fs share is mounted in the guest.
-pub const SHARED_MOUNT: &str = "/run/cocoon/shared";
+pub const SHARED_MOUNT: &str = cocoon_protocol::GUEST_SHARE;
 /// The virtio-fs tag the host exports the share under.
 pub const SHARED_TAG: &str = "cocoon";
 

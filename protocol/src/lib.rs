@@ -29,6 +29,9 @@ pub const READY_PORT: u32 = 1026;
 /// vsock port the agent accepts port-forward connections on: a first line `<tcp port>\n`,
 /// then the stream is a connection to 127.0.0.1:<tcp port> in the guest.
 pub const FORWARD_PORT: u32 = 1027;
+/// Where the agent mounts the virtio-fs share in the guest: the host's exported tree, with a
+/// container's rootfs at `<GUEST_SHARE>/<id>/rootfs` and its volumes at `<id>/volumes/<n>`.
+pub const GUEST_SHARE: &str = "/run/cocoon/shared";
 /// Bumped on every incompatible change to `agent.proto`.
 pub const API_VERSION: u32 = 4;
 

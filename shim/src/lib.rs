@@ -27,6 +27,7 @@ pub mod sandbox;
 pub mod service;
 pub mod state;
 pub mod task;
+pub mod volumes;
 
 use std::time::Duration;
 

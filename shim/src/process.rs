@@ -148,6 +148,8 @@ pub struct Container {
     pub bundle: String,
     /// Where its rootfs is mounted on the host.
     pub rootfs: PathBuf,
+    /// Where its volumes are bound on the host (`crate::volumes`).
+    pub volumes: Vec<PathBuf>,
     pub init: Process,
     pub execs: HashMap<String, Process>,
 }

@@ -175,9 +175,14 @@ impl Containerd {
 
     /// Runs `ctr` against this instance.
     pub fn ctr(&self, args: &[&str]) -> Output {
+        Self::ctr_at(&self.address, args)
+    }
+
+    /// `ctr` against the containerd at `address`, for a thread that can't borrow `self`.
+    pub fn ctr_at(address: &Path, args: &[&str]) -> Output {
         Command::new("ctr")
             .arg("--address")
-            .arg(&self.address)
+            .arg(address)
             .args(args)
             .stdin(Stdio::null())
             .output()

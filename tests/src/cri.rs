@@ -249,7 +249,20 @@ impl Cri {
         pod_config: &cri::PodSandboxConfig,
         c: ContainerSpec<'_>,
     ) -> Result<String, String> {
+        self.try_start_container_with(pod, pod_config, c, vec![])
+            .await
+    }
+
+    /// [`Cri::try_start_container`] with kubelet-style volume mounts (host paths).
+    pub async fn try_start_container_with(
+        &mut self,
+        pod: &str,
+        pod_config: &cri::PodSandboxConfig,
+        c: ContainerSpec<'_>,
+        mounts: Vec<cri::Mount>,
+    ) -> Result<String, String> {
         let config = cri::ContainerConfig {
+            mounts,
             metadata: Some(cri::ContainerMetadata {
                 name: c.name.into(),
                 attempt: 0,

@@ -24,11 +24,7 @@ const SERVER: &[&str] = &[
 
 /// A sink in the pod: netcat 1.10 semantics (Debian's busybox), so it reads the connection to
 /// its end and closes it then, whatever its own stdin does.
-const SINK: &[&str] = &[
-    "sh",
-    "-c",
-    "while true; do nc -l -p 9000 > /dev/null; done",
-];
+const SINK: &[&str] = &["sh", "-c", "while true; do nc -l -p 9000 > /dev/null; done"];
 /// Bytes per throughput sample.
 const TRANSFER: usize = 32 << 20;
 

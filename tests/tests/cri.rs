@@ -96,17 +96,59 @@ async fn a_pod_of_two_containers_shares_one_vm_its_network_and_stops_cleanly() {
             },
         )
         .await;
+    // A kubelet volume (a host directory, as hostPath or emptyDir on disk are) in the side
+    // container.
+    let volume = tempfile::tempdir().unwrap();
+    std::fs::write(volume.path().join("from-host"), "host-data\n").unwrap();
     let side = cri
-        .start_container(
+        .try_start_container_with(
             &pod,
             &config,
             ContainerSpec {
                 name: "side",
                 command: &["sleep", "1000"],
             },
+            vec![k8s_cri::v1::Mount {
+                container_path: "/data".into(),
+                host_path: volume.path().to_string_lossy().into_owned(),
+                ..Default::default()
+            }],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}\ncontainerd log:\n{}", cri.containerd.log()));
+    assert_eq!(pids_of(&cri, "qemu-system").len(), 1, "one VM for the pod");
+
+    // The files containerd prepares for every container, and the volume, both ways.
+    let (code, files, err) = cri
+        .exec_sync(
+            &side,
+            &[
+                "sh",
+                "-c",
+                "cat /etc/hostname /data/from-host; grep -c localhost /etc/hosts; \
+                           echo from-pod > /data/from-pod; cat /etc/resolv.conf",
+            ],
         )
         .await;
-    assert_eq!(pids_of(&cri, "qemu-system").len(), 1, "one VM for the pod");
+    assert_eq!(code, 0, "{err}");
+    let mut lines = files.lines();
+    assert_eq!(lines.next(), Some("web"), "/etc/hostname:\n{files}");
+    assert_eq!(lines.next(), Some("host-data"), "{files}");
+    assert!(
+        lines.next().is_some_and(|n| n != "0"),
+        "/etc/hosts:\n{files}"
+    );
+    let resolv: Vec<&str> = lines.collect();
+    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    assert_eq!(
+        resolv,
+        host_resolv.lines().collect::<Vec<_>>(),
+        "/etc/resolv.conf"
+    );
+    assert_eq!(
+        std::fs::read_to_string(volume.path().join("from-pod")).unwrap(),
+        "from-pod\n"
+    );
 
     // Both containers answer, with their exit codes, in the same guest.
     let (code, out, _) = cri
@@ -293,7 +335,10 @@ async fn a_container_in_a_shared_pid_namespace_stops_with_its_children() {
         .await;
     // One PID namespace for the pod: the side container sees the parent's children.
     let (_, ps, _) = cri.exec_sync(&side, &["ps", "-o", "args"]).await;
-    assert!(ps.matches("sleep 1000").count() >= 3, "ps in the pod:\n{ps}");
+    assert!(
+        ps.matches("sleep 1000").count() >= 3,
+        "ps in the pod:\n{ps}"
+    );
 
     let stop = cri
         .client

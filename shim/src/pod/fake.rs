@@ -349,6 +349,11 @@ impl Mounter for Arc<FakeMounter> {
         std::fs::create_dir_all(target).map_err(|e| Error::io("mkdir", e))
     }
 
+    fn bind_volume(&self, _bind: &crate::volumes::Bind, target: &Path) -> Result<()> {
+        self.journal.add(format!("bind {}", short(target)));
+        std::fs::create_dir_all(target).map_err(|e| Error::io("mkdir", e))
+    }
+
     fn unmount(&self, target: &Path) {
         self.journal.add(format!("unmount {}", short(target)));
     }

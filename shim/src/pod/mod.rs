@@ -380,6 +380,8 @@ impl Pod {
     pub async fn create(&self, req: CreateRequest) -> Result<u32> {
         let init = ProcessRef::init(&req.id);
         PhaseLine::new(Phase::CreateBegin, init.clone()).emit();
+        // Volumes are checked before anything boots: a bad source fails the create at once.
+        let plan = crate::volumes::plan(&req.spec, &req.id, crate::volumes::SourceKind::of)?;
         let lifecycle = self.inner.lifecycle.lock().await;
         let running = self
             .with_state(|s| {
@@ -394,6 +396,7 @@ impl Pod {
             None => self.boot(&req).await?,
         };
         let rootfs = rootfs_dir.join(&req.id).join("rootfs");
+        let mut volumes: Vec<PathBuf> = vec![];
         let created = async {
             let staging = rootfs_dir
                 .with_file_name(vmm_driver::share::STAGING_DIR)
@@ -402,10 +405,19 @@ impl Pod {
                 .mounter
                 .mount(&req.rootfs, &staging, &rootfs)
                 .await?;
+            for b in &plan.binds {
+                let target = rootfs_dir.join(&req.id).join(&b.target);
+                self.inner.mounter.bind_volume(b, &target)?;
+                volumes.push(target);
+            }
             let relays = wire_stdio(&guest, &init, &req.stdio).await?;
             let creq = ag::CreateContainerRequest {
                 container_id: req.id.clone(),
-                oci_spec_json: req.spec_json.clone(),
+                oci_spec_json: if plan.binds.is_empty() && plan.spec == req.spec {
+                    req.spec_json.clone()
+                } else {
+                    plan.spec.to_string().into_bytes()
+                },
                 rootfs: format!("{}/rootfs", req.id),
                 stdio: MessageField::some(req.stdio.streams()),
                 ..Default::default()
@@ -422,8 +434,7 @@ impl Pod {
         let (pid, relays) = match created {
             Ok(v) => v,
             Err(e) => {
-                self.inner.mounter.unmount(&rootfs);
-                remove_rootfs_dirs(&rootfs);
+                unmount_container(self.inner.mounter.as_ref(), &rootfs, &volumes);
                 let taken = self.with_state(PodState::take_vm_if_empty).await;
                 self.stop_vm(taken).await;
                 return Err(e);
@@ -435,12 +446,14 @@ impl Pod {
         }
         self.with_state(|s| {
             s.footprint.mounts.push(rootfs.clone());
+            s.footprint.mounts.extend(volumes.iter().cloned());
             s.save_footprint();
             s.containers.insert(
                 req.id.clone(),
                 Container {
                     bundle: req.bundle.clone(),
                     rootfs,
+                    volumes,
                     init: process,
                     execs: HashMap::new(),
                 },
@@ -493,13 +506,14 @@ impl Pod {
                     .containers
                     .remove(cid)
                     .ok_or_else(|| Error::NotFound(format!("container {cid}")))?;
-                s.footprint.mounts.retain(|m| m != &c.rootfs);
+                s.footprint
+                    .mounts
+                    .retain(|m| m != &c.rootfs && !c.volumes.contains(m));
                 s.save_footprint();
                 Ok::<_, Error>((c, s.take_vm_if_empty()))
             })
             .await?;
-        self.inner.mounter.unmount(&c.rootfs);
-        remove_rootfs_dirs(&c.rootfs);
+        unmount_container(self.inner.mounter.as_ref(), &c.rootfs, &c.volumes);
         self.stop_vm(taken).await;
         let exit = c.init.exit().unwrap_or(Exit::now(137));
         PhaseLine::new(Phase::Deleted, p.clone()).emit();
@@ -538,12 +552,24 @@ impl Pod {
             })
             .await;
         for (id, c) in containers {
-            self.inner.mounter.unmount(&c.rootfs);
-            remove_rootfs_dirs(&c.rootfs);
+            unmount_container(self.inner.mounter.as_ref(), &c.rootfs, &c.volumes);
             log::info!("pod {}: container {id} torn down", self.id());
         }
         self.stop_vm(taken).await;
     }
+}
+
+/// Unmounts a container's volumes and rootfs and removes their mount points.
+fn unmount_container(mounter: &dyn Mounter, rootfs: &std::path::Path, volumes: &[PathBuf]) {
+    for v in volumes.iter().rev() {
+        mounter.unmount(v);
+        crate::volumes::remove_target(v);
+    }
+    if let Some(dir) = volumes.first().and_then(|v| v.parent()) {
+        let _ = std::fs::remove_dir(dir);
+    }
+    mounter.unmount(rootfs);
+    remove_rootfs_dirs(rootfs);
 }
 
 /// Removes a container's rootfs mount point and its directory, never recursively: if the

@@ -1,0 +1,334 @@
+//! Volumes: the bind mounts of host paths in a container's spec (`ctr run --mount`, `docker run
+//! -v`, CRI's hosts/resolv.conf/hostname and kubelet's volumes) carried into the guest.
+//!
+//! Kata's layout: each source is bound into the sandbox's host-only tree
+//! (`<run>/mounts/<container>/volumes/<n>`), which the guest sees through the read-only export
+//! (`vmm_driver::share`) at `GUEST_SHARE/<container>/volumes/<n>`; the spec's source is
+//! rewritten to that guest path, so the agent binds it like any guest path. The guest can't
+//! create, rename or plant names at the top of the share, and every host bind is
+//! `nosuid,nodev` (read-only where the spec says `ro`, on the host as well as in the guest).
+//!
+//! What can't cross virtio-fs is handled here, before anything is mounted:
+//! - device nodes and `/proc`, `/sys`, `/dev` paths are the host's, not the guest's: skipped,
+//!   with a log line naming them (the guest has its own);
+//! - `/dev/shm` becomes a guest tmpfs (POSIX shared memory needs a local tmpfs: shared mmap of
+//!   a FUSE file is not shared memory);
+//! - a source that does not exist, a unix socket or a fifo fails the create with an error that
+//!   names it (a socket or fifo can't carry traffic between guest and host).
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::{Error, Result};
+
+/// Where the agent mounts the share in the guest (`agent::init::SHARED_MOUNT`).
+pub use cocoon_protocol::GUEST_SHARE;
+
+/// The kind of a bind source on the host, as far as volumes care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    Dir,
+    File,
+    Socket,
+    Fifo,
+    Device,
+}
+
+impl SourceKind {
+    /// The kind of `path` (following symlinks, as a bind mount does).
+    pub fn of(path: &Path) -> std::io::Result<SourceKind> {
+        use std::os::unix::fs::FileTypeExt;
+        let t = std::fs::metadata(path)?.file_type();
+        Ok(if t.is_dir() {
+            SourceKind::Dir
+        } else if t.is_socket() {
+            SourceKind::Socket
+        } else if t.is_fifo() {
+            SourceKind::Fifo
+        } else if t.is_block_device() || t.is_char_device() {
+            SourceKind::Device
+        } else {
+            SourceKind::File
+        })
+    }
+}
+
+/// One host bind the shim makes for a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    /// The host path the spec names.
+    pub source: PathBuf,
+    /// Relative to the container's directory in the host tree (`volumes/<n>`).
+    pub target: PathBuf,
+    pub is_dir: bool,
+    /// `rbind`: submounts of the source come along.
+    pub recursive: bool,
+    pub readonly: bool,
+}
+
+/// The spec as the guest gets it, and the binds to make on the host first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub spec: Value,
+    pub binds: Vec<Bind>,
+}
+
+/// Host paths that are the host's own view of the system: the guest has its own.
+const HOST_ONLY: [&str; 3] = ["/proc", "/sys", "/dev"];
+
+fn is_bind(m: &Value) -> bool {
+    m["type"] == "bind" || options(m).any(|o| o == "bind" || o == "rbind")
+}
+
+fn options(m: &Value) -> impl Iterator<Item = &str> {
+    m["options"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+}
+
+fn under(path: &Path, dir: &str) -> bool {
+    path.starts_with(dir)
+}
+
+/// Plans the volumes of container `cid` from its spec. `kind` tells what a host path is.
+pub fn plan(
+    spec: &Value,
+    cid: &str,
+    kind: impl Fn(&Path) -> std::io::Result<SourceKind>,
+) -> Result<Plan> {
+    let mut spec = spec.clone();
+    let mut binds = vec![];
+    let Some(mounts) = spec["mounts"].as_array_mut() else {
+        return Ok(Plan { spec, binds });
+    };
+    let mut kept = Vec::with_capacity(mounts.len());
+    for mut m in mounts.drain(..) {
+        let dest = m["destination"].as_str().unwrap_or("").to_owned();
+        if dest == "/dev/shm" && is_bind(&m) {
+            // Per container for now: a pod's containers don't share one (issue #13 notes).
+            m = serde_json::json!({
+                "destination": "/dev/shm",
+                "type": "tmpfs",
+                "source": "shm",
+                "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+            });
+            kept.push(m);
+            continue;
+        }
+        if !is_bind(&m) {
+            kept.push(m);
+            continue;
+        }
+        let source = PathBuf::from(m["source"].as_str().unwrap_or(""));
+        if !source.is_absolute() {
+            return Err(Error::InvalidArgument(format!(
+                "bind mount of {source:?} at {dest}: the source must be an absolute host path"
+            )));
+        }
+        if HOST_ONLY.iter().any(|d| under(&source, d)) {
+            log::warn!(
+                "container {cid}: skipping the bind mount of host path {} at {dest}: the guest \
+                 has its own /proc, /sys and /dev",
+                source.display()
+            );
+            continue;
+        }
+        let k = kind(&source).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "bind mount source {} (for {dest}): {e}",
+                source.display()
+            ))
+        })?;
+        let is_dir = match k {
+            SourceKind::Dir => true,
+            SourceKind::File => false,
+            SourceKind::Device => {
+                log::warn!(
+                    "container {cid}: skipping the bind mount of host device {} at {dest}: a \
+                     host device node does not reach the guest",
+                    source.display()
+                );
+                continue;
+            }
+            SourceKind::Socket | SourceKind::Fifo => {
+                return Err(Error::InvalidArgument(format!(
+                    "bind mount source {} (for {dest}) is a {}: it can't carry traffic between \
+                     the pod VM and the host; use a TCP or vsock endpoint instead",
+                    source.display(),
+                    if k == SourceKind::Socket {
+                        "unix socket"
+                    } else {
+                        "fifo"
+                    }
+                )));
+            }
+        };
+        let n = binds.len();
+        let target = PathBuf::from("volumes").join(n.to_string());
+        binds.push(Bind {
+            source,
+            target: target.clone(),
+            is_dir,
+            recursive: m["type"] == "rbind" || options(&m).any(|o| o == "rbind"),
+            readonly: options(&m).any(|o| o == "ro"),
+        });
+        m["source"] = Value::String(format!("{GUEST_SHARE}/{cid}/{}", target.display()));
+        kept.push(m);
+    }
+    *mounts = kept;
+    Ok(Plan { spec, binds })
+}
+
+/// Binds `source` at `target` (created as an empty file or directory), then makes the bind
+/// `nosuid,nodev`, and read-only if asked. On failure nothing is left mounted.
+pub fn bind(b: &Bind, target: &Path) -> Result<()> {
+    use nix::mount::MsFlags;
+    let io = |what: String, e: nix::Error| Error::io(what, std::io::Error::from(e));
+    if b.is_dir {
+        std::fs::create_dir_all(target)
+    } else {
+        if let Some(p) = target.parent() {
+            std::fs::create_dir_all(p)
+                .map_err(|e| Error::io(format!("create {}", p.display()), e))?;
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(target)
+            .map(drop)
+    }
+    .map_err(|e| Error::io(format!("create {}", target.display()), e))?;
+    let none: Option<&str> = None;
+    let mut flags = MsFlags::MS_BIND;
+    if b.recursive {
+        flags |= MsFlags::MS_REC;
+    }
+    nix::mount::mount(Some(&b.source), target, none, flags, none).map_err(|e| {
+        io(
+            format!("bind {} at {}", b.source.display(), target.display()),
+            e,
+        )
+    })?;
+    let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    if b.readonly {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    if let Err(e) = nix::mount::mount(none, target, none, flags, none) {
+        crate::rootfs::unmount(target);
+        return Err(io(format!("remount {} nosuid,nodev", target.display()), e));
+    }
+    Ok(())
+}
+
+/// Removes a volume mount point after its unmount: never recursively (a failed unmount must
+/// not empty the source through it), and without following a symlink.
+pub fn remove_target(target: &Path) {
+    if std::fs::remove_dir(target).is_err() {
+        let is_file = std::fs::symlink_metadata(target).is_ok_and(|m| m.file_type().is_file());
+        if is_file {
+            let _ = std::fs::remove_file(target);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kinds(p: &Path) -> std::io::Result<SourceKind> {
+        match p.to_str().unwrap_or("") {
+            "/data" | "/var/lib/kubelet/pods/u/volumes/cm" => Ok(SourceKind::Dir),
+            "/etc/hosts-of-pod" => Ok(SourceKind::File),
+            "/run/app.sock" => Ok(SourceKind::Socket),
+            "/run/fifo" => Ok(SourceKind::Fifo),
+            "/mnt/disk" => Ok(SourceKind::Device),
+            _ => Err(std::io::Error::from(std::io::ErrorKind::NotFound)),
+        }
+    }
+
+    fn spec(mounts: Value) -> Value {
+        serde_json::json!({"mounts": mounts})
+    }
+
+    #[test]
+    fn host_binds_are_rewritten_to_the_share_and_planned_in_order() {
+        let s = spec(serde_json::json!([
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/etc/hosts", "type": "bind", "source": "/etc/hosts-of-pod",
+             "options": ["rbind", "rprivate", "ro"]},
+            {"destination": "/data", "source": "/data", "options": ["rbind", "rw"]},
+            {"destination": "/cm", "type": "none", "source": "/var/lib/kubelet/pods/u/volumes/cm",
+             "options": ["bind"]},
+        ]));
+        let p = plan(&s, "c1", kinds).unwrap();
+        let m = p.spec["mounts"].as_array().unwrap();
+        assert_eq!(m[0]["source"], "proc");
+        assert_eq!(m[1]["source"], format!("{GUEST_SHARE}/c1/volumes/0"));
+        assert_eq!(
+            m[1]["options"],
+            serde_json::json!(["rbind", "rprivate", "ro"])
+        );
+        assert_eq!(m[3]["source"], format!("{GUEST_SHARE}/c1/volumes/2"));
+        assert_eq!(
+            p.binds,
+            vec![
+                Bind {
+                    source: "/etc/hosts-of-pod".into(),
+                    target: "volumes/0".into(),
+                    is_dir: false,
+                    recursive: true,
+                    readonly: true
+                },
+                Bind {
+                    source: "/data".into(),
+                    target: "volumes/1".into(),
+                    is_dir: true,
+                    recursive: true,
+                    readonly: false
+                },
+                Bind {
+                    source: "/var/lib/kubelet/pods/u/volumes/cm".into(),
+                    target: "volumes/2".into(),
+                    is_dir: true,
+                    recursive: false,
+                    readonly: false
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn what_cannot_cross_is_skipped_or_refused_by_name() {
+        let skipped = spec(serde_json::json!([
+            {"destination": "/host-proc", "type": "bind", "source": "/proc/1", "options": ["rbind"]},
+            {"destination": "/disk", "type": "bind", "source": "/mnt/disk", "options": ["bind"]},
+            {"destination": "/dev/shm", "type": "bind", "source": "/run/containerd/x/shm",
+             "options": ["rbind", "ro"]},
+        ]));
+        let p = plan(&skipped, "c1", kinds).unwrap();
+        assert!(p.binds.is_empty());
+        let m = p.spec["mounts"].as_array().unwrap();
+        assert_eq!(m.len(), 1, "{m:?}");
+        assert_eq!(
+            (m[0]["destination"].as_str(), m[0]["type"].as_str()),
+            (Some("/dev/shm"), Some("tmpfs"))
+        );
+
+        for (src, says) in [
+            ("/nope", "/nope"),
+            ("/run/app.sock", "unix socket"),
+            ("/run/fifo", "fifo"),
+            ("relative", "absolute"),
+        ] {
+            let s = spec(serde_json::json!([
+                {"destination": "/x", "type": "bind", "source": src, "options": ["bind"]}
+            ]));
+            let e = plan(&s, "c1", kinds).unwrap_err().to_string();
+            assert!(e.contains(says) && e.contains("/x"), "{src}: {e}");
+        }
+    }
+}

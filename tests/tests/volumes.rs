@@ -1,0 +1,215 @@
+//! Volumes: bind mounts of host files and directories reach the container (`ctr run --mount`,
+//! compared with runc), read-only stays read-only, writes cross both ways, a kubelet-style
+//! `..data` swap is seen, and nothing stays mounted on the host afterwards.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use cocoon_tests::containerd::{Containerd, IMAGE, RUNTIME};
+use cocoon_tests::{gate, Need};
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn mount_arg(src: &Path, dst: &str, opts: &str) -> String {
+    format!("type=bind,src={},dst={dst},options={opts}", src.display())
+}
+
+#[tokio::test]
+async fn ctr_run_bind_mounts_of_files_and_directories_match_runc() {
+    let Some(_gate) = gate(&[Need::selected_guest()]).await else {
+        return;
+    };
+    let c = Containerd::start();
+    c.import_test_image();
+    let host = tempfile::tempdir().unwrap();
+    let vol = host.path().join("vol");
+    std::fs::create_dir(&vol).unwrap();
+    std::fs::write(vol.join("hello.txt"), "from-host\n").unwrap();
+    let single = host.path().join("single.txt");
+    std::fs::write(&single, "one-file\n").unwrap();
+    let ro_dir = host.path().join("ro");
+    std::fs::create_dir(&ro_dir).unwrap();
+
+    let script = "cat /vol/hello.txt /etc/single; echo written-by-$RT > /vol/out.txt; \
+                  (echo x > /etc/single) 2>/dev/null && echo file-ro-broken || echo file-ro-ok; \
+                  (touch /ro/x) 2>/dev/null && echo dir-ro-broken || echo dir-ro-ok";
+    for (rt, name) in [(RUNTIME, "cocoon"), ("io.containerd.runc.v2", "runc")] {
+        let m1 = mount_arg(&vol, "/vol", "rbind:rw");
+        let m2 = mount_arg(&single, "/etc/single", "rbind:ro");
+        let m3 = mount_arg(&ro_dir, "/ro", "rbind:ro");
+        let env = format!("RT={name}");
+        let id = format!("vol-{name}");
+        let args = [
+            "run",
+            "--rm",
+            "--runtime",
+            rt,
+            "--env",
+            &env,
+            "--mount",
+            &m1,
+            "--mount",
+            &m2,
+            "--mount",
+            &m3,
+            IMAGE,
+            &id,
+            "sh",
+            "-c",
+            script,
+        ];
+        let out = c.ctr(&args);
+        let stdout = text(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{name}: {}\n{stdout}\ncontainerd log:\n{}",
+            text(&out.stderr),
+            c.log()
+        );
+        assert_eq!(
+            stdout.lines().collect::<Vec<_>>(),
+            ["from-host", "one-file", "file-ro-ok", "dir-ro-ok"],
+            "{name}"
+        );
+        // The container's write is on the host; the read-only ones changed nothing.
+        assert_eq!(
+            std::fs::read_to_string(vol.join("out.txt")).unwrap(),
+            format!("written-by-{name}\n")
+        );
+        assert_eq!(std::fs::read_to_string(&single).unwrap(), "one-file\n");
+        assert!(!ro_dir.join("x").exists());
+    }
+    c.assert_clean();
+}
+
+/// A kubelet-managed volume (configMap, secret, projected): files behind a `..data` symlink
+/// that kubelet swaps atomically on update.
+fn write_version(dir: &Path, version: &str) {
+    let data = dir.join(format!("..{version}"));
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(data.join("key"), format!("{version}\n")).unwrap();
+    let tmp = dir.join("..data_tmp");
+    std::os::unix::fs::symlink(format!("..{version}"), &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    if !dir.join("key").exists() {
+        std::os::unix::fs::symlink("..data/key", dir.join("key")).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn host_writes_and_a_data_symlink_swap_reach_a_running_container() {
+    let Some(_gate) = gate(&[Need::selected_guest()]).await else {
+        return;
+    };
+    let c = Containerd::start();
+    c.import_test_image();
+    let host = tempfile::tempdir().unwrap();
+    let vol = host.path().join("vol");
+    let cm = host.path().join("cm");
+    std::fs::create_dir(&vol).unwrap();
+    std::fs::create_dir(&cm).unwrap();
+    write_version(&cm, "v1");
+
+    // The container says it is ready, waits for the host's file, reads the config key again
+    // and says what it saw.
+    let script = "cat /cm/key > /vol/before; touch /vol/ready; \
+                  i=0; while [ ! -f /vol/late.txt ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done; \
+                  cat /vol/late.txt /cm/key > /vol/seen.tmp; mv /vol/seen.tmp /vol/seen";
+    let m1 = mount_arg(&vol, "/vol", "rbind:rw");
+    let m2 = mount_arg(&cm, "/cm", "rbind:ro");
+    let args: Vec<String> = [
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--mount",
+        &m1,
+        "--mount",
+        &m2,
+        IMAGE,
+        "cm",
+        "sh",
+        "-c",
+        script,
+    ]
+    .map(String::from)
+    .to_vec();
+    let runner = {
+        let address = c.address.clone();
+        std::thread::spawn(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            Containerd::ctr_at(&address, &args)
+        })
+    };
+    let t0 = Instant::now();
+    while !vol.join("ready").exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "the container never got ready"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(std::fs::read_to_string(vol.join("before")).unwrap(), "v1\n");
+    write_version(&cm, "v2");
+    std::fs::write(vol.join("late.txt"), "late\n").unwrap();
+    let written = Instant::now();
+    while !vol.join("seen").exists() {
+        assert!(
+            written.elapsed() < Duration::from_secs(30),
+            "the container never saw the host's write"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let seen_after = written.elapsed();
+    assert_eq!(
+        std::fs::read_to_string(vol.join("seen")).unwrap(),
+        "late\nv2\n"
+    );
+    assert!(
+        seen_after < Duration::from_secs(2),
+        "host write seen after {seen_after:?}"
+    );
+    let out = runner.join().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    c.assert_clean();
+}
+
+#[tokio::test]
+async fn a_missing_or_unshareable_source_fails_the_run_by_name() {
+    let Some(_gate) = gate(&[Need::selected_guest()]).await else {
+        return;
+    };
+    let c = Containerd::start();
+    c.import_test_image();
+    let host = tempfile::tempdir().unwrap();
+    let sock_path = host.path().join("app.sock");
+    let _sock = std::os::unix::net::UnixListener::bind(&sock_path).unwrap();
+    for (src, says) in [
+        (host.path().join("missing"), "missing"),
+        (sock_path.clone(), "unix socket"),
+    ] {
+        let m = mount_arg(&src, "/x", "rbind:rw");
+        let args = [
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--mount",
+            &m,
+            IMAGE,
+            "bad-vol",
+            "true",
+        ];
+        let out = c.ctr(&args);
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "{src:?} was accepted");
+        assert!(err.contains(says), "error for {src:?}: {err}");
+        // Nothing of the failed create is left for the next one.
+        let _ = c.ctr(&["containers", "rm", "bad-vol"]);
+    }
+    c.assert_clean();
+}
