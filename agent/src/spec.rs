@@ -72,6 +72,13 @@ pub fn adapt(
     if !v["linux"].is_object() {
         v["linux"] = serde_json::json!({});
     }
+    // A container that mounts the cgroup filesystem must find its own cgroup there
+    // (memory.max, cpu.max: what JVMs and other runtimes size themselves from), as runc shows
+    // it; in the guest that takes a cgroup namespace, whose root is the container's cgroup.
+    let mounts_cgroup = v["mounts"].as_array().is_some_and(|ms| {
+        ms.iter()
+            .any(|m| m["type"] == "cgroup" || m["type"] == "cgroup2")
+    });
     let linux = &mut v["linux"];
     if let Some(nss) = linux["namespaces"].as_array_mut() {
         nss.retain(|ns| ns["type"] != "network");
@@ -96,12 +103,22 @@ pub fn adapt(
             {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}
         ]);
     }
+    if mounts_cgroup {
+        if let Some(nss) = linux["namespaces"].as_array_mut() {
+            if !nss.iter().any(|ns| ns["type"] == "cgroup") {
+                nss.push(serde_json::json!({"type": "cgroup"}));
+            }
+        }
+    }
     linux["cgroupsPath"] = Value::String(cgroup_path(id));
     if let Some(o) = linux.as_object_mut() {
         o.remove("devices");
     }
 
     if let Some(mounts) = v["mounts"].as_array_mut() {
+        for m in mounts.iter_mut() {
+            pod_shm(m, pod_holder);
+        }
         mounts.retain(|m| {
             let is_bind = m["type"] == "bind"
                 || m["options"].as_array().is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"));
@@ -117,6 +134,34 @@ pub fn adapt(
     serde_json::from_value::<oci_spec::runtime::Spec>(v.clone())
         .map_err(|e| SpecError(format!("the OCI spec is not valid: {e}")))?;
     Ok(v)
+}
+
+/// The pod's `/dev/shm`: CRI binds every container to the sandbox's shm directory on the
+/// host, a tmpfs there. In the guest, the sandbox container gets a tmpfs of its own (POSIX
+/// shared memory needs a local one) and the pod's other containers bind that one, through
+/// the sandbox process's root, so the pod shares it as under runc.
+fn pod_shm(m: &mut Value, pod_holder: Option<i32>) {
+    let is_bind = m["type"] == "bind"
+        || m["options"]
+            .as_array()
+            .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"));
+    if m["destination"] != "/dev/shm" || !is_bind {
+        return;
+    }
+    *m = match pod_holder {
+        Some(pid) => serde_json::json!({
+            "destination": "/dev/shm",
+            "type": "bind",
+            "source": format!("/proc/{pid}/root/dev/shm"),
+            "options": ["rbind", "nosuid", "nodev", "noexec"],
+        }),
+        None => serde_json::json!({
+            "destination": "/dev/shm",
+            "type": "tmpfs",
+            "source": "shm",
+            "options": ["nosuid", "nodev", "noexec", "mode=1777", "size=65536k"],
+        }),
+    };
 }
 
 /// Takes the `net.*` sysctls out of an adapted spec. The container shares the guest's network
@@ -209,6 +254,74 @@ mod tests {
                 "maskedPaths": ["/proc/kcore"]
             }
         })
+    }
+
+    #[test]
+    fn the_pods_shm_is_the_sandboxs_guest_tmpfs() {
+        let mut spec = host_spec();
+        spec["mounts"].as_array_mut().unwrap().push(json!({
+            "destination": "/dev/shm", "type": "bind",
+            "source": "/run/containerd/io.containerd.grpc.v1.cri/sandboxes/s1/shm",
+            "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]
+        }));
+        let raw = serde_json::to_vec(&spec).unwrap();
+        let shm = |holder| {
+            let v = adapt(&raw, "c1", Path::new("/r"), holder, |p| {
+                p.starts_with("/proc/")
+            })
+            .unwrap();
+            v["mounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["destination"] == "/dev/shm")
+                .cloned()
+                .unwrap()
+        };
+        let sandbox = shm(None);
+        assert_eq!(
+            (&sandbox["type"], &sandbox["source"]),
+            (&json!("tmpfs"), &json!("shm"))
+        );
+        let member = shm(Some(42));
+        assert_eq!(member["source"], "/proc/42/root/dev/shm");
+        assert!(!member["options"].as_array().unwrap().contains(&json!("ro")));
+    }
+
+    #[test]
+    fn a_container_that_mounts_cgroupfs_gets_a_cgroup_namespace_once() {
+        let mut spec = host_spec();
+        let ns_types = |v: &Value| -> Vec<String> {
+            v["linux"]["namespaces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n["type"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        let adapt_it = |s: &Value| {
+            let raw = serde_json::to_vec(s).unwrap();
+            adapt(&raw, "c1", Path::new("/r"), None, |_| true).unwrap()
+        };
+        assert!(!ns_types(&adapt_it(&spec)).contains(&"cgroup".to_owned()));
+        spec["mounts"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup"}));
+        let once = adapt_it(&spec);
+        assert_eq!(ns_types(&once).iter().filter(|t| *t == "cgroup").count(), 1);
+        // A spec that already has one (CRI on a cgroup v2 host) keeps just that one.
+        spec["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"type": "cgroup"}));
+        assert_eq!(
+            ns_types(&adapt_it(&spec))
+                .iter()
+                .filter(|t| *t == "cgroup")
+                .count(),
+            1
+        );
     }
 
     #[test]

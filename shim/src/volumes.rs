@@ -11,8 +11,8 @@
 //! What can't cross virtio-fs is handled here, before anything is mounted:
 //! - device nodes and `/proc`, `/sys`, `/dev` paths are the host's, not the guest's: skipped,
 //!   with a log line naming them (the guest has its own);
-//! - `/dev/shm` becomes a guest tmpfs (POSIX shared memory needs a local tmpfs: shared mmap of
-//!   a FUSE file is not shared memory);
+//! - `/dev/shm` is left to the agent, which makes it a guest tmpfs shared by the pod (POSIX
+//!   shared memory needs a local tmpfs: shared mmap of a FUSE file is not shared memory);
 //! - a source that does not exist, a unix socket or a fifo fails the create with an error that
 //!   names it (a socket or fifo can't carry traffic between guest and host).
 
@@ -107,14 +107,8 @@ pub fn plan(
     let mut kept = Vec::with_capacity(mounts.len());
     for mut m in mounts.drain(..) {
         let dest = m["destination"].as_str().unwrap_or("").to_owned();
-        if dest == "/dev/shm" && is_bind(&m) {
-            // Per container for now: a pod's containers don't share one (issue #13 notes).
-            m = serde_json::json!({
-                "destination": "/dev/shm",
-                "type": "tmpfs",
-                "source": "shm",
-                "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
-            });
+        if dest == "/dev/shm" {
+            // The agent makes it a guest tmpfs, shared by the pod (`spec::pod_shm`).
             kept.push(m);
             continue;
         }
@@ -313,10 +307,7 @@ mod tests {
         assert!(p.binds.is_empty());
         let m = p.spec["mounts"].as_array().unwrap();
         assert_eq!(m.len(), 1, "{m:?}");
-        assert_eq!(
-            (m[0]["destination"].as_str(), m[0]["type"].as_str()),
-            (Some("/dev/shm"), Some("tmpfs"))
-        );
+        assert_eq!(m[0]["source"], "/run/containerd/x/shm", "left to the agent");
 
         for (src, says) in [
             ("/nope", "/nope"),

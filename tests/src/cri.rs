@@ -249,17 +249,19 @@ impl Cri {
         pod_config: &cri::PodSandboxConfig,
         c: ContainerSpec<'_>,
     ) -> Result<String, String> {
-        self.try_start_container_with(pod, pod_config, c, vec![])
+        self.try_start_container_with(pod, pod_config, c, vec![], None)
             .await
     }
 
-    /// [`Cri::try_start_container`] with kubelet-style volume mounts (host paths).
+    /// [`Cri::try_start_container`] with kubelet-style volume mounts (host paths) and the
+    /// container's resources.
     pub async fn try_start_container_with(
         &mut self,
         pod: &str,
         pod_config: &cri::PodSandboxConfig,
         c: ContainerSpec<'_>,
         mounts: Vec<cri::Mount>,
+        resources: Option<cri::LinuxContainerResources>,
     ) -> Result<String, String> {
         let config = cri::ContainerConfig {
             mounts,
@@ -283,7 +285,7 @@ impl Cri {
                         .and_then(|s| s.namespace_options.clone()),
                     ..Default::default()
                 }),
-                ..Default::default()
+                resources,
             }),
             ..Default::default()
         };

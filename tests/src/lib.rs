@@ -17,6 +17,7 @@ pub mod paths;
 pub mod pod;
 pub mod portforward;
 pub mod virtiofsd;
+pub mod volume_bench;
 
 pub use config::{backend_config, test_config, test_hypervisor, write_cocoon_toml};
 pub use gate::{gate, Gate, Need};

@@ -113,6 +113,7 @@ async fn a_pod_of_two_containers_shares_one_vm_its_network_and_stops_cleanly() {
                 host_path: volume.path().to_string_lossy().into_owned(),
                 ..Default::default()
             }],
+            None,
         )
         .await
         .unwrap_or_else(|e| panic!("{e}\ncontainerd log:\n{}", cri.containerd.log()));
@@ -148,6 +149,22 @@ async fn a_pod_of_two_containers_shares_one_vm_its_network_and_stops_cleanly() {
     assert_eq!(
         std::fs::read_to_string(volume.path().join("from-pod")).unwrap(),
         "from-pod\n"
+    );
+
+    // The pod's /dev/shm: one guest tmpfs that its containers share.
+    let (code, _, err) = cri
+        .exec_sync(&web, &["sh", "-c", "echo shm-data > /dev/shm/x"])
+        .await;
+    assert_eq!(code, 0, "{err}");
+    let (_, shm, _) = cri
+        .exec_sync(
+            &side,
+            &["sh", "-c", "cat /dev/shm/x; grep ' /dev/shm ' /proc/mounts"],
+        )
+        .await;
+    assert!(
+        shm.starts_with("shm-data\n") && shm.contains("tmpfs"),
+        "/dev/shm in the other container:\n{shm}"
     );
 
     // Both containers answer, with their exit codes, in the same guest.
@@ -292,6 +309,48 @@ async fn port_forward_reaches_a_runc_pod_the_same_way() {
     // No assert_clean: shim sockets live in one host-wide directory, and this test runs beside
     // the ones that hold the VM lock.
     cri.stop_and_remove_pod(&pod).await;
+}
+
+/// JVMs and other runtimes size themselves from `/sys/fs/cgroup/memory.max` and `cpu.max`:
+/// a CRI container must see its own limits there, as under runc (which on a cgroup v1 host,
+/// like this one, shows them in v1's files).
+#[tokio::test]
+async fn the_cgroup_filesystem_shows_a_containers_own_limits_as_under_runc() {
+    let Some(_gate) = gate(&[Need::selected_guest()]).await else {
+        return;
+    };
+    let mut cri = Cri::start().await;
+    for handler in [HANDLER, "runc"] {
+        let (pod, config) = cri.run_pod(&format!("cg-{handler}"), handler).await;
+        let limits = k8s_cri::v1::LinuxContainerResources {
+            cpu_period: 100_000,
+            cpu_quota: 50_000,
+            memory_limit_in_bytes: 96 << 20,
+            ..Default::default()
+        };
+        let app = ContainerSpec {
+            name: "limited",
+            command: &["sleep", "1000"],
+        };
+        let id = cri
+            .try_start_container_with(&pod, &config, app, vec![], Some(limits))
+            .await
+            .unwrap_or_else(|e| panic!("{e}\ncontainerd log:\n{}", cri.containerd.log()));
+        // The guest is cgroup v2; runc here follows the host, which may be v1 (this one is):
+        // the same limits, in v1's files.
+        let show = "cd /sys/fs/cgroup; if [ -f memory.max ]; then cat memory.max cpu.max; \
+                    else cat memory/memory.limit_in_bytes; \
+                    echo \"$(cat cpu/cpu.cfs_quota_us) $(cat cpu/cpu.cfs_period_us)\"; fi";
+        let (code, out, err) = cri.exec_sync(&id, &["sh", "-c", show]).await;
+        assert_eq!(code, 0, "{handler}: {err}");
+        assert_eq!(
+            out.lines().collect::<Vec<_>>(),
+            [(96u64 << 20).to_string().as_str(), "50000 100000"],
+            "{handler}"
+        );
+        cri.stop_and_remove_pod(&pod).await;
+    }
+    cri.containerd.assert_clean();
 }
 
 /// With `shareProcessNamespace`, a container's init dying does not make the kernel kill the

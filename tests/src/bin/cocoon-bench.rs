@@ -414,6 +414,13 @@ fn main() {
     let out_dir =
         PathBuf::from(std::env::var("BENCH_OUT").unwrap_or_else(|_| "target/bench".into()));
     std::fs::create_dir_all(&out_dir).unwrap();
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("volumes") {
+        let c = Containerd::start();
+        c.import_test_image();
+        let r = volumes(&c, &runtimes(c.dir.path()), runs.clamp(1, 3));
+        println!("{}", cocoon_tests::volume_bench::markdown(&r));
+        return;
+    }
     if std::env::var("BENCH_ONLY").as_deref() == Ok("cri") {
         let cri = tokio::runtime::Runtime::new()
             .unwrap()
@@ -498,6 +505,8 @@ fn main() {
     })
     .unwrap_or_else(|_| json!({"error": "the CRI figures panicked; see the output above"}));
     res.insert("cri".into(), cri);
+    println!("volume I/O…");
+    res.insert("volumes".into(), volumes(&c, &rts, runs.clamp(1, 3)));
     res.insert("cold_start_ms".into(), cold.into());
     res.insert("exec_ms".into(), exec.into());
     res.insert("stdout_mb_per_s".into(), tput.into());
@@ -519,6 +528,47 @@ fn main() {
         "\n{md}\nwrote {}/results.json and results.md",
         out_dir.display()
     );
+}
+
+/// Volume I/O for every runtime, and for Cocoon under each other `virtiofs_cache` mode (the
+/// shim reads its config at each boot, so the bench rewrites it between runs).
+fn volumes(c: &Containerd, rts: &[Runtime], runs: usize) -> Value {
+    let vol = c.dir.path().join("bench-volume");
+    std::fs::create_dir_all(&vol).unwrap();
+    cocoon_tests::volume_bench::make_archive(&vol).unwrap();
+    let mut out = serde_json::Map::new();
+    for rt in rts {
+        let name = if rt.name == "cocoon" {
+            "cocoon (virtiofs_cache=auto, default)".to_owned()
+        } else {
+            rt.name.to_owned()
+        };
+        let v = cocoon_tests::volume_bench::figures(
+            c,
+            &format!("vol-{}", rt.name),
+            &rt.args,
+            &vol,
+            runs,
+        );
+        println!("volumes {name}: {v}");
+        out.insert(name, v);
+    }
+    let config = c.dir.path().join("cocoon.toml");
+    let original = std::fs::read_to_string(&config).unwrap();
+    for mode in ["never", "metadata", "always"] {
+        std::fs::write(&config, format!("{original}virtiofs_cache = \"{mode}\"\n")).unwrap();
+        let v = cocoon_tests::volume_bench::figures(
+            c,
+            &format!("vol-cocoon-{mode}"),
+            &rts[0].args,
+            &vol,
+            runs,
+        );
+        println!("volumes cocoon {mode}: {v}");
+        out.insert(format!("cocoon (virtiofs_cache={mode})"), v);
+    }
+    std::fs::write(&config, original).unwrap();
+    Value::Object(out)
 }
 
 fn markdown(r: &Value) -> String {
@@ -568,6 +618,7 @@ fn markdown(r: &Value) -> String {
         );
     }
     s += &cocoon_tests::cri_bench::markdown(&r["cri"]);
+    s += &cocoon_tests::volume_bench::markdown(&r["volumes"]);
     s += "\n| Cocoon idle pods | guest memory (MiB) | PSS per pod (MiB) | by process (MiB per pod) | shim RSS (MiB) |\n|---|---|---|---|---|\n";
     for v in r["idle_pod_memory"].as_array().into_iter().flatten() {
         let by: Vec<String> = v["pss_by_process_mib_per_pod"]
