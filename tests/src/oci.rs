@@ -31,6 +31,9 @@ pub fn busybox_rootfs(root: &Path) {
     )
     .unwrap();
     std::fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
+    // A hostile image's trap for mount destinations: a path through it climbs to "/" (of
+    // whatever resolves it). A runtime must resolve it inside the container's root.
+    std::os::unix::fs::symlink("../../../../../../..", root.join("escape")).unwrap();
 }
 
 /// The spec `runc spec` writes, with `args` to run: the shape containerd hands a runtime.

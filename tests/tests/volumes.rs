@@ -213,3 +213,42 @@ async fn a_missing_or_unshareable_source_fails_the_run_by_name() {
     }
     c.assert_clean();
 }
+
+/// A mount destination that climbs out through a symlink in the image (`/escape` points at
+/// `../../..`) lands inside the container's root, as under runc: not in the guest's own root
+/// (the agent's), where the container would never see it.
+#[tokio::test]
+async fn a_destination_through_a_symlink_stays_inside_the_container() {
+    let Some(_gate) = gate(&[Need::selected_guest()]).await else {
+        return;
+    };
+    let c = Containerd::start();
+    c.import_test_image();
+    let host = tempfile::tempdir().unwrap();
+    std::fs::write(host.path().join("marker"), "inside\n").unwrap();
+    for (rt, name) in [(RUNTIME, "cocoon"), ("io.containerd.runc.v2", "runc")] {
+        let m = mount_arg(host.path(), "/escape/cocoon-vol", "rbind:ro");
+        let id = format!("esc-{name}");
+        let args = [
+            "run",
+            "--rm",
+            "--runtime",
+            rt,
+            "--mount",
+            &m,
+            IMAGE,
+            &id,
+            "cat",
+            "/cocoon-vol/marker",
+        ];
+        let out = c.ctr(&args);
+        assert!(
+            out.status.success(),
+            "{name}: {}\ncontainerd log:\n{}",
+            text(&out.stderr),
+            c.log()
+        );
+        assert_eq!(text(&out.stdout), "inside\n", "{name}");
+    }
+    c.assert_clean();
+}
