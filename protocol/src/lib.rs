@@ -32,8 +32,10 @@ pub const FORWARD_PORT: u32 = 1027;
 /// Where the agent mounts the virtio-fs share in the guest: the host's exported tree, with a
 /// container's rootfs at `<GUEST_SHARE>/<id>/rootfs` and its volumes at `<id>/volumes/<n>`.
 pub const GUEST_SHARE: &str = "/run/cocoon/shared";
+/// Where the agent mounts a pod's guest-only tmpfs volumes (`CreateContainerRequest.ephemeral`).
+pub const EPHEMERAL_DIR: &str = "/run/cocoon/ephemeral";
 /// Bumped on every incompatible change to `agent.proto`.
-pub const API_VERSION: u32 = 4;
+pub const API_VERSION: u32 = 5;
 
 pub use process::{ProcessRef, StdioHello, StdioKind};
 pub use protobuf;

@@ -13,6 +13,8 @@
 //!   with a log line naming them (the guest has its own);
 //! - `/dev/shm` is left to the agent, which makes it a guest tmpfs shared by the pod (POSIX
 //!   shared memory needs a local tmpfs: shared mmap of a FUSE file is not shared memory);
+//! - kubelet's emptyDir with `medium: Memory` (a host tmpfs) becomes a guest tmpfs shared by
+//!   the pod (`EPHEMERAL_DIR`), so its memory stays in the VM;
 //! - a source that does not exist, a unix socket or a fifo fails the create with an error that
 //!   names it (a socket or fifo can't carry traffic between guest and host).
 
@@ -23,12 +25,14 @@ use serde_json::Value;
 use crate::{Error, Result};
 
 /// Where the agent mounts the share in the guest (`agent::init::SHARED_MOUNT`).
-pub use cocoon_protocol::GUEST_SHARE;
+pub use cocoon_protocol::{EPHEMERAL_DIR, GUEST_SHARE};
 
 /// The kind of a bind source on the host, as far as volumes care.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceKind {
     Dir,
+    /// kubelet's emptyDir with `medium: Memory`: a tmpfs of its own on the host.
+    MemoryDir,
     File,
     Socket,
     Fifo,
@@ -40,7 +44,9 @@ impl SourceKind {
     pub fn of(path: &Path) -> std::io::Result<SourceKind> {
         use std::os::unix::fs::FileTypeExt;
         let t = std::fs::metadata(path)?.file_type();
-        Ok(if t.is_dir() {
+        Ok(if t.is_dir() && is_memory_empty_dir(path) {
+            SourceKind::MemoryDir
+        } else if t.is_dir() {
             SourceKind::Dir
         } else if t.is_socket() {
             SourceKind::Socket
@@ -52,6 +58,36 @@ impl SourceKind {
             SourceKind::File
         })
     }
+}
+
+/// kubelet puts emptyDir volumes at `…/volumes/kubernetes.io~empty-dir/<name>`; with
+/// `medium: Memory` that directory is the root of a tmpfs (Kata's test, too).
+fn is_memory_empty_dir(path: &Path) -> bool {
+    let kubelet_empty_dir = path
+        .parent()
+        .and_then(Path::file_name)
+        .is_some_and(|p| p == "kubernetes.io~empty-dir");
+    kubelet_empty_dir
+        && nix::sys::statfs::statfs(path)
+            .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+}
+
+/// The guest directory for a memory emptyDir: one per source path, so every container of the
+/// pod that mounts the same volume gets the same tmpfs.
+fn ephemeral_dir(source: &Path) -> String {
+    let name: String = source
+        .to_string_lossy()
+        .trim_start_matches('/')
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{EPHEMERAL_DIR}/{name}")
 }
 
 /// One host bind the shim makes for a container.
@@ -72,6 +108,8 @@ pub struct Bind {
 pub struct Plan {
     pub spec: Value,
     pub binds: Vec<Bind>,
+    /// Guest tmpfs directories the agent provides (`CreateContainerRequest.ephemeral`).
+    pub ephemeral: Vec<String>,
 }
 
 /// Host paths that are the host's own view of the system: the guest has its own.
@@ -101,8 +139,13 @@ pub fn plan(
 ) -> Result<Plan> {
     let mut spec = spec.clone();
     let mut binds = vec![];
+    let mut ephemeral = vec![];
     let Some(mounts) = spec["mounts"].as_array_mut() else {
-        return Ok(Plan { spec, binds });
+        return Ok(Plan {
+            spec,
+            binds,
+            ephemeral,
+        });
     };
     let mut kept = Vec::with_capacity(mounts.len());
     for mut m in mounts.drain(..) {
@@ -137,6 +180,17 @@ pub fn plan(
             ))
         })?;
         let is_dir = match k {
+            SourceKind::MemoryDir => {
+                // A guest tmpfs, shared by the pod: memory stays in the VM, as it would in
+                // the container's own memory under runc.
+                let dir = ephemeral_dir(&source);
+                m["source"] = Value::String(dir.clone());
+                if !ephemeral.contains(&dir) {
+                    ephemeral.push(dir);
+                }
+                kept.push(m);
+                continue;
+            }
             SourceKind::Dir => true,
             SourceKind::File => false,
             SourceKind::Device => {
@@ -173,7 +227,11 @@ pub fn plan(
         kept.push(m);
     }
     *mounts = kept;
-    Ok(Plan { spec, binds })
+    Ok(Plan {
+        spec,
+        binds,
+        ephemeral,
+    })
 }
 
 /// Binds `source` at `target` (created as an empty file or directory), then makes the bind
@@ -240,6 +298,9 @@ mod tests {
             "/run/app.sock" => Ok(SourceKind::Socket),
             "/run/fifo" => Ok(SourceKind::Fifo),
             "/mnt/disk" => Ok(SourceKind::Device),
+            "/var/lib/kubelet/pods/u/volumes/kubernetes.io~empty-dir/cache" => {
+                Ok(SourceKind::MemoryDir)
+            }
             _ => Err(std::io::Error::from(std::io::ErrorKind::NotFound)),
         }
     }
@@ -293,6 +354,23 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn a_memory_empty_dir_becomes_one_guest_tmpfs_for_the_pod() {
+        let src = "/var/lib/kubelet/pods/u/volumes/kubernetes.io~empty-dir/cache";
+        let s = spec(serde_json::json!([
+            {"destination": "/cache", "type": "bind", "source": src, "options": ["rbind"]},
+            {"destination": "/cache2", "type": "bind", "source": src, "options": ["rbind"]},
+        ]));
+        let p = plan(&s, "c1", kinds).unwrap();
+        assert!(p.binds.is_empty());
+        assert_eq!(p.ephemeral.len(), 1);
+        assert!(p.ephemeral[0].starts_with(EPHEMERAL_DIR));
+        assert!(!p.ephemeral[0][EPHEMERAL_DIR.len() + 1..].contains('/'));
+        let m = p.spec["mounts"].as_array().unwrap();
+        assert_eq!(m[0]["source"], p.ephemeral[0].as_str());
+        assert_eq!(m[1]["source"], p.ephemeral[0].as_str());
     }
 
     #[test]

@@ -73,6 +73,32 @@ async fn forward_get(cri: &mut Cri, pod: &str, port: u16, want: &str) -> String 
     }
 }
 
+/// A tmpfs at kubelet's emptyDir path under `root`, as kubelet makes one for `medium: Memory`;
+/// unmounted on drop.
+struct MemoryEmptyDir(std::path::PathBuf);
+
+impl MemoryEmptyDir {
+    fn new(root: &std::path::Path) -> Self {
+        let dir = root.join("pods/uid-web/volumes/kubernetes.io~empty-dir/cache");
+        std::fs::create_dir_all(&dir).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            &dir,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        MemoryEmptyDir(dir)
+    }
+}
+
+impl Drop for MemoryEmptyDir {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 const WEB: &[&str] = &[
     "sh",
     "-c",
@@ -86,16 +112,28 @@ async fn a_pod_of_two_containers_shares_one_vm_its_network_and_stops_cleanly() {
     };
     let mut cri = Cri::start().await;
     let (pod, config) = cri.run_pod("web", HANDLER).await;
+    // kubelet's emptyDir with medium Memory: a tmpfs on the host at kubelet's path, mounted
+    // into both containers.
+    let kubelet = tempfile::tempdir().unwrap();
+    let memory_dir = MemoryEmptyDir::new(kubelet.path());
+    let cache = || k8s_cri::v1::Mount {
+        container_path: "/cache".into(),
+        host_path: memory_dir.0.to_string_lossy().into_owned(),
+        ..Default::default()
+    };
     let web = cri
-        .start_container(
+        .try_start_container_with(
             &pod,
             &config,
             ContainerSpec {
                 name: "web",
                 command: WEB,
             },
+            vec![cache()],
+            None,
         )
-        .await;
+        .await
+        .unwrap_or_else(|e| panic!("{e}\ncontainerd log:\n{}", cri.containerd.log()));
     // A kubelet volume (a host directory, as hostPath or emptyDir on disk are) in the side
     // container.
     let volume = tempfile::tempdir().unwrap();
@@ -108,11 +146,14 @@ async fn a_pod_of_two_containers_shares_one_vm_its_network_and_stops_cleanly() {
                 name: "side",
                 command: &["sleep", "1000"],
             },
-            vec![k8s_cri::v1::Mount {
-                container_path: "/data".into(),
-                host_path: volume.path().to_string_lossy().into_owned(),
-                ..Default::default()
-            }],
+            vec![
+                k8s_cri::v1::Mount {
+                    container_path: "/data".into(),
+                    host_path: volume.path().to_string_lossy().into_owned(),
+                    ..Default::default()
+                },
+                cache(),
+            ],
             None,
         )
         .await
@@ -165,6 +206,26 @@ async fn a_pod_of_two_containers_shares_one_vm_its_network_and_stops_cleanly() {
     assert!(
         shm.starts_with("shm-data\n") && shm.contains("tmpfs"),
         "/dev/shm in the other container:\n{shm}"
+    );
+
+    // The memory emptyDir: one guest tmpfs for the pod; nothing of it lands on the host's.
+    let (code, _, err) = cri
+        .exec_sync(&web, &["sh", "-c", "echo in-memory > /cache/x"])
+        .await;
+    assert_eq!(code, 0, "{err}");
+    let (_, mem, _) = cri
+        .exec_sync(
+            &side,
+            &["sh", "-c", "cat /cache/x; grep ' /cache ' /proc/mounts"],
+        )
+        .await;
+    assert!(
+        mem.starts_with("in-memory\n") && mem.contains("tmpfs"),
+        "/cache in the other container:\n{mem}"
+    );
+    assert!(
+        std::fs::read_dir(&memory_dir.0).unwrap().next().is_none(),
+        "the memory emptyDir's data stays in the VM"
     );
 
     // Both containers answer, with their exit codes, in the same guest.

@@ -115,6 +115,44 @@ impl Manager {
     }
 }
 
+/// Mounts a tmpfs at each of `dirs` that has none yet (kubelet's memory emptyDirs, shared by
+/// the pod: the first container that names one creates it). Each must be one name below
+/// `EPHEMERAL_DIR`.
+pub fn provide_ephemeral(dirs: &[String]) -> Res<()> {
+    use nix::mount::MsFlags;
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for d in dirs {
+        let name = d
+            .strip_prefix(cocoon_protocol::EPHEMERAL_DIR)
+            .and_then(|r| r.strip_prefix('/'))
+            .unwrap_or("");
+        let one_name = !name.is_empty() && !name.contains('/') && name != "." && name != "..";
+        if !one_name {
+            return Err(Failure::Invalid(format!(
+                "ephemeral volume {d:?} is not one name below {}",
+                cocoon_protocol::EPHEMERAL_DIR
+            )));
+        }
+        if mounted
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some(d.as_str()))
+        {
+            continue;
+        }
+        std::fs::create_dir_all(d).map_err(failed("create an ephemeral volume"))?;
+        nix::mount::mount(
+            Some("tmpfs"),
+            d.as_str(),
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=0777"),
+        )
+        .map_err(|e| Failure::Failed(format!("mount a tmpfs at {d}: {e}")))?;
+        log::info!("ephemeral volume {d}: guest tmpfs");
+    }
+    Ok(())
+}
+
 /// Where a container's rootfs lives, refusing anything that leaves the share.
 fn resolve_rootfs(share: &Path, rel: &str) -> Res<PathBuf> {
     let p = Path::new(rel);

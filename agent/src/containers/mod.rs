@@ -7,6 +7,7 @@
 //! Exit statuses come from the [`Reaper`].
 
 mod create;
+pub use create::provide_ephemeral;
 mod delete;
 mod exec;
 mod launch;

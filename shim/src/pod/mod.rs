@@ -413,13 +413,14 @@ impl Pod {
             let relays = wire_stdio(&guest, &init, &req.stdio).await?;
             let creq = ag::CreateContainerRequest {
                 container_id: req.id.clone(),
-                oci_spec_json: if plan.binds.is_empty() && plan.spec == req.spec {
+                oci_spec_json: if plan.spec == req.spec {
                     req.spec_json.clone()
                 } else {
                     plan.spec.to_string().into_bytes()
                 },
                 rootfs: format!("{}/rootfs", req.id),
                 stdio: MessageField::some(req.stdio.streams()),
+                ephemeral: plan.ephemeral.clone(),
                 ..Default::default()
             };
             let pid = guest
