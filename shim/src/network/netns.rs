@@ -10,12 +10,11 @@ use nix::sched::CloneFlags;
 
 use crate::{Error, Result};
 
-/// Runs `work` on a fresh thread inside the network namespace at `netns`.
-pub fn run_in<T, F, Fut>(netns: &Path, work: F) -> Result<T>
+/// Runs `f` on a fresh thread named `name` that joined the network namespace at `netns`.
+fn on_thread_in<T, F>(netns: &Path, name: &str, f: F) -> Result<T>
 where
     T: Send + 'static,
-    F: FnOnce(rtnetlink::Handle) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Result<T>>,
+    F: FnOnce() -> Result<T> + Send + 'static,
 {
     let file = File::open(netns).map_err(|e| Error::Netns {
         path: netns.to_owned(),
@@ -23,29 +22,41 @@ where
     })?;
     let path: PathBuf = netns.to_owned();
     let thread = std::thread::Builder::new()
-        .name("pod-netns".into())
+        .name(name.into())
         .spawn(move || {
             nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| Error::Netns {
-                path: path.clone(),
+                path,
                 message: format!("not a network namespace, or no right to join it ({e})"),
             })?;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| Error::io("a runtime for netlink", e))?;
-            rt.block_on(async move {
-                let (conn, handle, _) = rtnetlink::new_connection()
-                    .map_err(|e| Error::io("open a netlink socket in the pod netns", e))?;
-                let conn = tokio::spawn(conn);
-                let r = work(handle).await;
-                conn.abort();
-                r
-            })
+            f()
         })
         .map_err(|e| Error::io("spawn the netns thread", e))?;
     thread
         .join()
         .unwrap_or_else(|_| Err(Error::Network("the netns thread panicked".into())))
+}
+
+/// Runs `work` on a fresh thread inside the network namespace at `netns`.
+pub fn run_in<T, F, Fut>(netns: &Path, work: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce(rtnetlink::Handle) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    on_thread_in(netns, "pod-netns", move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("a runtime for netlink", e))?;
+        rt.block_on(async move {
+            let (conn, handle, _) = rtnetlink::new_connection()
+                .map_err(|e| Error::io("open a netlink socket in the pod netns", e))?;
+            let conn = tokio::spawn(conn);
+            let r = work(handle).await;
+            conn.abort();
+            r
+        })
+    })
 }
 
 /// Binds a TCP listener on 127.0.0.1:`port` inside the network namespace at `netns`, for each
@@ -54,29 +65,14 @@ pub fn bind_loopback(
     netns: &Path,
     ports: Vec<u16>,
 ) -> Result<Vec<(u16, std::io::Result<std::net::TcpListener>)>> {
-    let file = File::open(netns).map_err(|e| Error::Netns {
-        path: netns.to_owned(),
-        message: e.to_string(),
-    })?;
-    let path: PathBuf = netns.to_owned();
-    let thread = std::thread::Builder::new()
-        .name("pod-netns-bind".into())
-        .spawn(move || {
-            nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| Error::Netns {
-                path,
-                message: format!("not a network namespace, or no right to join it ({e})"),
-            })?;
-            Ok(ports
-                .into_iter()
-                .map(|p| {
-                    let l = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, p))
-                        .and_then(|l| l.set_nonblocking(true).map(|()| l));
-                    (p, l)
-                })
-                .collect())
-        })
-        .map_err(|e| Error::io("spawn the netns thread", e))?;
-    thread
-        .join()
-        .unwrap_or_else(|_| Err(Error::Network("the netns thread panicked".into())))
+    on_thread_in(netns, "pod-netns-bind", move || {
+        Ok(ports
+            .into_iter()
+            .map(|p| {
+                let l = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, p))
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l));
+                (p, l)
+            })
+            .collect())
+    })
 }
