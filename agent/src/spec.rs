@@ -120,10 +120,8 @@ pub fn adapt(
             pod_shm(m, pod_holder);
         }
         mounts.retain(|m| {
-            let is_bind = m["type"] == "bind"
-                || m["options"].as_array().is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"));
             let src = m["source"].as_str().unwrap_or("");
-            let keep = !is_bind || exists(src);
+            let keep = !is_bind(m) || exists(src);
             if !keep {
                 log::warn!("container {id}: dropping bind mount of host path {src:?} (not shared with the guest)");
             }
@@ -136,16 +134,20 @@ pub fn adapt(
     Ok(v)
 }
 
+/// Whether a spec mount is a bind (by type, or by a `bind`/`rbind` option as `ctr` writes it).
+fn is_bind(m: &Value) -> bool {
+    m["type"] == "bind"
+        || m["options"]
+            .as_array()
+            .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
+}
+
 /// The pod's `/dev/shm`: CRI binds every container to the sandbox's shm directory on the
 /// host, a tmpfs there. In the guest, the sandbox container gets a tmpfs of its own (POSIX
 /// shared memory needs a local one) and the pod's other containers bind that one, through
 /// the sandbox process's root, so the pod shares it as under runc.
 fn pod_shm(m: &mut Value, pod_holder: Option<i32>) {
-    let is_bind = m["type"] == "bind"
-        || m["options"]
-            .as_array()
-            .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"));
-    if m["destination"] != "/dev/shm" || !is_bind {
+    if m["destination"] != "/dev/shm" || !is_bind(m) {
         return;
     }
     *m = match pod_holder {
