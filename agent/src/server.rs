@@ -143,7 +143,7 @@ impl AgentService for Agent {
         req: CreateContainerRequest,
     ) -> ttrpc::Result<CreateContainerResponse> {
         self.need_share().await?;
-        crate::containers::provide_ephemeral(&req.ephemeral)?;
+        crate::containers::provide_ephemeral(&req.ephemeral_volumes)?;
         let stdio = req.stdio.clone().unwrap_or_default();
         let pid = self
             .containers

@@ -143,11 +143,16 @@ fn is_bind(m: &Value) -> bool {
 }
 
 /// The pod's `/dev/shm`: CRI binds every container to the sandbox's shm directory on the
-/// host, a tmpfs there. In the guest, the sandbox container gets a tmpfs of its own (POSIX
-/// shared memory needs a local one) and the pod's other containers bind that one, through
-/// the sandbox process's root, so the pod shares it as under runc.
+/// host, a tmpfs there (the shim turns that bind into a guest tmpfs of the same size). In the
+/// guest, the sandbox container gets a tmpfs of its own (POSIX shared memory needs a local
+/// one) and the pod's other containers bind that one, through the sandbox process's root, so
+/// the pod shares it as under runc. A bind of a host path that reaches the agent directly
+/// becomes a tmpfs of runc's default size.
 fn pod_shm(m: &mut Value, pod_holder: Option<i32>) {
-    if m["destination"] != "/dev/shm" || !is_bind(m) {
+    if m["destination"] != "/dev/shm" {
+        return;
+    }
+    if pod_holder.is_none() && !is_bind(m) {
         return;
     }
     *m = match pod_holder {
@@ -288,6 +293,27 @@ mod tests {
         let member = shm(Some(42));
         assert_eq!(member["source"], "/proc/42/root/dev/shm");
         assert!(!member["options"].as_array().unwrap().contains(&json!("ro")));
+
+        // As the shim sends it: a tmpfs of the host one's size, kept for the sandbox.
+        let sized = json!({
+            "destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+            "options": ["nosuid", "nodev", "noexec", "mode=1777", "size=16777216"]
+        });
+        let mut spec = host_spec();
+        spec["mounts"].as_array_mut().unwrap().push(sized.clone());
+        let raw = serde_json::to_vec(&spec).unwrap();
+        let shm = |holder| {
+            let v = adapt(&raw, "c1", Path::new("/r"), holder, |_| true).unwrap();
+            v["mounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["destination"] == "/dev/shm")
+                .cloned()
+                .unwrap()
+        };
+        assert_eq!(shm(None), sized);
+        assert_eq!(shm(Some(42))["source"], "/proc/42/root/dev/shm");
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub const GUEST_SHARE: &str = "/run/cocoon/shared";
 /// Where the agent mounts a pod's guest-only tmpfs volumes (`CreateContainerRequest.ephemeral`).
 pub const EPHEMERAL_DIR: &str = "/run/cocoon/ephemeral";
 /// Bumped on every incompatible change to `agent.proto`.
-pub const API_VERSION: u32 = 5;
+pub const API_VERSION: u32 = 6;
 
 pub use process::{ProcessRef, StdioHello, StdioKind};
 pub use protobuf;

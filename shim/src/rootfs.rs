@@ -27,8 +27,10 @@ pub trait Mounter: Send + Sync + std::fmt::Debug {
     /// Creates `target` and mounts the rootfs there, preparing it at `staging` (a directory
     /// outside the exported tree, see `vmm_driver::share::STAGING_DIR`).
     async fn mount(&self, source: &RootfsSource, staging: &Path, target: &Path) -> Result<()>;
-    /// Binds a volume's host source at `target` (`crate::volumes::bind`).
-    fn bind_volume(&self, bind: &crate::volumes::Bind, target: &Path) -> Result<()>;
+    /// Binds a volume's host source at `target`, preparing it at `staging`
+    /// (`crate::volumes::bind`).
+    fn bind_volume(&self, bind: &crate::volumes::Bind, staging: &Path, target: &Path)
+        -> Result<()>;
     /// Unmounts `target`; failures are logged (cleanup goes on regardless).
     fn unmount(&self, target: &Path);
 }
@@ -57,8 +59,13 @@ impl Mounter for HostMounter {
         placed
     }
 
-    fn bind_volume(&self, bind: &crate::volumes::Bind, target: &Path) -> Result<()> {
-        crate::volumes::bind(bind, target)
+    fn bind_volume(
+        &self,
+        bind: &crate::volumes::Bind,
+        staging: &Path,
+        target: &Path,
+    ) -> Result<()> {
+        crate::volumes::bind(bind, staging, target)
     }
 
     fn unmount(&self, target: &Path) {

@@ -73,9 +73,11 @@ async fn forward_get(cri: &mut Cri, pod: &str, port: u16, want: &str) -> String 
     }
 }
 
-/// A tmpfs at kubelet's emptyDir path under `root`, as kubelet makes one for `medium: Memory`;
-/// unmounted on drop.
+/// A tmpfs at kubelet's emptyDir path under `root`, as kubelet makes one for `medium: Memory`
+/// with a `sizeLimit` of [`MEMORY_DIR_SIZE`]; unmounted on drop.
 struct MemoryEmptyDir(std::path::PathBuf);
+
+const MEMORY_DIR_SIZE: u64 = 8 << 20;
 
 impl MemoryEmptyDir {
     fn new(root: &std::path::Path) -> Self {
@@ -86,7 +88,7 @@ impl MemoryEmptyDir {
             &dir,
             Some("tmpfs"),
             nix::mount::MsFlags::empty(),
-            None::<&str>,
+            Some(format!("size={MEMORY_DIR_SIZE}").as_str()),
         )
         .unwrap();
         MemoryEmptyDir(dir)
@@ -216,12 +218,21 @@ async fn a_pod_of_two_containers_shares_one_vm_its_network_and_stops_cleanly() {
     let (_, mem, _) = cri
         .exec_sync(
             &side,
-            &["sh", "-c", "cat /cache/x; grep ' /cache ' /proc/mounts"],
+            &[
+                "sh",
+                "-c",
+                "cat /cache/x; grep ' /cache ' /proc/mounts; \
+                 set -- $(stat -f -c '%b %S' /cache); echo size=$(($1*$2))",
+            ],
         )
         .await;
     assert!(
         mem.starts_with("in-memory\n") && mem.contains("tmpfs"),
         "/cache in the other container:\n{mem}"
+    );
+    assert!(
+        mem.contains(&format!("size={MEMORY_DIR_SIZE}\n")),
+        "the guest tmpfs has the volume's sizeLimit:\n{mem}"
     );
     assert!(
         std::fs::read_dir(&memory_dir.0).unwrap().next().is_none(),

@@ -115,13 +115,14 @@ impl Manager {
     }
 }
 
-/// Mounts a tmpfs at each of `dirs` that has none yet (kubelet's memory emptyDirs, shared by
-/// the pod: the first container that names one creates it). Each must be one name below
-/// `EPHEMERAL_DIR`.
-pub fn provide_ephemeral(dirs: &[String]) -> Res<()> {
+/// Mounts a tmpfs of the asked size at each volume's path that has none yet (kubelet's memory
+/// emptyDirs, shared by the pod: the first container that names one creates it). Each must be
+/// one name below `EPHEMERAL_DIR`.
+pub fn provide_ephemeral(volumes: &[cocoon_protocol::agent::EphemeralVolume]) -> Res<()> {
     use nix::mount::MsFlags;
     let mounted = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    for d in dirs {
+    for v in volumes {
+        let d = &v.path;
         let name = d
             .strip_prefix(cocoon_protocol::EPHEMERAL_DIR)
             .and_then(|r| r.strip_prefix('/'))
@@ -140,15 +141,19 @@ pub fn provide_ephemeral(dirs: &[String]) -> Res<()> {
             continue;
         }
         std::fs::create_dir_all(d).map_err(failed("create an ephemeral volume"))?;
+        let data = match v.size_bytes {
+            0 => "mode=0777".to_owned(),
+            n => format!("mode=0777,size={n}"),
+        };
         nix::mount::mount(
             Some("tmpfs"),
             d.as_str(),
             Some("tmpfs"),
             MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            Some("mode=0777"),
+            Some(data.as_str()),
         )
         .map_err(|e| Failure::Failed(format!("mount a tmpfs at {d}: {e}")))?;
-        log::info!("ephemeral volume {d}: guest tmpfs");
+        log::info!("ephemeral volume {d}: guest tmpfs ({data})");
     }
     Ok(())
 }

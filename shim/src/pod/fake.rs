@@ -349,7 +349,12 @@ impl Mounter for Arc<FakeMounter> {
         std::fs::create_dir_all(target).map_err(|e| Error::io("mkdir", e))
     }
 
-    fn bind_volume(&self, _bind: &crate::volumes::Bind, target: &Path) -> Result<()> {
+    fn bind_volume(
+        &self,
+        _bind: &crate::volumes::Bind,
+        _staging: &Path,
+        target: &Path,
+    ) -> Result<()> {
         self.journal.add(format!("bind {}", short(target)));
         std::fs::create_dir_all(target).map_err(|e| Error::io("mkdir", e))
     }

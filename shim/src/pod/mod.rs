@@ -36,6 +36,7 @@ use crate::{Error, Result};
 mod attack_tests;
 #[cfg(test)]
 mod fake;
+mod mounts;
 mod ops;
 #[cfg(test)]
 mod tests;
@@ -120,6 +121,8 @@ struct PodState {
     /// Mirrors `state.json`: what a crash would leave on the host.
     footprint: SandboxState,
     oom_watch: Option<JoinHandle<()>>,
+    /// The volume binds the pod's containers hold (`mounts.rs`).
+    volumes: crate::volumes::Slots,
 }
 
 impl PodState {
@@ -381,7 +384,7 @@ impl Pod {
         let init = ProcessRef::init(&req.id);
         PhaseLine::new(Phase::CreateBegin, init.clone()).emit();
         // Volumes are checked before anything boots: a bad source fails the create at once.
-        let plan = crate::volumes::plan(&req.spec, &req.id, crate::volumes::SourceKind::of)?;
+        let mut plan = crate::volumes::plan(&req.spec, &req.id, crate::volumes::HostPath::of)?;
         let lifecycle = self.inner.lifecycle.lock().await;
         let running = self
             .with_state(|s| {
@@ -405,11 +408,7 @@ impl Pod {
                 .mounter
                 .mount(&req.rootfs, &staging, &rootfs)
                 .await?;
-            for b in &plan.binds {
-                let target = rootfs_dir.join(&req.id).join(&b.target);
-                self.inner.mounter.bind_volume(b, &target)?;
-                volumes.push(target);
-            }
+            volumes = self.bind_volumes(&mut plan, &rootfs_dir).await?;
             let relays = wire_stdio(&guest, &init, &req.stdio).await?;
             let creq = ag::CreateContainerRequest {
                 container_id: req.id.clone(),
@@ -420,7 +419,15 @@ impl Pod {
                 },
                 rootfs: format!("{}/rootfs", req.id),
                 stdio: MessageField::some(req.stdio.streams()),
-                ephemeral: plan.ephemeral.clone(),
+                ephemeral_volumes: plan
+                    .ephemeral
+                    .iter()
+                    .map(|e| ag::EphemeralVolume {
+                        path: e.path.clone(),
+                        size_bytes: e.size,
+                        ..Default::default()
+                    })
+                    .collect(),
                 ..Default::default()
             };
             let pid = guest
@@ -435,7 +442,8 @@ impl Pod {
         let (pid, relays) = match created {
             Ok(v) => v,
             Err(e) => {
-                unmount_container(self.inner.mounter.as_ref(), &rootfs, &volumes);
+                self.release_volumes(&volumes).await;
+                mounts::unmount_rootfs(self.inner.mounter.as_ref(), &rootfs);
                 let taken = self.with_state(PodState::take_vm_if_empty).await;
                 self.stop_vm(taken).await;
                 return Err(e);
@@ -446,9 +454,6 @@ impl Pod {
             self.watch_exit(guest.agent.clone(), init.clone(), pid, relays.outputs, tx);
         }
         self.with_state(|s| {
-            s.footprint.mounts.push(rootfs.clone());
-            s.footprint.mounts.extend(volumes.iter().cloned());
-            s.save_footprint();
             s.containers.insert(
                 req.id.clone(),
                 Container {
@@ -459,6 +464,7 @@ impl Pod {
                     execs: HashMap::new(),
                 },
             );
+            s.record_mounts();
         })
         .await;
         drop(lifecycle);
@@ -501,20 +507,19 @@ impl Pod {
         if let Err(e) = guest.agent.remove_container(call_ctx(), &rreq).await {
             log::warn!("removing {cid} in the guest: {e}");
         }
-        let (c, taken) = self
+        let (c, gone, taken) = self
             .with_state(|s| {
                 let c = s
                     .containers
                     .remove(cid)
                     .ok_or_else(|| Error::NotFound(format!("container {cid}")))?;
-                s.footprint
-                    .mounts
-                    .retain(|m| m != &c.rootfs && !c.volumes.contains(m));
-                s.save_footprint();
-                Ok::<_, Error>((c, s.take_vm_if_empty()))
+                let gone = s.volumes.release(&c.volumes);
+                s.record_mounts();
+                Ok::<_, Error>((c, gone, s.take_vm_if_empty()))
             })
             .await?;
-        unmount_container(self.inner.mounter.as_ref(), &c.rootfs, &c.volumes);
+        mounts::unmount_volumes(self.inner.mounter.as_ref(), &gone);
+        mounts::unmount_rootfs(self.inner.mounter.as_ref(), &c.rootfs);
         self.stop_vm(taken).await;
         let exit = c.init.exit().unwrap_or(Exit::now(137));
         PhaseLine::new(Phase::Deleted, p.clone()).emit();
@@ -545,39 +550,19 @@ impl Pod {
     /// running are reported exited (255) by their exit watchers as the agent connection drops.
     pub async fn terminate(&self) {
         let _lifecycle = self.inner.lifecycle.lock().await;
-        let (containers, taken) = self
+        let (containers, volumes, taken) = self
             .with_state(|s| {
                 let containers: Vec<(String, Container)> = s.containers.drain().collect();
+                let volumes = s.volumes.drain();
                 s.footprint.mounts.clear();
-                (containers, s.take_vm_if_empty())
+                (containers, volumes, s.take_vm_if_empty())
             })
             .await;
+        mounts::unmount_volumes(self.inner.mounter.as_ref(), &volumes);
         for (id, c) in containers {
-            unmount_container(self.inner.mounter.as_ref(), &c.rootfs, &c.volumes);
+            mounts::unmount_rootfs(self.inner.mounter.as_ref(), &c.rootfs);
             log::info!("pod {}: container {id} torn down", self.id());
         }
         self.stop_vm(taken).await;
-    }
-}
-
-/// Unmounts a container's volumes and rootfs and removes their mount points.
-fn unmount_container(mounter: &dyn Mounter, rootfs: &std::path::Path, volumes: &[PathBuf]) {
-    for v in volumes.iter().rev() {
-        mounter.unmount(v);
-        crate::volumes::remove_target(v);
-    }
-    if let Some(dir) = volumes.first().and_then(|v| v.parent()) {
-        let _ = std::fs::remove_dir(dir);
-    }
-    mounter.unmount(rootfs);
-    remove_rootfs_dirs(rootfs);
-}
-
-/// Removes a container's rootfs mount point and its directory, never recursively: if the
-/// unmount failed, the rootfs must not be emptied through it.
-fn remove_rootfs_dirs(rootfs: &std::path::Path) {
-    let _ = std::fs::remove_dir(rootfs);
-    if let Some(dir) = rootfs.parent() {
-        let _ = std::fs::remove_dir(dir);
     }
 }

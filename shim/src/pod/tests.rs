@@ -347,3 +347,39 @@ async fn terminate_tears_down_every_container_and_the_vm() {
     assert!(rig.pod.shutdown().await);
     assert!(rig.pod.state(&init("c1")).await.is_err());
 }
+
+#[tokio::test]
+async fn a_volume_shared_by_two_containers_is_bound_once_until_the_last_goes() {
+    let rig = Rig::new();
+    let src = rig.dir.path().join("vol");
+    std::fs::create_dir(&src).unwrap();
+    let with_volume = |id: &str, opts: &[&str]| {
+        let mut req = rig.create_request(id);
+        req.spec = serde_json::json!({"mounts": [
+            {"destination": "/data", "type": "bind", "source": src, "options": opts}
+        ]});
+        req.spec_json = req.spec.to_string().into_bytes();
+        req
+    };
+    rig.pod.create(with_volume("c1", &["rbind"])).await.unwrap();
+    rig.pod.create(with_volume("c2", &["rbind"])).await.unwrap();
+    rig.pod
+        .create(with_volume("c3", &["rbind", "ro"]))
+        .await
+        .unwrap();
+    rig.pod.delete(&init("c1")).await.unwrap();
+    rig.pod.delete(&init("c3")).await.unwrap();
+    let binds = |j: &[String]| -> Vec<String> {
+        j.iter()
+            .filter(|e| e.contains("_volumes"))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(
+        binds(&rig.journal.entries()),
+        ["bind _volumes/0", "bind _volumes/1", "unmount _volumes/1",],
+        "c2 still holds _volumes/0; the read-only use has a bind of its own"
+    );
+    rig.pod.delete(&init("c2")).await.unwrap();
+    assert!(binds(&rig.journal.entries()).ends_with(&["unmount _volumes/0".to_owned()]));
+}
