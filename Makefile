@@ -61,7 +61,7 @@ install: build
 	install -D -m 0644 config/containerd-cocoon.toml /etc/containerd/conf.d/cocoon.toml
 	scripts/containerd-imports.sh
 
-test: image
+test: build image
 	$(CARGO) test --release --workspace
 
 # The shim's end-to-end suites with Cloud Hypervisor (on PATH; not installed by setup). Each
