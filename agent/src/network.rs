@@ -90,9 +90,10 @@ pub fn parse_mac(s: &str) -> Option<Vec<u8>> {
 pub async fn update_interface(h: &Handle, iface: &Interface) -> Result<Interface> {
     let who = format!("interface {} ({})", iface.name, iface.hw_addr);
     let mac = parse_mac(&iface.hw_addr).ok_or_else(|| fail(&who, "not a MAC address"))?;
-    // virtio_net is loaded by now, but a device may finish probing a moment later.
+    // virtio_net is loaded by now, but a device may finish probing a moment later, and a
+    // hot-plugged one (Docker's network, added after boot) first goes through pciehp.
     let mut found = None;
-    for _ in 0..50 {
+    for _ in 0..500 {
         found = link_by(h, |l| mac_of(l).as_deref() == Some(&mac[..])).await?;
         if found.is_some() {
             break;

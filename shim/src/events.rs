@@ -64,6 +64,24 @@ pub enum Event {
 }
 
 impl Event {
+    /// The same event with its pid, unless 0, replaced by `reported` (the host pid the shim
+    /// reports for every process of the pod, see `Pod::reported_pid`).
+    pub fn with_pid(mut self, reported: u32) -> Event {
+        match &mut self {
+            Event::Create { pid, .. }
+            | Event::Start { pid, .. }
+            | Event::ExecStarted { pid, .. }
+            | Event::Exit { pid, .. }
+            | Event::Delete { pid, .. } => {
+                if *pid != 0 {
+                    *pid = reported;
+                }
+            }
+            Event::ExecAdded(_) | Event::Paused(_) | Event::Resumed(_) | Event::Oom(_) => {}
+        }
+        self
+    }
+
     pub fn topic(&self) -> &'static str {
         match self {
             Event::Create { .. } => topics::TASK_CREATE_EVENT_TOPIC,

@@ -17,6 +17,7 @@ pub mod annotations;
 pub mod convert;
 pub mod events;
 pub mod guest;
+pub mod hooks;
 pub mod io;
 pub mod network;
 pub mod phase;

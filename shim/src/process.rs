@@ -150,6 +150,8 @@ pub struct Container {
     pub rootfs: PathBuf,
     /// Where its volumes are bound on the host (`crate::volumes`).
     pub volumes: Vec<PathBuf>,
+    /// The spec's OCI hooks still to run on the host (`pod/hooks.rs`), `Null` if none.
+    pub hooks: serde_json::Value,
     pub init: Process,
     pub execs: HashMap<String, Process>,
 }

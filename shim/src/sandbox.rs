@@ -25,6 +25,9 @@ use crate::{annotations, Error, Result};
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a guest may take to power off after Shutdown before it is stopped forcibly.
 const POWEROFF_GRACE: Duration = Duration::from_secs(5);
+/// NICs a pod whose netns the shim made may gain before its first Start (Docker: a network
+/// given at `docker run`, plus any `docker network connect` before start).
+const LATE_NICS: u8 = 4;
 
 /// Where boot time went, measured on the host from the start of [`Sandbox::boot`].
 #[derive(Debug, Clone, Copy)]
@@ -66,6 +69,9 @@ pub struct Sandbox {
     network: Option<PodNetwork>,
     /// Listeners in the pod netns that reach the guest's ports (CRI PortForward).
     ports: Option<network::PortMirror>,
+    /// The pod netns the shim made (Docker, `ctr run`), and what appears in it by Start.
+    own_netns: Option<network::OwnNetns>,
+    late: Option<std::sync::Arc<network::LateAttach>>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -107,6 +113,8 @@ impl Sandbox {
                     timings,
                     network: None,
                     ports: None,
+                    own_netns: None,
+                    late: None,
                 })
             }
             Err(e) => {
@@ -230,6 +238,12 @@ impl Sandbox {
         if let Some(net) = self.network.take() {
             net.teardown().await;
         }
+        if let Some(late) = self.late.take() {
+            late.teardown().await;
+        }
+        if let Some(ns) = self.own_netns.take() {
+            ns.remove();
+        }
         stopped?;
         if asked.is_ok() && !clean {
             return Err(Error::ShutdownTimeout(POWEROFF_GRACE));
@@ -244,6 +258,10 @@ impl PodVm for Sandbox {
         GuestLink {
             agent: self.agent.clone(),
             stdio: std::sync::Arc::new(self.stdio()),
+            network: self
+                .late
+                .clone()
+                .map(|l| l as std::sync::Arc<dyn crate::guest::LateNetwork>),
         }
     }
 
@@ -274,6 +292,10 @@ impl PodVm for Sandbox {
         self.vm_exit()
     }
 
+    fn reported_pid(&self) -> Option<u32> {
+        self.vm.pids().first().map(|(_, pid)| *pid)
+    }
+
     async fn shutdown(self: Box<Self>) -> Result<()> {
         Sandbox::shutdown(*self).await
     }
@@ -291,20 +313,53 @@ impl VmFactory for SandboxFactory {
         let size = annotations::vm_size(&cfg, spec).map_err(Error::InvalidArgument)?;
         vm.vcpus = size.vcpus;
         vm.memory_mib = size.memory_mib;
+        if !network::own::has_netns(spec) {
+            return Err(Error::InvalidArgument(
+                "the container asks for the host's network namespace (docker run --network \
+                 host, ctr run --net-host, a hostNetwork pod): a pod VM has its own network \
+                 stack and can't share the host's interfaces; use a bridge network with \
+                 published ports instead"
+                    .into(),
+            ));
+        }
         let network = match network::netns_of(spec) {
             Some(netns) => Some(PodNetwork::setup(&netns).await?),
             None => None,
         };
         vm.nics = network.as_ref().map(PodNetwork::nics).unwrap_or_default();
+        let own_netns = if network.is_none() && network::own::wants_new(spec) {
+            let ns = network::OwnNetns::create(&network::own::path_for(&vm.run_dir));
+            match ns {
+                Ok(ns) => {
+                    vm.netns = Some(ns.path().to_owned());
+                    vm.hotplug_nics = LATE_NICS;
+                    Some(ns)
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            None
+        };
         let mut sb = match Sandbox::boot(&cfg, &vm).await {
             Ok(sb) => sb,
             Err(e) => {
                 if let Some(net) = network {
                     net.teardown().await;
                 }
+                if let Some(ns) = own_netns {
+                    ns.remove();
+                }
                 return Err(Error::Boot(Box::new(e)));
             }
         };
+        if let Some(ns) = own_netns {
+            sb.late = Some(std::sync::Arc::new(network::LateAttach::new(
+                ns.path().to_owned(),
+                sb.vm.nic_hotplug(),
+                sb.agent.clone(),
+            )));
+            sb.own_netns = Some(ns);
+        }
         if let Some(net) = &network {
             if let Err(e) = net.configure_guest(&sb.agent).await {
                 sb.network = network;

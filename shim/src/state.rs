@@ -38,6 +38,7 @@ impl SandboxState {
 /// directory. For `shim delete` after a crash; safe to run on a sandbox that is already gone.
 /// Only the recorded mount points are unmounted, without following symlinks.
 pub fn cleanup(run_dir: &Path) {
+    crate::network::own::remove_at(&crate::network::own::path_for(run_dir));
     let Some(st) = SandboxState::load(run_dir) else {
         vmm_driver::share::unexport(run_dir);
         let _ = std::fs::remove_dir(run_dir);

@@ -54,7 +54,7 @@ impl Task for TaskService {
         let create = convert::create_request(&req).map_err(to_status)?;
         let pid = self.pod.create(create).await.map_err(to_status)?;
         Ok(api::CreateTaskResponse {
-            pid,
+            pid: self.pod.reported_pid(pid),
             ..Default::default()
         })
     }
@@ -67,7 +67,7 @@ impl Task for TaskService {
         let p = ProcessRef::from_wire(&req.id, &req.exec_id);
         let pid = self.pod.start(&p).await.map_err(to_status)?;
         Ok(api::StartResponse {
-            pid,
+            pid: self.pod.reported_pid(pid),
             ..Default::default()
         })
     }
@@ -93,7 +93,8 @@ impl Task for TaskService {
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
         let p = ProcessRef::from_wire(&req.id, &req.exec_id);
-        let st = self.pod.state(&p).await.map_err(to_status)?;
+        let mut st = self.pod.state(&p).await.map_err(to_status)?;
+        st.pid = self.pod.reported_pid(st.pid);
         let id = p.exec_id.unwrap_or(p.container_id);
         Ok(convert::state_response(id, req.exec_id, st))
     }
@@ -125,7 +126,7 @@ impl Task for TaskService {
         let p = ProcessRef::from_wire(&req.id, &req.exec_id);
         let (pid, exit) = self.pod.delete(&p).await.map_err(to_status)?;
         Ok(api::DeleteResponse {
-            pid,
+            pid: self.pod.reported_pid(pid),
             exit_status: exit.status,
             exited_at: exited_at(exit),
             ..Default::default()
@@ -214,7 +215,7 @@ impl Task for TaskService {
     ) -> TtrpcResult<api::ConnectResponse> {
         Ok(api::ConnectResponse {
             shim_pid: std::process::id(),
-            task_pid: self.pod.init_pid(&req.id).await,
+            task_pid: self.pod.reported_pid(self.pod.init_pid(&req.id).await),
             ..Default::default()
         })
     }

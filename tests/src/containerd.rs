@@ -35,6 +35,16 @@ pub fn build_image(out: &Path) {
 
 /// [`build_image`] under another name and default command (e.g. a pause image for CRI pods).
 pub fn build_named_image(out: &Path, name: &str, cmd: &[&str]) {
+    build_archive(out, name, cmd, None);
+}
+
+/// The test image as `docker load` takes it: the OCI layout plus Docker's `manifest.json`,
+/// tagged `tag`.
+pub fn build_docker_image(out: &Path, tag: &str) {
+    build_archive(out, IMAGE, &["sh"], Some(tag));
+}
+
+fn build_archive(out: &Path, name: &str, cmd: &[&str], docker_tag: Option<&str>) {
     let root = tempfile::tempdir().unwrap();
     busybox_rootfs(root.path());
     let mut layer = tar::Builder::new(Vec::new());
@@ -78,6 +88,15 @@ pub fn build_named_image(out: &Path, name: &str, cmd: &[&str]) {
     add("index.json", &index);
     for blob in [&layer, &config, &manifest] {
         add(&format!("blobs/sha256/{}", sha256(blob)), blob);
+    }
+    if let Some(tag) = docker_tag {
+        let docker = serde_json::to_vec(&json!([{
+            "Config": format!("blobs/sha256/{}", sha256(&config)),
+            "RepoTags": [tag],
+            "Layers": [format!("blobs/sha256/{}", sha256(&layer))],
+        }]))
+        .unwrap();
+        add("manifest.json", &docker);
     }
     t.finish().unwrap();
 }

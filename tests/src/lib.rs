@@ -9,6 +9,7 @@ pub mod config;
 pub mod containerd;
 pub mod cri;
 pub mod cri_bench;
+pub mod docker;
 pub mod fuse_client;
 pub mod gate;
 pub mod leaks;

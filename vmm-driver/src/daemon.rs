@@ -57,7 +57,47 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub fn spawn(name: &'static str, mut cmd: Command, log: &Path) -> Result<Daemon> {
+    pub fn spawn(name: &'static str, cmd: Command, log: &Path) -> Result<Daemon> {
+        Daemon::spawn_in(name, cmd, log, None)
+    }
+
+    /// [`Daemon::spawn`], in the network namespace at `netns` if given. `setns` moves only the
+    /// calling thread and a child starts where its parent thread is, so the spawn happens on a
+    /// thread of its own that joined the namespace; the runtime's threads never move.
+    pub fn spawn_in(
+        name: &'static str,
+        cmd: Command,
+        log: &Path,
+        netns: Option<&Path>,
+    ) -> Result<Daemon> {
+        let Some(netns) = netns else {
+            return Daemon::spawn_here(name, cmd, log);
+        };
+        let ns = std::fs::File::open(netns)
+            .map_err(|e| Error::io(format!("open network namespace {}", netns.display()), e))?;
+        let runtime = tokio::runtime::Handle::current();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                    Error::io(
+                        format!("join network namespace {}", netns.display()),
+                        std::io::Error::from(e),
+                    )
+                })?;
+                let _in_runtime = runtime.enter();
+                Daemon::spawn_here(name, cmd, log)
+            })
+            .join()
+            .unwrap_or_else(|_| {
+                Err(Error::io(
+                    "spawn in a netns",
+                    std::io::Error::other("the thread panicked"),
+                ))
+            })
+        })
+    }
+
+    fn spawn_here(name: &'static str, mut cmd: Command, log: &Path) -> Result<Daemon> {
         let out = private_file(log)?;
         let err = out.try_clone().map_err(|e| Error::io("dup log fd", e))?;
         cmd.stdin(Stdio::null())

@@ -48,6 +48,11 @@ pub struct VmSpec {
     pub kernel_params: Vec<String>,
     /// The pod's network interfaces, one virtio-net each, in this order.
     pub nics: Vec<Nic>,
+    /// A network namespace to start the VMM in: the pod's, when the caller made one (Docker
+    /// wires a container's network into the netns of the pid the runtime reports).
+    pub netns: Option<PathBuf>,
+    /// How many NICs may be added while the VM runs ([`Vmm::nic_hotplug`]).
+    pub hotplug_nics: u8,
 }
 
 /// One guest NIC backed by a tap the caller opened (in the pod's network namespace). The
@@ -70,6 +75,8 @@ impl VmSpec {
             run_dir: cfg.state_dir.join(id),
             kernel_params: vec![],
             nics: vec![],
+            netns: None,
+            hotplug_nics: 0,
         }
     }
 }
@@ -90,6 +97,19 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     /// Stops the VMM and every helper, reaps them all and removes the run directory.
     /// Safe to call more than once and after a failed start.
     async fn stop(&mut self) -> Result<()>;
+    /// Adds NICs while the VM runs, if the spec asked for room (`hotplug_nics`) and the
+    /// backend can.
+    fn nic_hotplug(&self) -> Option<std::sync::Arc<dyn NicHotplug>> {
+        None
+    }
+}
+
+/// Adds NICs to a running VM. A handle of its own, so that a caller can hot-plug without
+/// holding whatever owns the VM.
+#[async_trait]
+pub trait NicHotplug: Send + Sync + std::fmt::Debug {
+    /// Plugs in a virtio-net device on `nic`'s tap; the guest sees it a moment later.
+    async fn add_nic(&self, nic: &Nic) -> Result<()>;
 }
 
 /// Boots a VM with the configured hypervisor.

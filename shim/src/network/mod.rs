@@ -9,7 +9,9 @@
 //! on iproute2's version, and errors that say which step failed.
 
 mod forward;
+mod late;
 mod netns;
+pub mod own;
 mod scan;
 mod tap;
 
@@ -21,6 +23,8 @@ use cocoon_protocol::agent_ttrpc::AgentServiceClient;
 use cocoon_protocol::protobuf::MessageField;
 
 pub use forward::PortMirror;
+pub use late::LateAttach;
+pub use own::OwnNetns;
 pub use scan::{mac_string, PodInterface, Scan};
 
 use crate::{Error, Result};

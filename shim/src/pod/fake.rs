@@ -250,6 +250,7 @@ impl PodVm for FakeVm {
         GuestLink {
             agent: self.agent.clone(),
             stdio: Arc::new(NoStdio),
+            network: None,
         }
     }
 

@@ -36,6 +36,7 @@ use crate::{Error, Result};
 mod attack_tests;
 #[cfg(test)]
 mod fake;
+mod hooks;
 mod mounts;
 mod ops;
 #[cfg(test)]
@@ -79,6 +80,12 @@ pub trait PodVm: Send + Sync + std::fmt::Debug {
     fn boot_times(&self) -> Option<BootTimes>;
     /// Why the VM is gone, if its VMM exited.
     fn exit_reason(&mut self) -> Option<String>;
+    /// The host pid to report for every process of the pod (the VMM's, as Kata does): a guest
+    /// pid names nothing on the host, and Docker joins the pod's netns through this pid.
+    /// `None` reports guest pids.
+    fn reported_pid(&self) -> Option<u32> {
+        None
+    }
     /// Powers the guest off and reaps every host process of the VM, whatever happens.
     async fn shutdown(self: Box<Self>) -> Result<()>;
 }
@@ -181,6 +188,9 @@ struct Inner {
     events: Box<dyn EventSink>,
     state: Mutex<PodState>,
     lifecycle: Mutex<()>,
+    /// [`PodVm::reported_pid`] of the VM booted last (0: none); kept after it stopped, for
+    /// the Delete and exit events that follow.
+    reported_pid: std::sync::atomic::AtomicU32,
 }
 
 /// One pod: cloneable, every clone is the same pod.
@@ -212,6 +222,7 @@ impl Pod {
                 events,
                 state: Mutex::default(),
                 lifecycle: Mutex::default(),
+                reported_pid: std::sync::atomic::AtomicU32::new(0),
             }),
         }
     }
@@ -237,12 +248,38 @@ impl Pod {
     }
 
     async fn publish(&self, event: Event) {
+        let event = match self
+            .inner
+            .reported_pid
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            0 => event,
+            pid => event.with_pid(pid),
+        };
         self.inner.events.publish(event).await;
+    }
+
+    /// The pid to tell containerd for a process whose guest pid is `pid` (0, a process not
+    /// started yet, stays 0).
+    pub fn reported_pid(&self, pid: u32) -> u32 {
+        match self
+            .inner
+            .reported_pid
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            host if host != 0 && pid != 0 => host,
+            _ => pid,
+        }
     }
 
     /// Boots the VM for the container in `req` and records it; the caller holds `lifecycle`.
     async fn boot(&self, req: &CreateRequest) -> Result<(GuestLink, PathBuf)> {
         let vm = self.inner.factory.boot(&self.inner.id, &req.spec).await?;
+        if let Some(pid) = vm.reported_pid() {
+            self.inner
+                .reported_pid
+                .store(pid, std::sync::atomic::Ordering::Relaxed);
+        }
         if let Some(t) = vm.boot_times() {
             let booted = Phase::Booted {
                 vmm_started: t.vmm_started,
@@ -436,6 +473,8 @@ impl Pod {
                 .await
                 .map_err(|e| Error::agent("create", e))?
                 .pid;
+            self.created_hooks(&guest, &req.spec, &req.id, &req.bundle, pid)
+                .await?;
             Ok::<_, Error>((pid, relays))
         }
         .await;
@@ -460,6 +499,7 @@ impl Pod {
                     bundle: req.bundle.clone(),
                     rootfs,
                     volumes,
+                    hooks: hooks::kept(&req.spec),
                     init: process,
                     execs: HashMap::new(),
                 },
@@ -521,6 +561,14 @@ impl Pod {
         mounts::unmount_volumes(self.inner.mounter.as_ref(), &gone);
         mounts::unmount_rootfs(self.inner.mounter.as_ref(), &c.rootfs);
         self.stop_vm(taken).await;
+        self.later_hooks(
+            &c.hooks,
+            crate::hooks::Stage::Stopped,
+            cid,
+            &c.bundle,
+            c.init.pid,
+        )
+        .await;
         let exit = c.init.exit().unwrap_or(Exit::now(137));
         PhaseLine::new(Phase::Deleted, p.clone()).emit();
         self.publish(Event::Delete {
@@ -541,28 +589,5 @@ impl Pod {
             .await;
         self.stop_vm(taken).await;
         empty
-    }
-}
-
-impl Pod {
-    /// The shim was told to go (SIGTERM): every container is torn down whatever its state and
-    /// the VM stopped; nothing of the pod is left on the host afterwards. Processes still
-    /// running are reported exited (255) by their exit watchers as the agent connection drops.
-    pub async fn terminate(&self) {
-        let _lifecycle = self.inner.lifecycle.lock().await;
-        let (containers, volumes, taken) = self
-            .with_state(|s| {
-                let containers: Vec<(String, Container)> = s.containers.drain().collect();
-                let volumes = s.volumes.drain();
-                s.footprint.mounts.clear();
-                (containers, volumes, s.take_vm_if_empty())
-            })
-            .await;
-        mounts::unmount_volumes(self.inner.mounter.as_ref(), &volumes);
-        for (id, c) in containers {
-            mounts::unmount_rootfs(self.inner.mounter.as_ref(), &c.rootfs);
-            log::info!("pod {}: container {id} torn down", self.id());
-        }
-        self.stop_vm(taken).await;
     }
 }

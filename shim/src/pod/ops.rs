@@ -22,9 +22,15 @@ impl Pod {
     }
 
     async fn start_init(&self, cid: &str) -> Result<u32> {
-        let guest = self
-            .with_state(|s| s.container(cid).and_then(|_| s.guest()))
+        let (guest, hooks, bundle) = self
+            .with_state(|s| {
+                let c = s.container(cid)?;
+                Ok::<_, Error>((s.guest()?, c.hooks.clone(), c.bundle.clone()))
+            })
             .await?;
+        if let Some(network) = &guest.network {
+            network.attach().await?;
+        }
         let req = ag::StartContainerRequest {
             container_id: cid.to_owned(),
             ..Default::default()
@@ -42,6 +48,8 @@ impl Pod {
         })
         .await;
         PhaseLine::new(Phase::Started, ProcessRef::init(cid)).emit();
+        self.later_hooks(&hooks, crate::hooks::Stage::Started, cid, &bundle, pid)
+            .await;
         self.publish(Event::Start {
             container_id: cid.to_owned(),
             pid,
@@ -295,5 +303,29 @@ impl Pod {
             .await
             .map_err(|e| Error::agent("pids", e))?
             .pids)
+    }
+}
+
+impl Pod {
+    /// The shim was told to go (SIGTERM): every container is torn down whatever its state and
+    /// the VM stopped; nothing of the pod is left on the host afterwards. Processes still
+    /// running are reported exited (255) by their exit watchers as the agent connection drops.
+    pub async fn terminate(&self) {
+        let _lifecycle = self.inner.lifecycle.lock().await;
+        let (containers, volumes, taken) = self
+            .with_state(|s| {
+                let containers: Vec<(String, crate::process::Container)> =
+                    s.containers.drain().collect();
+                let volumes = s.volumes.drain();
+                s.footprint.mounts.clear();
+                (containers, volumes, s.take_vm_if_empty())
+            })
+            .await;
+        super::mounts::unmount_volumes(self.inner.mounter.as_ref(), &volumes);
+        for (id, c) in containers {
+            super::mounts::unmount_rootfs(self.inner.mounter.as_ref(), &c.rootfs);
+            log::info!("pod {}: container {id} torn down", self.id());
+        }
+        self.stop_vm(taken).await;
     }
 }

@@ -116,7 +116,7 @@ impl ChVm {
             vmm: None,
             virtiofsd: None,
         };
-        match vm.spawn(cfg, &ch_bin, &fs_bin).await {
+        match vm.spawn(cfg, &ch_bin, &fs_bin, spec.netns.as_deref()).await {
             Ok(()) => Ok(vm),
             Err(e) => Err(vm.fail(e).await),
         }
@@ -127,6 +127,7 @@ impl ChVm {
         cfg: &Config,
         ch_bin: &std::path::Path,
         fs_bin: &std::path::Path,
+        netns: Option<&std::path::Path>,
     ) -> Result<()> {
         let (fs, fs_sock) = spawn_virtiofsd(cfg, &self.dir, fs_bin)?;
         self.virtiofsd = Some(fs);
@@ -134,10 +135,11 @@ impl ChVm {
         ch.arg("--api-socket")
             .arg(format!("path={}", self.api.socket().display()));
         // Both start together; virtiofsd's socket only has to exist by vm.create.
-        let vmm = self.vmm.insert(Daemon::spawn(
+        let vmm = self.vmm.insert(Daemon::spawn_in(
             "cloud-hypervisor",
             ch,
             &self.dir.path("cloud-hypervisor.log"),
+            netns,
         )?);
         wait_for_socket(vmm, self.api.socket(), DAEMON_READY).await?;
         if let Some(d) = self.virtiofsd.as_mut() {

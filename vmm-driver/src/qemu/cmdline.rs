@@ -26,7 +26,13 @@ pub struct QemuLaunch {
     pub virtiofs_socket: PathBuf,
     pub virtiofs_tag: String,
     pub nics: Vec<NicArg>,
+    /// Free PCIe root ports for NICs hot-plugged later (`hotplug.rs`), named
+    /// `HOTPLUG_PORT<n>`.
+    pub hotplug_slots: u8,
 }
+
+/// The id prefix of the root ports kept free for hot-plugged NICs.
+pub const HOTPLUG_PORT: &str = "hp";
 
 /// A virtio-net device on a tap QEMU inherits as `fd`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,6 +138,17 @@ pub fn qemu_args(l: &QemuLaunch) -> Vec<String> {
             &format!("virtio-net-pci,netdev=net{i},mac={}", n.mac),
         ]);
     }
+    // q35 hot-plugs PCIe devices only into a root port, one device each; the guest's pciehp
+    // (built into Debian's cloud kernel) picks them up.
+    for i in 0..l.hotplug_slots {
+        push(&[
+            "-device",
+            &format!(
+                "pcie-root-port,id={HOTPLUG_PORT}{i},bus=pcie.0,chassis={}",
+                u32::from(i) + 1
+            ),
+        ]);
+    }
     // Free page reporting: the guest hands memory it freed back, so an idle pod's host
     // footprint follows what the guest uses rather than what it once touched.
     push(&["-device", "virtio-balloon-pci,free-page-reporting=on"]);
@@ -164,7 +181,29 @@ mod tests {
             virtiofs_socket: "/r/fs.sock".into(),
             virtiofs_tag: "cocoon".into(),
             nics: vec![],
+            hotplug_slots: 0,
         }
+    }
+
+    #[test]
+    fn hotplug_slots_are_free_root_ports_with_their_own_chassis() {
+        let mut l = launch(Chosen::Tcg, VsockDevice::Kernel { cid: 9 });
+        let ports = |l: &QemuLaunch| -> Vec<String> {
+            qemu_args(l)
+                .windows(2)
+                .filter(|w| w[0] == "-device" && w[1].starts_with("pcie-root-port"))
+                .map(|w| w[1].clone())
+                .collect()
+        };
+        assert!(ports(&l).is_empty());
+        l.hotplug_slots = 2;
+        assert_eq!(
+            ports(&l),
+            [
+                "pcie-root-port,id=hp0,bus=pcie.0,chassis=1",
+                "pcie-root-port,id=hp1,bus=pcie.0,chassis=2"
+            ]
+        );
     }
 
     #[test]

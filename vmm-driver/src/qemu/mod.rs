@@ -1,9 +1,11 @@
 //! QEMU backend: command line plus QMP, with per-VM virtiofsd and vhost-device-vsock.
 
 pub mod cmdline;
+mod hotplug;
 pub mod qmp;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -42,7 +44,9 @@ pub struct QemuVm {
     qemu: Option<Daemon>,
     virtiofsd: Option<Daemon>,
     vsockd: Option<Daemon>,
-    qmp: Option<Qmp<UnixStream>>,
+    /// Shared with [`hotplug::QemuHotplug`], which adds NICs while the VM runs.
+    qmp: Option<Arc<tokio::sync::Mutex<Qmp<UnixStream>>>>,
+    hotplug_slots: u8,
     /// Writes the guest console to `console.log`, capped.
     console: Option<ConsoleRelay>,
 }
@@ -97,6 +101,7 @@ impl QemuVm {
             virtiofsd: None,
             vsockd: None,
             qmp: None,
+            hotplug_slots: spec.hotplug_nics,
             console: None,
         };
         match vm.boot(cfg, spec, &bins, chosen).await {
@@ -165,6 +170,7 @@ impl QemuVm {
             virtiofs_socket: fs_sock,
             virtiofs_tag: VIRTIOFS_TAG.into(),
             nics: vec![],
+            hotplug_slots: spec.hotplug_nics,
         };
         let mut launch = launch;
         let mut q = Command::new(&bins.qemu);
@@ -190,8 +196,16 @@ impl QemuVm {
             .map_err(|e| Error::io("hand QEMU the tap fds", std::io::Error::other(e)))?;
         q.args(cmdline::qemu_args(&launch));
         log::debug!("VM {}: {:?}", spec.id, q.as_std());
-        self.qemu = Some(Daemon::spawn("qemu", q, &self.dir.path("qemu.log"))?);
-        self.qmp = Some(self.connect_qmp(&launch.qmp_socket).await?);
+        // In the pod's netns when the caller made one: Docker finds the pod's network through
+        // the pid the shim reports, which is QEMU's.
+        self.qemu = Some(Daemon::spawn_in(
+            "qemu",
+            q,
+            &self.dir.path("qemu.log"),
+            spec.netns.as_deref(),
+        )?);
+        let qmp = self.connect_qmp(&launch.qmp_socket).await?;
+        self.qmp = Some(Arc::new(tokio::sync::Mutex::new(qmp)));
         Ok(())
     }
 
@@ -252,14 +266,23 @@ impl Vmm for QemuVm {
         exited_within(self.qemu.as_mut(), timeout).await
     }
 
+    fn nic_hotplug(&self) -> Option<Arc<dyn crate::NicHotplug>> {
+        let qmp = self.qmp.clone()?;
+        (self.hotplug_slots > 0).then(|| {
+            Arc::new(hotplug::QemuHotplug::new(qmp, self.hotplug_slots))
+                as Arc<dyn crate::NicHotplug>
+        })
+    }
+
     async fn stop(&mut self) -> Result<()> {
         // Keep going after an error: every process is reaped and the directory removed
         // whatever happened to the others; the first error is reported.
         let mut first: Option<Error> = None;
         if let Some(mut q) = self.qemu.take() {
             if q.try_exited().is_none() {
-                if let Some(mut qmp) = self.qmp.take() {
-                    if let Ok(Err(e)) = tokio::time::timeout(STOP_GRACE, qmp.quit()).await {
+                if let Some(qmp) = self.qmp.take() {
+                    let quit = async { qmp.lock().await.quit().await };
+                    if let Ok(Err(e)) = tokio::time::timeout(STOP_GRACE, quit).await {
                         log::debug!("QMP quit: {e}");
                     }
                 }

@@ -95,6 +95,48 @@ impl Qmp<tokio::net::UnixStream> {
             .map_err(|e| Error::io(format!("connect QMP socket {}", path.display()), e))?;
         Qmp::handshake(s).await
     }
+
+    /// `getfd`: hands QEMU `fd` under `name`, as SCM_RIGHTS data on the QMP socket (a tap
+    /// opened in the pod's netns, for `netdev_add`).
+    pub async fn getfd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+        use std::os::fd::AsRawFd;
+        let id = self.next_id;
+        self.next_id += 1;
+        let req = json!({"execute": "getfd", "arguments": {"fdname": name}, "id": id});
+        let mut bytes = req.to_string().into_bytes();
+        bytes.push(b'\n');
+        let stream = self.stream.get_ref();
+        let fds = [fd.as_raw_fd()];
+        let sent = loop {
+            stream
+                .writable()
+                .await
+                .map_err(|e| Error::io("send QMP getfd", e))?;
+            let tried = stream.try_io(tokio::io::Interest::WRITABLE, || {
+                sendmsg::<UnixAddr>(
+                    stream.as_raw_fd(),
+                    &[std::io::IoSlice::new(&bytes)],
+                    &[ControlMessage::ScmRights(&fds)],
+                    MsgFlags::empty(),
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+            match tried {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(Error::io("send QMP getfd", e)),
+            }
+        };
+        // The fd went with the first byte; the rest of the line, if any, goes plainly.
+        self.stream
+            .get_mut()
+            .write_all(&bytes[sent..])
+            .await
+            .map_err(|e| Error::io("send QMP getfd", e))?;
+        self.reply(id, "getfd").await.map(drop)
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Qmp<S> {
@@ -142,6 +184,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Qmp<S> {
             .write_all(&bytes)
             .await
             .map_err(|e| Error::io(format!("send QMP {command}"), e))?;
+        self.reply(id, command).await
+    }
+
+    /// Reads until the reply to request `id`, keeping the events that come first.
+    async fn reply(&mut self, id: u64, command: &str) -> Result<Value> {
         loop {
             match self.read().await? {
                 QmpMessage::Return { id: Some(i), value } if i == id => return Ok(value),
