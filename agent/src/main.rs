@@ -1,6 +1,7 @@
 //! cocoon-agent: PID 1 of every Cocoon guest.
 
 mod containers;
+mod dns;
 mod forward;
 mod init;
 mod logger;
@@ -86,6 +87,7 @@ fn run() -> anyhow::Result<()> {
         let hub = std::sync::Arc::new(stdio::StdioHub::default());
         hub.clone().serve().await?;
         forward::serve().context("listen for port-forward connections")?;
+        dns::serve().context("listen for the host's DNS relay")?;
         let manager = containers::Manager::new(reaper, hub, init::SHARED_MOUNT.into());
         let _server = server::serve(
             server::Agent::new(start_uptime_ms, booted_rx, manager),

@@ -15,6 +15,7 @@ mod generated {
     include!(concat!(env!("OUT_DIR"), "/mod.rs"));
 }
 
+pub mod dns;
 pub mod process;
 
 pub use generated::agent;
@@ -29,14 +30,19 @@ pub const READY_PORT: u32 = 1026;
 /// vsock port the agent accepts port-forward connections on: a first line `<tcp port>\n`,
 /// then the stream is a connection to 127.0.0.1:<tcp port> in the guest.
 pub const FORWARD_PORT: u32 = 1027;
+/// vsock port of the DNS relay (`dns.rs`): the host opens one stream per pod whose network
+/// has Docker's embedded DNS (127.0.0.11 in the pod's netns on the host), and the agent
+/// serves 127.0.0.11:53 in the guest through it.
+pub const DNS_RELAY_PORT: u32 = 1028;
 /// Where the agent mounts the virtio-fs share in the guest: the host's exported tree, with a
-/// container's rootfs at `<GUEST_SHARE>/<id>/rootfs` and its volumes at `<id>/volumes/<n>`.
+/// container's rootfs at `<GUEST_SHARE>/<id>/rootfs` and the pod's volumes at `_volumes/<n>`.
 pub const GUEST_SHARE: &str = "/run/cocoon/shared";
 /// Where the agent mounts a pod's guest-only tmpfs volumes (`CreateContainerRequest.ephemeral`).
 pub const EPHEMERAL_DIR: &str = "/run/cocoon/ephemeral";
 /// Bumped on every incompatible change to `agent.proto`.
 pub const API_VERSION: u32 = 6;
 
+pub use dns::DnsFrame;
 pub use process::{ProcessRef, StdioHello, StdioKind};
 pub use protobuf;
 pub use ttrpc;

@@ -357,6 +357,7 @@ impl VmFactory for SandboxFactory {
                 ns.path().to_owned(),
                 sb.vm.nic_hotplug(),
                 sb.agent.clone(),
+                sb.vm.agent_endpoint().clone(),
             )));
             sb.own_netns = Some(ns);
         }

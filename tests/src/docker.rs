@@ -101,6 +101,24 @@ fn find_bins() -> Result<DockerBins, String> {
     }
 }
 
+/// The daemon's config: Cocoon by its alias, and gVisor where `runsc` is installed (as a
+/// runc-compatible runtime path, the way gVisor documents Docker), for the bench.
+fn daemon_config() -> serde_json::Value {
+    let mut runtimes = serde_json::json!({ALIAS: {"runtimeType": crate::containerd::RUNTIME}});
+    if let Ok(runsc) = which_runsc() {
+        runtimes["runsc"] = serde_json::json!({"path": runsc});
+    }
+    serde_json::json!({ "runtimes": runtimes })
+}
+
+fn which_runsc() -> Result<String, ()> {
+    ["/usr/bin/runsc", "/usr/local/bin/runsc", "/usr/sbin/runsc"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+        .map(str::to_owned)
+        .ok_or(())
+}
+
 /// The daemon's bridge: made by the test (`-b`), so dockerd never touches `docker0`, and
 /// named after this process so that two tests never share one.
 #[derive(Debug)]
@@ -165,14 +183,7 @@ impl Docker {
         let cocoon_config = d.join("cocoon.toml");
         write_cocoon_toml(&cocoon_config, test_hypervisor(), &cocoon_state);
         let daemon_json = d.join("daemon.json");
-        std::fs::write(
-            &daemon_json,
-            serde_json::json!({
-                "runtimes": {ALIAS: {"runtimeType": crate::containerd::RUNTIME}}
-            })
-            .to_string(),
-        )
-        .unwrap();
+        std::fs::write(&daemon_json, daemon_config().to_string()).unwrap();
         let (bridge, gateway) = Bridge::new();
         let socket = d.join("docker.sock");
         let mut path: Vec<PathBuf> = vec![shim_dir()];
@@ -296,6 +307,11 @@ impl Drop for Docker {
         let ids = self.docker(&["ps", "--all", "--quiet"]);
         for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
             let _ = self.docker(&["rm", "--force", id]);
+        }
+        // dockerd leaves a user-defined network's bridge behind when it stops.
+        let nets = self.docker(&["network", "ls", "--quiet", "--filter", "type=custom"]);
+        for id in String::from_utf8_lossy(&nets.stdout).split_whitespace() {
+            let _ = self.docker(&["network", "rm", id]);
         }
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),

@@ -10,6 +10,7 @@ pub mod containerd;
 pub mod cri;
 pub mod cri_bench;
 pub mod docker;
+pub mod docker_bench;
 pub mod fuse_client;
 pub mod gate;
 pub mod leaks;

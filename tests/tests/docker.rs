@@ -211,3 +211,263 @@ fn http_get(url: &str) -> Option<String> {
     let status = head.split_whitespace().nth(1);
     (status == Some("200")).then(|| body.to_owned())
 }
+
+/// Waits until `check` holds, for up to `secs`; panics with `what` and the daemon log if not.
+fn wait_until(d: &Docker, what: &str, secs: u64, mut check: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !check() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(secs),
+            "{what} did not happen within {secs} s\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The same lifecycle under each runtime: `-d` with logs, exec (with stdin), `--cpus` seen in
+/// the cgroup, pause/unpause, stats, `docker cp` both ways, stop (SIGTERM, caught), start
+/// again, kill, and stop of a process that ignores SIGTERM (SIGKILL after the timeout).
+#[tokio::test]
+async fn a_detached_container_lives_through_docker_commands_as_under_runc() {
+    let Some((_pass, d)) = docker().await else {
+        return;
+    };
+    let host = tempfile::tempdir().unwrap();
+    std::fs::write(host.path().join("in.txt"), "copied-in\n").unwrap();
+    let ok = |args: &[&str]| -> String {
+        let out = d.docker(args);
+        assert!(
+            out.status.success(),
+            "docker {args:?}: {}{}\n{}",
+            text(&out.stdout),
+            text(&out.stderr),
+            d.log()
+        );
+        text(&out.stdout)
+    };
+    let serve = "trap 'echo got-term; exit 0' TERM; echo started; \
+                 while true; do sleep 0.1; done";
+    for rt in RUNTIMES {
+        let name = format!("life-{rt}");
+        let n = name.as_str();
+        ok(&[
+            "run",
+            "-d",
+            "--name",
+            n,
+            "--runtime",
+            rt,
+            "--cpus",
+            "0.5",
+            DOCKER_IMAGE,
+            "sh",
+            "-c",
+            serve,
+        ]);
+        wait_until(&d, "the first log line", 60, || {
+            text(&d.docker(&["logs", n]).stdout).contains("started")
+        });
+
+        // cgroup v2 in the guest; v1 on this host under runc.
+        let quota = "if [ -f /sys/fs/cgroup/cpu.max ]; then cut -d' ' -f1 /sys/fs/cgroup/cpu.max; \
+                     else cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us; fi";
+        assert_eq!(ok(&["exec", n, "sh", "-c", quota]).trim(), "50000", "{rt}");
+        let mut echo = d.command();
+        echo.args(["exec", "-i", n, "cat"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
+        let mut child = echo.spawn().unwrap();
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(b"through-stdin\n").unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(text(&out.stdout), "through-stdin\n", "{rt}: exec -i");
+
+        ok(&["pause", n]);
+        assert_eq!(
+            ok(&["inspect", "--format", "{{.State.Status}}", n]).trim(),
+            "paused"
+        );
+        ok(&["unpause", n]);
+        assert_eq!(
+            ok(&["exec", n, "echo", "after-unpause"]).trim(),
+            "after-unpause"
+        );
+        let mem = ok(&["stats", "--no-stream", "--format", "{{.MemUsage}}", n]);
+        assert!(
+            !mem.trim().is_empty() && !mem.starts_with("0B"),
+            "{rt}: stats {mem:?}"
+        );
+
+        let src = format!("{}", host.path().join("in.txt").display());
+        ok(&["cp", &src, &format!("{n}:/tmp/in.txt")]);
+        wait_until(&d, "the copied file in the container", 10, || {
+            text(&d.docker(&["exec", n, "cat", "/tmp/in.txt"]).stdout) == "copied-in\n"
+        });
+        ok(&["exec", n, "sh", "-c", "echo made-inside > /tmp/out.txt"]);
+        let dst = host.path().join(format!("out-{rt}.txt"));
+        ok(&[
+            "cp",
+            &format!("{n}:/tmp/out.txt"),
+            &dst.display().to_string(),
+        ]);
+        assert_eq!(std::fs::read_to_string(&dst).unwrap(), "made-inside\n");
+
+        // stop: SIGTERM, which the container catches and exits 0 on.
+        let t0 = Instant::now();
+        ok(&["stop", "--time", "20", n]);
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "{rt}: stop waited for the timeout"
+        );
+        assert_eq!(
+            ok(&["inspect", "--format", "{{.State.ExitCode}}", n]).trim(),
+            "0"
+        );
+        assert!(
+            text(&d.docker(&["logs", n]).stdout).contains("got-term"),
+            "{rt}"
+        );
+
+        // start again (a new task for the same container), then kill.
+        ok(&["start", n]);
+        wait_until(&d, "the restarted container's log line", 60, || {
+            text(&d.docker(&["logs", n]).stdout)
+                .matches("started")
+                .count()
+                == 2
+        });
+        ok(&["kill", n]);
+        wait_until(&d, "the killed container to stop", 30, || {
+            d.docker(&["inspect", "--format", "{{.State.Running}}", n])
+                .stdout
+                == b"false\n"
+        });
+        assert_eq!(
+            ok(&["inspect", "--format", "{{.State.ExitCode}}", n]).trim(),
+            "137"
+        );
+        ok(&["rm", n]);
+
+        // A process that ignores SIGTERM is killed once the stop timeout passes.
+        let stubborn = format!("stubborn-{rt}");
+        ok(&[
+            "run",
+            "-d",
+            "--name",
+            &stubborn,
+            "--runtime",
+            rt,
+            DOCKER_IMAGE,
+            "sh",
+            "-c",
+            "trap '' TERM; echo up; while true; do sleep 0.1; done",
+        ]);
+        wait_until(&d, "the stubborn container's log line", 60, || {
+            text(&d.docker(&["logs", &stubborn]).stdout).contains("up")
+        });
+        let t0 = Instant::now();
+        ok(&["stop", "--time", "2", &stubborn]);
+        let took = t0.elapsed();
+        assert!(took >= Duration::from_secs(2), "{rt}: stop took {took:?}");
+        assert_eq!(
+            ok(&["inspect", "--format", "{{.State.ExitCode}}", &stubborn]).trim(),
+            "137"
+        );
+        ok(&["rm", &stubborn]);
+
+        // -t: the process has a terminal.
+        let out = ok(&[
+            "run",
+            "--rm",
+            "-t",
+            "--runtime",
+            rt,
+            DOCKER_IMAGE,
+            "sh",
+            "-c",
+            "[ -t 1 ] && echo has-tty",
+        ]);
+        assert_eq!(out.trim(), "has-tty", "{rt}");
+    }
+    d.assert_clean();
+}
+
+/// A user-defined network: containers find each other by name through Docker's embedded DNS
+/// (127.0.0.11 in each container's netns on the host, relayed into the guest by the shim).
+#[tokio::test]
+async fn containers_on_a_user_defined_network_find_each_other_by_name() {
+    let Some((_pass, d)) = docker().await else {
+        return;
+    };
+    let serve = "mkdir -p /www && echo hello-$RT > /www/index.html && httpd -f -p 8080 -h /www";
+    for (i, rt) in RUNTIMES.into_iter().enumerate() {
+        let net = format!("net-{rt}");
+        let n = (std::process::id() + 7 * u32::try_from(i).unwrap()) % 200 + 20;
+        let subnet = format!("10.234.{n}.0/24");
+        let out = d.docker(&["network", "create", "--subnet", &subnet, &net]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let srv = format!("srv-{rt}");
+        let env = format!("RT={rt}");
+        let out = d.docker(&[
+            "run",
+            "-d",
+            "--name",
+            &srv,
+            "--network",
+            &net,
+            "--runtime",
+            rt,
+            "-e",
+            &env,
+            DOCKER_IMAGE,
+            "sh",
+            "-c",
+            serve,
+        ]);
+        assert!(
+            out.status.success(),
+            "{rt}: {}\n{}",
+            text(&out.stderr),
+            d.log()
+        );
+        // busybox's nc resolves the name (its static wget crashes on this image).
+        let fetch = format!(
+            "for i in $(seq 1 100); do \
+             got=$(printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {srv} 8080 2>/dev/null | tail -n 1); \
+             [ -n \"$got\" ] && echo \"$got\" && exit 0; sleep 0.2; done; \
+             nslookup {srv}; cat /etc/resolv.conf; exit 1"
+        );
+        let out = d.docker(&[
+            "run",
+            "--rm",
+            "--network",
+            &net,
+            "--runtime",
+            rt,
+            DOCKER_IMAGE,
+            "sh",
+            "-c",
+            &fetch,
+        ]);
+        assert!(
+            out.status.success(),
+            "{rt}: {}{}\n{}",
+            text(&out.stdout),
+            text(&out.stderr),
+            d.log()
+        );
+        assert_eq!(text(&out.stdout), format!("hello-{rt}\n"));
+        for args in [
+            vec!["rm", "--force", srv.as_str()],
+            vec!["network", "rm", net.as_str()],
+        ] {
+            let out = d.docker(&args);
+            assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        }
+    }
+    d.assert_clean();
+}

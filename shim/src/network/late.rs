@@ -1,6 +1,8 @@
 //! The pod network a runtime wires after Create (Docker): at the first Start the shim scans the
 //! netns it made (`own.rs`), gives each addressed interface a tap and redirect as for CRI,
-//! hot-plugs a NIC per tap into the running VM and has the agent configure the guest.
+//! hot-plugs a NIC per tap into the running VM and has the agent configure the guest; where
+//! Docker's embedded DNS listens in the netns (a user-defined network), the guest's
+//! 127.0.0.11:53 is relayed to it (`dns.rs`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,15 +11,22 @@ use async_trait::async_trait;
 use cocoon_protocol::agent_ttrpc::AgentServiceClient;
 use tokio::sync::Mutex;
 
-use super::PodNetwork;
+use super::{DnsRelay, PodNetwork};
 use crate::guest::LateNetwork;
 use crate::{Error, Result};
+
+/// What an attach set up.
+#[derive(Debug)]
+struct Wired {
+    net: PodNetwork,
+    dns: Option<DnsRelay>,
+}
 
 /// Where the attach stands: not yet, or done (with what it set up, if anything appeared).
 #[derive(Debug)]
 enum Attached {
     Not,
-    Done(Option<PodNetwork>),
+    Done(Option<Wired>),
 }
 
 /// Attaches a pod's late network once ([`LateNetwork`]); [`LateAttach::teardown`] removes it.
@@ -25,6 +34,7 @@ pub struct LateAttach {
     netns: PathBuf,
     hotplug: Option<Arc<dyn vmm_driver::NicHotplug>>,
     agent: AgentServiceClient,
+    endpoint: vmm_driver::vsock::VsockEndpoint,
     state: Mutex<Attached>,
 }
 
@@ -42,11 +52,13 @@ impl LateAttach {
         netns: PathBuf,
         hotplug: Option<Arc<dyn vmm_driver::NicHotplug>>,
         agent: AgentServiceClient,
+        endpoint: vmm_driver::vsock::VsockEndpoint,
     ) -> LateAttach {
         LateAttach {
             netns,
             hotplug,
             agent,
+            endpoint,
             state: Mutex::new(Attached::Not),
         }
     }
@@ -54,8 +66,9 @@ impl LateAttach {
     /// Removes the taps and redirects the attach made, if any.
     pub async fn teardown(&self) {
         let mut st = self.state.lock().await;
-        if let Attached::Done(Some(net)) = std::mem::replace(&mut *st, Attached::Done(None)) {
-            net.teardown().await;
+        if let Attached::Done(Some(w)) = std::mem::replace(&mut *st, Attached::Done(None)) {
+            drop(w.dns);
+            w.net.teardown().await;
         }
     }
 }
@@ -88,12 +101,13 @@ impl LateNetwork for LateAttach {
                     .await
                     .map_err(|e| Error::Network(format!("hot-plug NIC {}: {e}", nic.mac)))?;
             }
-            net.configure_guest(&self.agent).await
+            net.configure_guest(&self.agent).await?;
+            DnsRelay::start_if_needed(&self.netns, &self.endpoint).await
         }
         .await;
         match plugged {
-            Ok(()) => {
-                *st = Attached::Done(Some(net));
+            Ok(dns) => {
+                *st = Attached::Done(Some(Wired { net, dns }));
                 Ok(())
             }
             Err(e) => {

@@ -8,6 +8,7 @@
 //! mirred included) rather than running `ip`/`tc`: no parsing of tool output, no dependency
 //! on iproute2's version, and errors that say which step failed.
 
+mod dns;
 mod forward;
 mod late;
 mod netns;
@@ -22,6 +23,7 @@ use cocoon_protocol::agent as ag;
 use cocoon_protocol::agent_ttrpc::AgentServiceClient;
 use cocoon_protocol::protobuf::MessageField;
 
+pub use dns::DnsRelay;
 pub use forward::PortMirror;
 pub use late::LateAttach;
 pub use own::OwnNetns;

@@ -76,3 +76,42 @@ pub fn bind_loopback(
             .collect())
     })
 }
+
+/// A UDP socket in the network namespace at `netns`, bound to an ephemeral port there.
+pub fn udp_socket(netns: &Path) -> Result<std::net::UdpSocket> {
+    on_thread_in(netns, "pod-netns-udp", || {
+        let s = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))
+            .map_err(|e| Error::io("bind a UDP socket in the pod netns", e))?;
+        s.set_nonblocking(true)
+            .map_err(|e| Error::io("make the UDP socket non-blocking", e))?;
+        Ok(s)
+    })
+}
+
+/// A TCP connection to `to` made inside the network namespace at `netns`.
+pub fn tcp_connect(netns: &Path, to: std::net::SocketAddr) -> Result<std::net::TcpStream> {
+    on_thread_in(netns, "pod-netns-tcp", move || {
+        let s = std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(2))
+            .map_err(|e| Error::io(format!("connect to {to} in the pod netns"), e))?;
+        s.set_nonblocking(true)
+            .map_err(|e| Error::io("make the TCP stream non-blocking", e))?;
+        Ok(s)
+    })
+}
+
+/// Whether something in the network namespace at `netns` listens on UDP `addr` (the kernel's
+/// `/proc/net/udp` as a thread in that namespace sees it).
+pub fn udp_listener_on(netns: &Path, addr: std::net::Ipv4Addr) -> Result<bool> {
+    // /proc/net/udp writes an IPv4 address as the 32-bit value in host order: 127.0.0.11 is
+    // 0B00007F on x86.
+    let want = format!("{:08X}:", u32::from_le_bytes(addr.octets()));
+    on_thread_in(netns, "pod-netns-scan", move || {
+        let table = std::fs::read_to_string("/proc/thread-self/net/udp")
+            .map_err(|e| Error::io("read /proc/thread-self/net/udp", e))?;
+        Ok(table.lines().skip(1).any(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|a| a.starts_with(&want))
+        }))
+    })
+}

@@ -421,6 +421,11 @@ fn main() {
         println!("{}", cocoon_tests::volume_bench::markdown(&r));
         return;
     }
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("docker") {
+        let r = cocoon_tests::docker_bench::figures(runs.clamp(1, 5));
+        println!("{}", cocoon_tests::docker_bench::markdown(&r));
+        return;
+    }
     if std::env::var("BENCH_ONLY").as_deref() == Ok("cri") {
         let cri = tokio::runtime::Runtime::new()
             .unwrap()
@@ -507,6 +512,10 @@ fn main() {
     res.insert("cri".into(), cri);
     println!("volume I/O…");
     res.insert("volumes".into(), volumes(&c, &rts, runs.clamp(1, 3)));
+    println!("docker run…");
+    let docker = std::panic::catch_unwind(|| cocoon_tests::docker_bench::figures(runs.clamp(1, 5)))
+        .unwrap_or_else(|_| json!({"error": "the Docker figures panicked; see the output above"}));
+    res.insert("docker".into(), docker);
     res.insert("cold_start_ms".into(), cold.into());
     res.insert("exec_ms".into(), exec.into());
     res.insert("stdout_mb_per_s".into(), tput.into());
@@ -619,6 +628,7 @@ fn markdown(r: &Value) -> String {
     }
     s += &cocoon_tests::cri_bench::markdown(&r["cri"]);
     s += &cocoon_tests::volume_bench::markdown(&r["volumes"]);
+    s += &cocoon_tests::docker_bench::markdown(&r["docker"]);
     s += "\n| Cocoon idle pods | guest memory (MiB) | PSS per pod (MiB) | by process (MiB per pod) | shim RSS (MiB) |\n|---|---|---|---|---|\n";
     for v in r["idle_pod_memory"].as_array().into_iter().flatten() {
         let by: Vec<String> = v["pss_by_process_mib_per_pod"]
