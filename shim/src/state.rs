@@ -11,6 +11,10 @@ pub struct SandboxState {
     pub sandbox_id: String,
     /// (name, pid) of qemu, virtiofsd, vhost-device-vsock.
     pub pids: Vec<(String, u32)>,
+    /// (pid, start time) of the same, from `/proc/<pid>/stat`: a pid that names a process
+    /// started at another time was reused and is not ours.
+    #[serde(default)]
+    pub starts: Vec<(u32, u64)>,
     /// Container rootfs mount points on the host.
     pub mounts: Vec<PathBuf>,
 }
@@ -44,13 +48,20 @@ pub fn cleanup(run_dir: &Path) {
         let _ = std::fs::remove_dir(run_dir);
         return;
     };
-    for (name, pid) in &st.pids {
-        let Ok(pid) = i32::try_from(*pid) else {
+    for (name, raw) in &st.pids {
+        let Ok(pid) = i32::try_from(*raw) else {
             continue;
         };
-        // Only kill a process that still looks like ours: pids get reused.
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains(&*run_dir.to_string_lossy()) {
+        // Only kill a process that is still ours: pids get reused. The start time says so;
+        // a state without one (an older shim's) falls back to the command line.
+        let ours = match st.starts.iter().find(|(p, _)| p == raw) {
+            Some((_, started)) => start_time(*raw) == Some(*started),
+            None => {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                String::from_utf8_lossy(&cmdline).contains(&*run_dir.to_string_lossy())
+            }
+        };
+        if ours {
             log::info!("killing leftover {name} (pid {pid})");
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
@@ -79,9 +90,52 @@ pub fn cleanup(run_dir: &Path) {
     let _ = std::fs::remove_dir_all(run_dir);
 }
 
+/// When process `pid` started (field 22 of `/proc/<pid>/stat`, clock ticks since boot), if it
+/// exists.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: count from the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reused_pid_is_told_apart_by_its_start_time() {
+        let me = std::process::id();
+        let started = start_time(me).unwrap();
+        assert!(started > 0);
+        assert_eq!(start_time(me), Some(started));
+        assert_eq!(start_time(u32::MAX - 1), None);
+        // A child started later has a later (or equal, within a tick) start time.
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let child_start = start_time(child.id()).unwrap();
+        assert!(child_start >= started);
+        // Recorded with a wrong start time, cleanup leaves the process alone.
+        let d = tempfile::tempdir().unwrap();
+        let run = d.path().join("sb");
+        std::fs::create_dir_all(&run).unwrap();
+        let st = SandboxState {
+            sandbox_id: "sb".into(),
+            pids: vec![("qemu".into(), child.id())],
+            starts: vec![(child.id(), child_start + 1)],
+            mounts: vec![],
+        };
+        st.save(&run).unwrap();
+        cleanup(&run);
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "a reused pid was killed"
+        );
+        child.kill().unwrap();
+        let _ = child.wait();
+    }
 
     #[test]
     fn round_trip_and_cleanup_of_a_dead_sandbox() {
@@ -91,6 +145,7 @@ mod tests {
         let st = SandboxState {
             sandbox_id: "sb".into(),
             pids: vec![("qemu".into(), u32::MAX - 1)],
+            starts: vec![],
             mounts: vec![],
         };
         st.save(&run).unwrap();

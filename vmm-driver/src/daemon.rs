@@ -122,6 +122,15 @@ impl Daemon {
         self.pid
     }
 
+    /// What [`crate::supervise::Supervisor`] needs to watch this process.
+    pub(crate) fn watched(&self) -> crate::supervise::Watched {
+        crate::supervise::Watched {
+            name: self.name,
+            pid: self.pid,
+            log: self.log.clone(),
+        }
+    }
+
     /// The exit status if the process has ended (and is now reaped).
     pub fn try_exited(&mut self) -> Option<ExitStatus> {
         if self.status.is_none() {

@@ -19,6 +19,7 @@ mod guest;
 pub mod qemu;
 mod run_dir;
 pub mod share;
+mod supervise;
 mod virtiofsd;
 pub mod vsock;
 

@@ -291,6 +291,11 @@ impl Pod {
         let rootfs_dir = vm.rootfs_dir();
         let footprint = SandboxState {
             sandbox_id: self.inner.id.clone(),
+            starts: vm
+                .host_pids()
+                .iter()
+                .filter_map(|(_, p)| Some((*p, crate::state::start_time(*p)?)))
+                .collect(),
             pids: vm.host_pids(),
             mounts: vec![],
         };

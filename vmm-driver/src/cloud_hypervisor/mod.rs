@@ -65,6 +65,8 @@ pub struct ChVm {
     api: ApiClient,
     vmm: Option<Daemon>,
     virtiofsd: Option<Daemon>,
+    /// Stops the VM when virtiofsd dies (`supervise.rs`).
+    supervisor: Option<crate::supervise::Supervisor>,
 }
 
 impl ChVm {
@@ -84,7 +86,19 @@ impl ChVm {
             vm.api.boot().await
         };
         match booted.await {
-            Ok(()) => Ok(vm),
+            Ok(()) => {
+                if let (Some(vmm), Some(fs)) = (&vm.vmm, &vm.virtiofsd) {
+                    match crate::supervise::Supervisor::start(
+                        &spec.id,
+                        &vmm.watched(),
+                        &[fs.watched()],
+                    ) {
+                        Ok(s) => vm.supervisor = Some(s),
+                        Err(e) => log::warn!("VM {}: virtiofsd is not supervised: {e}", spec.id),
+                    }
+                }
+                Ok(vm)
+            }
             Err(e) => Err(vm.fail(e).await),
         }
     }
@@ -115,6 +129,7 @@ impl ChVm {
             dir,
             vmm: None,
             virtiofsd: None,
+            supervisor: None,
         };
         match vm.spawn(cfg, &ch_bin, &fs_bin, spec.netns.as_deref()).await {
             Ok(()) => Ok(vm),
@@ -257,6 +272,9 @@ impl Vmm for ChVm {
         // Orderly first (guest off, then the VMM), each step bounded; then signals. Keep going
         // after an error so every process is reaped and the directory removed.
         let mut first: Option<Error> = None;
+        if let Some(s) = self.supervisor.take() {
+            s.stop();
+        }
         if let Some(mut vmm) = self.vmm.take() {
             if vmm.try_exited().is_none() {
                 best_effort("vm.shutdown", self.api.shutdown()).await;

@@ -84,6 +84,7 @@ fn test_vm(dir: &std::path::Path) -> (ChVm, Config, VmSpec) {
         dir: rd,
         vmm: None,
         virtiofsd: None,
+        supervisor: None,
     };
     (vm, cfg, spec)
 }

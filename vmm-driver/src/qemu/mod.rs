@@ -47,6 +47,8 @@ pub struct QemuVm {
     /// Shared with [`hotplug::QemuHotplug`], which adds NICs while the VM runs.
     qmp: Option<Arc<tokio::sync::Mutex<Qmp<UnixStream>>>>,
     hotplug_slots: u8,
+    /// Stops the VM when a helper dies (`supervise.rs`).
+    supervisor: Option<crate::supervise::Supervisor>,
     /// Writes the guest console to `console.log`, capped.
     console: Option<ConsoleRelay>,
 }
@@ -102,10 +104,16 @@ impl QemuVm {
             vsockd: None,
             qmp: None,
             hotplug_slots: spec.hotplug_nics,
+            supervisor: None,
             console: None,
         };
         match vm.boot(cfg, spec, &bins, chosen).await {
-            Ok(()) => Ok(vm),
+            Ok(()) => {
+                if let Err(e) = vm.supervise(&spec.id) {
+                    log::warn!("VM {}: helpers are not supervised: {e}", spec.id);
+                }
+                Ok(vm)
+            }
             Err(e) => {
                 if let Err(stop_err) = vm.stop().await {
                     log::warn!("cleanup after failed launch: {stop_err}");
@@ -209,6 +217,24 @@ impl QemuVm {
         Ok(())
     }
 
+    /// Watches virtiofsd and vhost-device-vsock for as long as the VM runs.
+    fn supervise(&mut self, id: &str) -> Result<()> {
+        let Some(qemu) = &self.qemu else {
+            return Ok(());
+        };
+        let helpers: Vec<_> = [&self.virtiofsd, &self.vsockd]
+            .into_iter()
+            .flatten()
+            .map(Daemon::watched)
+            .collect();
+        self.supervisor = Some(crate::supervise::Supervisor::start(
+            id,
+            &qemu.watched(),
+            &helpers,
+        )?);
+        Ok(())
+    }
+
     async fn connect_qmp(&mut self, sock: &Path) -> Result<Qmp<UnixStream>> {
         let start = tokio::time::Instant::now();
         loop {
@@ -278,6 +304,9 @@ impl Vmm for QemuVm {
         // Keep going after an error: every process is reaped and the directory removed
         // whatever happened to the others; the first error is reported.
         let mut first: Option<Error> = None;
+        if let Some(s) = self.supervisor.take() {
+            s.stop();
+        }
         if let Some(mut q) = self.qemu.take() {
             if q.try_exited().is_none() {
                 if let Some(qmp) = self.qmp.take() {
