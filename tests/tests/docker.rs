@@ -111,6 +111,31 @@ async fn run_options_exit_codes_and_volumes_match_runc() {
             format!("{rt}\n")
         );
     }
+    // -i: the client's stdin reaches the container's.
+    for rt in RUNTIMES {
+        let mut cat = d.command();
+        cat.args([
+            "run",
+            "--rm",
+            "-i",
+            "--runtime",
+            rt,
+            "--network",
+            "none",
+            DOCKER_IMAGE,
+            "cat",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+        let mut child = cat.spawn().unwrap();
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(b"piped-in\n").unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(text(&out.stdout), "piped-in\n", "{rt}: run -i");
+    }
     // A VM can't share the host's interfaces: refused, saying so.
     let out = d.docker(&[
         "run",
@@ -332,14 +357,20 @@ async fn a_detached_container_lives_through_docker_commands_as_under_runc() {
             "{rt}"
         );
 
-        // start again (a new task for the same container), then kill.
+        // start again (a new task for the same container), restart, then kill.
         ok(&["start", n]);
-        wait_until(&d, "the restarted container's log line", 60, || {
-            text(&d.docker(&["logs", n]).stdout)
-                .matches("started")
-                .count()
-                == 2
-        });
+        let dr = &d;
+        let started = |k: usize| {
+            move || {
+                text(&dr.docker(&["logs", n]).stdout)
+                    .matches("started")
+                    .count()
+                    == k
+            }
+        };
+        wait_until(&d, "the started container's log line", 60, started(2));
+        ok(&["restart", "--time", "10", n]);
+        wait_until(&d, "the restarted container's log line", 60, started(3));
         ok(&["kill", n]);
         wait_until(&d, "the killed container to stop", 30, || {
             d.docker(&["inspect", "--format", "{{.State.Running}}", n])

@@ -24,6 +24,9 @@ use crate::{Error, Result};
 pub const EMBEDDED_DNS: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 11);
 /// How long one query may wait for the embedded DNS.
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Queries asked at once, at most: the guest is not trusted, and each query costs a socket
+/// made on a thread in the pod's netns. Past this, queries wait their turn.
+const MAX_IN_FLIGHT: usize = 64;
 
 /// The running relay of one pod; stopped when dropped.
 #[derive(Debug)]
@@ -69,6 +72,7 @@ async fn run(stream: BoxedStream, netns: PathBuf) {
             }
         }
     });
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     loop {
         let mut h = [0u8; HEADER_LEN];
         if from_guest.read_exact(&mut h).await.is_err() {
@@ -79,8 +83,12 @@ async fn run(stream: BoxedStream, netns: PathBuf) {
         if from_guest.read_exact(&mut msg).await.is_err() {
             break;
         }
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
         let (netns, tx) = (netns.clone(), tx.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let asked = tokio::time::timeout(ASK_TIMEOUT, ask(&netns, tcp, &msg)).await;
             let answer = match asked {
                 Ok(Ok(a)) => a,
