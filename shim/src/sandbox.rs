@@ -17,7 +17,7 @@ use ttrpc::r#async::Client;
 use vmm_driver::vsock::BoxedStream;
 use vmm_driver::{Config, VmSpec, Vmm};
 
-use crate::network::{self, PodNetwork};
+use crate::network::{self, NetnsRequest, PodNetwork};
 use crate::pod::{BootTimes, GuestLink, PodVm, StdioDialer, VmFactory};
 use crate::{annotations, Error, Result};
 
@@ -313,32 +313,27 @@ impl VmFactory for SandboxFactory {
         let size = annotations::vm_size(&cfg, spec).map_err(Error::InvalidArgument)?;
         vm.vcpus = size.vcpus;
         vm.memory_mib = size.memory_mib;
-        if !network::own::has_netns(spec) {
-            return Err(Error::InvalidArgument(
-                "the container asks for the host's network namespace (docker run --network \
-                 host, ctr run --net-host, a hostNetwork pod): a pod VM has its own network \
-                 stack and can't share the host's interfaces; use a bridge network with \
-                 published ports instead"
-                    .into(),
-            ));
-        }
-        let network = match network::netns_of(spec) {
-            Some(netns) => Some(PodNetwork::setup(&netns).await?),
-            None => None,
-        };
-        vm.nics = network.as_ref().map(PodNetwork::nics).unwrap_or_default();
-        let own_netns = if network.is_none() && network::own::wants_new(spec) {
-            let ns = network::OwnNetns::create(&network::own::path_for(&vm.run_dir));
-            match ns {
-                Ok(ns) => {
-                    vm.netns = Some(ns.path().to_owned());
-                    vm.hotplug_nics = LATE_NICS;
-                    Some(ns)
-                }
-                Err(e) => return Err(e),
+        let (network, own_netns) = match network::netns_request(spec) {
+            NetnsRequest::Host => {
+                return Err(Error::InvalidArgument(
+                    "the container asks for the host's network namespace (docker run \
+                     --network host, ctr run --net-host, a hostNetwork pod): a pod VM has its \
+                     own network stack and can't share the host's interfaces; use a bridge \
+                     network with published ports instead"
+                        .into(),
+                ))
             }
-        } else {
-            None
+            NetnsRequest::At(netns) => {
+                let net = PodNetwork::setup(&netns).await?;
+                vm.nics = net.nics();
+                (Some(net), None)
+            }
+            NetnsRequest::New => {
+                let ns = network::OwnNetns::create(&network::own::path_for(&vm.run_dir))?;
+                vm.netns = Some(ns.path().to_owned());
+                vm.hotplug_nics = LATE_NICS;
+                (None, Some(ns))
+            }
         };
         let mut sb = match Sandbox::boot(&cfg, &vm).await {
             Ok(sb) => sb,

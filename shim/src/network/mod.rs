@@ -31,15 +31,27 @@ pub use scan::{mac_string, PodInterface, Scan};
 
 use crate::{Error, Result};
 
-/// The network namespace a spec puts its container in, if it names one by path.
-pub fn netns_of(spec: &serde_json::Value) -> Option<PathBuf> {
-    spec["linux"]["namespaces"]
-        .as_array()?
-        .iter()
-        .find(|ns| ns["type"] == "network")?["path"]
-        .as_str()
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
+/// Where a spec puts its container's network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetnsRequest {
+    /// No network namespace: the host's (refused: a VM can't share the host's interfaces).
+    Host,
+    /// A new one, unnamed (Docker, `ctr run`): the shim makes it (`own.rs`).
+    New,
+    /// The one at this path (CRI's, made by CNI).
+    At(PathBuf),
+}
+
+/// What `spec` asks for its network namespace.
+pub fn netns_request(spec: &serde_json::Value) -> NetnsRequest {
+    let ns = spec["linux"]["namespaces"]
+        .as_array()
+        .and_then(|nss| nss.iter().find(|ns| ns["type"] == "network"));
+    match ns.map(|ns| ns["path"].as_str().unwrap_or("")) {
+        None => NetnsRequest::Host,
+        Some("") => NetnsRequest::New,
+        Some(p) => NetnsRequest::At(PathBuf::from(p)),
+    }
 }
 
 /// One pod interface and the tap that carries it into the guest.
@@ -209,10 +221,15 @@ mod tests {
         let cri = serde_json::json!({"linux": {"namespaces": [
             {"type": "pid"}, {"type": "network", "path": "/var/run/netns/cni-1"}
         ]}});
-        assert_eq!(netns_of(&cri), Some(PathBuf::from("/var/run/netns/cni-1")));
+        assert_eq!(
+            netns_request(&cri),
+            NetnsRequest::At(PathBuf::from("/var/run/netns/cni-1"))
+        );
         let ctr = serde_json::json!({"linux": {"namespaces": [{"type": "network"}]}});
-        assert_eq!(netns_of(&ctr), None);
-        assert_eq!(netns_of(&serde_json::json!({})), None);
+        assert_eq!(netns_request(&ctr), NetnsRequest::New);
+        let host = serde_json::json!({"linux": {"namespaces": [{"type": "pid"}]}});
+        assert_eq!(netns_request(&host), NetnsRequest::Host);
+        assert_eq!(netns_request(&serde_json::json!({})), NetnsRequest::Host);
         assert!(tap_name(0).len() <= 15);
     }
 }

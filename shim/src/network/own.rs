@@ -27,22 +27,6 @@ pub fn path_for(run_dir: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// Whether `spec` puts the container in a network namespace at all (a spec without one shares
-/// the host's).
-pub fn has_netns(spec: &serde_json::Value) -> bool {
-    spec["linux"]["namespaces"]
-        .as_array()
-        .is_some_and(|nss| nss.iter().any(|ns| ns["type"] == "network"))
-}
-
-/// Whether `spec` asks for a network namespace of its own without naming one.
-pub fn wants_new(spec: &serde_json::Value) -> bool {
-    spec["linux"]["namespaces"].as_array().is_some_and(|nss| {
-        nss.iter()
-            .any(|ns| ns["type"] == "network" && ns["path"].as_str().unwrap_or("").is_empty())
-    })
-}
-
 impl OwnNetns {
     /// Makes a fresh network namespace and binds it at `path`. `unshare` moves only the
     /// calling thread, so it happens on a thread of its own, which then ends.
@@ -110,16 +94,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_spec_wants_a_netns_of_its_own_only_when_it_names_none() {
-        let ctr = serde_json::json!({"linux": {"namespaces": [{"type": "network"}]}});
-        let cri = serde_json::json!({"linux": {"namespaces": [
-            {"type": "network", "path": "/var/run/netns/cni-1"}
-        ]}});
-        let host = serde_json::json!({"linux": {"namespaces": [{"type": "pid"}]}});
-        assert!(wants_new(&ctr));
-        assert!(!wants_new(&cri));
-        assert!(!wants_new(&host));
-        assert!(has_netns(&ctr) && has_netns(&cri) && !has_netns(&host));
+    fn the_netns_is_bound_beside_the_run_dir() {
         assert_eq!(
             path_for(Path::new("/run/cocoon/a.b")),
             Path::new("/run/cocoon/a.b.netns")

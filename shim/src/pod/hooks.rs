@@ -27,17 +27,18 @@ pub(super) fn kept(spec: &Value) -> Value {
 }
 
 impl Pod {
-    /// `prestart` and `createRuntime` for a container the guest just created; on failure the
-    /// guest's container is removed again and the error returned.
+    /// `prestart` and `createRuntime` from a container's [`kept`] hooks, for the container the
+    /// guest just created; on failure the guest's container is removed again and the error
+    /// returned.
     pub(super) async fn created_hooks(
         &self,
         guest: &GuestLink,
-        spec: &Value,
+        kept: &Value,
         id: &str,
         bundle: &str,
         pid: u32,
     ) -> Result<()> {
-        if kept(spec).is_null() {
+        if kept.is_null() {
             return Ok(());
         }
         let state = State {
@@ -45,7 +46,7 @@ impl Pod {
             bundle,
             pid: self.reported_pid(pid),
         };
-        let ran = hooks::run(spec, Stage::Created, &state).await;
+        let ran = hooks::run(kept, Stage::Created, &state).await;
         if ran.is_err() {
             let rreq = ag::RemoveContainerRequest {
                 container_id: id.to_owned(),

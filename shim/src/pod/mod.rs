@@ -442,6 +442,7 @@ impl Pod {
         };
         let rootfs = rootfs_dir.join(&req.id).join("rootfs");
         let mut volumes: Vec<PathBuf> = vec![];
+        let kept_hooks = hooks::kept(&req.spec);
         let created = async {
             let staging = rootfs_dir
                 .with_file_name(vmm_driver::share::STAGING_DIR)
@@ -478,7 +479,7 @@ impl Pod {
                 .await
                 .map_err(|e| Error::agent("create", e))?
                 .pid;
-            self.created_hooks(&guest, &req.spec, &req.id, &req.bundle, pid)
+            self.created_hooks(&guest, &kept_hooks, &req.id, &req.bundle, pid)
                 .await?;
             Ok::<_, Error>((pid, relays))
         }
@@ -504,7 +505,7 @@ impl Pod {
                     bundle: req.bundle.clone(),
                     rootfs,
                     volumes,
-                    hooks: hooks::kept(&req.spec),
+                    hooks: kept_hooks,
                     init: process,
                     execs: HashMap::new(),
                 },
