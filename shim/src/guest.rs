@@ -2,14 +2,16 @@
 //! streams. Cheap to clone, so the pod clones it out of its lock for every call; the real one
 //! comes from `sandbox`, a fake one from the pod's unit tests.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use cocoon_protocol::agent_ttrpc::AgentServiceClient;
 use cocoon_protocol::StdioHello;
 use vmm_driver::vsock::BoxedStream;
 
-use crate::Result;
+use crate::{Error, Result};
 
 /// Opens one stdio stream of a process in the guest.
 #[async_trait]
@@ -33,6 +35,64 @@ pub struct GuestLink {
     pub stdio: Arc<dyn StdioDialer>,
     /// Set when the shim made the pod's netns itself ([`LateNetwork`]).
     pub network: Option<Arc<dyn LateNetwork>>,
+    pub bounds: Bounds,
+}
+
+/// How long the host waits on a guest that should answer at once (`agent.call_timeout_ms`,
+/// `agent.stdio_timeout_ms`), and the pod to name when it does not.
+#[derive(Debug, Clone)]
+pub struct Bounds {
+    pub pod: Arc<str>,
+    pub call: Duration,
+    pub stdio: Duration,
+}
+
+impl Bounds {
+    pub fn from_config(pod: &str, cfg: &vmm_driver::Config) -> Bounds {
+        Bounds {
+            pod: pod.into(),
+            call: cfg.agent.call_timeout(),
+            stdio: cfg.agent.stdio_timeout(),
+        }
+    }
+
+    fn timeout(&self, call: &'static str, after: Duration) -> Error {
+        Error::Timeout {
+            call,
+            pod: self.pod.to_string(),
+            after,
+        }
+    }
+}
+
+impl GuestLink {
+    /// The ttrpc context of a call made through [`GuestLink::call`]. It carries no deadline of
+    /// its own: the bound is `call`'s, which also covers the time queued on the connection, and
+    /// two timers for one call would race to report it.
+    pub fn ctx(&self) -> ttrpc::context::Context {
+        ttrpc::context::Context::default()
+    }
+
+    /// Runs one agent call within `agent.call_timeout_ms`, counted from before it is queued on
+    /// the connection: ttrpc's own deadline starts only once the request was handed over, and a
+    /// frozen guest stops reading long before that.
+    pub async fn call<T>(
+        &self,
+        name: &'static str,
+        call: impl Future<Output = ttrpc::Result<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.bounds.call, call).await {
+            Ok(r) => r.map_err(|e| Error::agent(name, e)),
+            Err(_) => Err(self.bounds.timeout(name, self.bounds.call)),
+        }
+    }
+
+    /// Opens one stdio stream within `agent.stdio_timeout_ms`.
+    pub async fn open_stdio(&self, hello: &StdioHello) -> Result<BoxedStream> {
+        tokio::time::timeout(self.bounds.stdio, self.stdio.open(hello))
+            .await
+            .unwrap_or_else(|_| Err(self.bounds.timeout("stdio open", self.bounds.stdio)))
+    }
 }
 
 impl std::fmt::Debug for GuestLink {

@@ -47,6 +47,14 @@ pub enum Error {
         console_tail: String,
     },
 
+    /// The guest did not answer a call that should answer at once: it is frozen or stuck.
+    #[error("agent call {call} for pod {pod} got no answer within {after:?}; the guest may be frozen or overloaded (agent.call_timeout_ms, agent.stdio_timeout_ms)")]
+    Timeout {
+        call: &'static str,
+        pod: String,
+        after: Duration,
+    },
+
     #[error("the guest agent speaks API {agent}, this shim speaks {shim}: rebuild the guest image with `make image`")]
     ApiMismatch { agent: u32, shim: u32 },
 

@@ -186,7 +186,7 @@ pub async fn wire_stdio(guest: &GuestLink, process: &ProcessRef, p: &StdioPaths)
             process: process.clone(),
             stream,
         };
-        async move { guest.stdio.open(&hello).await }
+        async move { guest.open_stdio(&hello).await }
     };
     let mut outputs = Outputs::default();
     let mut stdin = None;

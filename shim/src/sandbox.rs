@@ -21,8 +21,8 @@ use crate::network::{self, NetnsRequest, PodNetwork};
 use crate::pod::{BootTimes, GuestLink, PodVm, StdioDialer, VmFactory};
 use crate::{annotations, Error, Result};
 
-/// Per-call deadline for agent calls that should answer at once.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The deadline of the Shutdown call: a guest that does not power off at once is stopped.
+const SHUTDOWN_CALL: Duration = Duration::from_secs(2);
 /// How long a guest may take to power off after Shutdown before it is stopped forcibly.
 const POWEROFF_GRACE: Duration = Duration::from_secs(5);
 /// NICs a pod whose netns the shim made may gain before its first Start (Docker: a network
@@ -72,6 +72,8 @@ pub struct Sandbox {
     /// The pod netns the shim made (Docker, `ctr run`), and what appears in it by Start.
     own_netns: Option<network::OwnNetns>,
     late: Option<std::sync::Arc<network::LateAttach>>,
+    /// How long agent calls and stdio opens may take (the config's `[agent]` timeouts).
+    bounds: crate::guest::Bounds,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -81,10 +83,6 @@ impl std::fmt::Debug for Sandbox {
             .field("vm", &self.vm)
             .finish_non_exhaustive()
     }
-}
-
-fn ctx() -> context::Context {
-    context::with_duration(CALL_TIMEOUT)
 }
 
 impl Sandbox {
@@ -115,6 +113,7 @@ impl Sandbox {
                     ports: None,
                     own_netns: None,
                     late: None,
+                    bounds: crate::guest::Bounds::from_config(&spec.id, cfg),
                 })
             }
             Err(e) => {
@@ -136,14 +135,22 @@ impl Sandbox {
         let stream = vmm_driver::connect_guest(vm, AGENT_PORT, Some(READY_PORT), timeout).await?;
         let connected = t0.elapsed();
         let agent = AgentServiceClient::new(Client::new(Socket::new(stream)));
-        let check = agent
-            .check(ctx(), &CheckRequest::new())
-            .await
-            .map_err(|source| Error::Agent {
-                call: "Check",
-                source,
-                console_tail: vmm_driver::tail_lines(&vm.console_log(), 20),
-            })?;
+        let limit = cfg.agent.call_timeout();
+        let check = tokio::time::timeout(
+            limit,
+            agent.check(context::with_duration(limit), &CheckRequest::new()),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(ttrpc::Error::Others(format!(
+                "no answer within {limit:?} (agent.call_timeout_ms)"
+            )))
+        })
+        .map_err(|source| Error::Agent {
+            call: "Check",
+            source,
+            console_tail: vmm_driver::tail_lines(&vm.console_log(), 20),
+        })?;
         if check.api_version != API_VERSION {
             return Err(Error::ApiMismatch {
                 agent: check.api_version,
@@ -202,10 +209,13 @@ impl Sandbox {
     }
 
     pub async fn guest_details(&self) -> Result<GuestDetailsResponse> {
-        self.agent
-            .guest_details(ctx(), &GuestDetailsRequest::new())
-            .await
-            .map_err(|source| self.agent_error("GuestDetails", source))
+        let guest = PodVm::guest(self);
+        let req = GuestDetailsRequest::new();
+        let asked = guest.agent.guest_details(guest.ctx(), &req);
+        match guest.call("GuestDetails", asked).await {
+            Err(Error::Agent { source, .. }) => Err(self.agent_error("GuestDetails", source)),
+            other => other,
+        }
     }
 
     fn agent_error(&self, call: &'static str, source: ttrpc::Error) -> Error {
@@ -220,13 +230,19 @@ impl Sandbox {
     /// cooperate. The sandbox is gone afterwards in every case.
     pub async fn shutdown(mut self) -> Result<()> {
         drop(self.ports.take());
-        let asked = self
-            .agent
-            .shutdown(
-                context::with_duration(Duration::from_secs(2)),
+        let asked = tokio::time::timeout(
+            SHUTDOWN_CALL,
+            self.agent.shutdown(
+                context::with_duration(SHUTDOWN_CALL),
                 &ShutdownRequest::new(),
-            )
-            .await;
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(ttrpc::Error::Others(format!(
+                "no answer within {SHUTDOWN_CALL:?}"
+            )))
+        });
         if let Err(e) = &asked {
             log::warn!(
                 "sandbox {}: Shutdown call failed ({e}); stopping the VM",
@@ -262,6 +278,7 @@ impl PodVm for Sandbox {
                 .late
                 .clone()
                 .map(|l| l as std::sync::Arc<dyn crate::guest::LateNetwork>),
+            bounds: self.bounds.clone(),
         }
     }
 
@@ -294,6 +311,11 @@ impl PodVm for Sandbox {
 
     fn reported_pid(&self) -> Option<u32> {
         self.vm.pids().first().map(|(_, pid)| *pid)
+    }
+
+    fn kill(&mut self) {
+        log::warn!("sandbox {}: killing the VM", self.id);
+        self.vm.kill();
     }
 
     async fn shutdown(self: Box<Self>) -> Result<()> {

@@ -43,19 +43,26 @@ impl SandboxState {
 /// Only the recorded mount points are unmounted, without following symlinks.
 pub fn cleanup(run_dir: &Path) {
     crate::network::own::remove_at(&crate::network::own::path_for(run_dir));
-    let Some(st) = SandboxState::load(run_dir) else {
-        vmm_driver::share::unexport(run_dir);
-        let _ = std::fs::remove_dir(run_dir);
-        return;
-    };
-    for (name, raw) in &st.pids {
-        let Ok(pid) = i32::try_from(*raw) else {
+    // No state.json: the shim died before the VM answered. The driver's own record still
+    // lists every process it started by then.
+    let st = SandboxState::load(run_dir).unwrap_or_default();
+    let recorded = vmm_driver::recorded_processes(run_dir)
+        .into_iter()
+        .map(|r| (r.name, r.pid, r.start));
+    let from_state = st.pids.iter().map(|(name, pid)| {
+        let start = st.starts.iter().find(|(p, _)| p == pid).map(|(_, s)| *s);
+        (name.clone(), *pid, start)
+    });
+    let mut seen = std::collections::BTreeSet::new();
+    for (name, raw, started) in recorded.chain(from_state) {
+        if !seen.insert(raw) {
+            continue;
+        }
+        let Ok(pid) = i32::try_from(raw) else {
             continue;
         };
-        // Only kill a process that is still ours: pids get reused. The start time says so;
-        // a state without one (an older shim's) falls back to the command line.
-        let ours = match st.starts.iter().find(|(p, _)| p == raw) {
-            Some((_, started)) => start_time(*raw) == Some(*started),
+        let ours = match started {
+            Some(started) => start_time(raw) == Some(started),
             None => {
                 let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
                 String::from_utf8_lossy(&cmdline).contains(&*run_dir.to_string_lossy())
@@ -73,7 +80,6 @@ pub fn cleanup(run_dir: &Path) {
         crate::rootfs::unmount(m);
     }
     vmm_driver::share::unexport(run_dir);
-    // Only once nothing is mounted below it may the directory be removed recursively.
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let prefix = run_dir.to_string_lossy().into_owned();
     if mounts.lines().any(|l| {
@@ -90,14 +96,7 @@ pub fn cleanup(run_dir: &Path) {
     let _ = std::fs::remove_dir_all(run_dir);
 }
 
-/// When process `pid` started (field 22 of `/proc/<pid>/stat`, clock ticks since boot), if it
-/// exists.
-pub fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parentheses: count from the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
+pub use vmm_driver::start_time;
 
 #[cfg(test)]
 mod tests {

@@ -114,6 +114,7 @@ pub struct Config {
     pub virtiofsd_sandbox: VirtiofsdSandbox,
     pub vm: VmDefaults,
     pub agent: AgentSettings,
+    pub vmm: VmmSettings,
     pub paths: BinaryPaths,
 }
 
@@ -130,12 +131,27 @@ pub struct VmDefaults {
     pub annotations: bool,
 }
 
-/// How long the host waits for the agent.
+/// How long the host waits for the agent. A hung or frozen guest must cost a caller an error
+/// that names the call, never a wait without end (issue #15).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentSettings {
     /// From VMM start until the agent must answer its first call.
     pub connect_timeout_ms: u64,
+    /// One agent call, from the moment it is queued on the connection to its reply (calls that
+    /// wait for the guest by design, a process's exit or the next OOM event, are not bounded).
+    pub call_timeout_ms: u64,
+    /// Opening one stdio stream of a process (vsock connect, handshake, hello).
+    pub stdio_timeout_ms: u64,
+}
+
+/// How long the host waits for the VMM itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VmmSettings {
+    /// One QMP exchange (the greeting and capabilities handshake, each command) or one Cloud
+    /// Hypervisor API call.
+    pub api_timeout_ms: u64,
 }
 
 /// Helper binaries. A bare name is looked up on PATH (and in /usr/local/bin, /usr/libexec).
@@ -164,6 +180,7 @@ impl Default for Config {
             virtiofsd_sandbox: VirtiofsdSandbox::Namespace,
             vm: VmDefaults::default(),
             agent: AgentSettings::default(),
+            vmm: VmmSettings::default(),
             paths: BinaryPaths::default(),
         }
     }
@@ -184,9 +201,37 @@ impl Default for VmDefaults {
 impl Default for AgentSettings {
     fn default() -> Self {
         // TCG boots take ~2 s on a quiet machine; leave room for a loaded one.
+        // Calls answer in milliseconds on a healthy guest; 30 s leaves room for a guest
+        // under heavy load before a caller is told it hangs.
         AgentSettings {
             connect_timeout_ms: 30_000,
+            call_timeout_ms: 30_000,
+            stdio_timeout_ms: 10_000,
         }
+    }
+}
+
+impl Default for VmmSettings {
+    fn default() -> Self {
+        VmmSettings {
+            api_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl AgentSettings {
+    pub fn call_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.call_timeout_ms)
+    }
+
+    pub fn stdio_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.stdio_timeout_ms)
+    }
+}
+
+impl VmmSettings {
+    pub fn api_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.api_timeout_ms)
     }
 }
 
@@ -281,8 +326,15 @@ impl Config {
                 ),
             ));
         }
-        if self.agent.connect_timeout_ms == 0 {
-            return Err(value("agent.connect_timeout_ms", "must be greater than 0"));
+        for (key, ms) in [
+            ("agent.connect_timeout_ms", self.agent.connect_timeout_ms),
+            ("agent.call_timeout_ms", self.agent.call_timeout_ms),
+            ("agent.stdio_timeout_ms", self.agent.stdio_timeout_ms),
+            ("vmm.api_timeout_ms", self.vmm.api_timeout_ms),
+        ] {
+            if ms == 0 {
+                return Err(value(key, "must be greater than 0"));
+            }
         }
         if !self.state_dir.is_absolute() {
             return Err(value("state_dir", "must be an absolute path"));

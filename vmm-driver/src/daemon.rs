@@ -46,6 +46,29 @@ pub(crate) fn resolve_binary(
     which::which_in(configured, Some(extra), "/").map_err(|_| missing())
 }
 
+/// When process `pid` started, in clock ticks after boot (`/proc/<pid>/stat` field 22): a pid
+/// and its start time name one process even after the pid is reused.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses; it ends at the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The first of `helpers` that has exited, as the error that names it and quotes its log.
+pub(crate) fn first_exited<'a>(
+    helpers: impl IntoIterator<Item = &'a mut Option<Daemon>>,
+) -> Option<Error> {
+    helpers.into_iter().flatten().find_map(|d| {
+        let status = d.try_exited()?;
+        Some(Error::DaemonExited {
+            name: d.name,
+            status: status.to_string(),
+            log_tail: d.log_tail(10),
+        })
+    })
+}
+
 /// A running helper (qemu, virtiofsd, vhost-device-vsock) with its stdout/stderr in `log`.
 #[derive(Debug)]
 pub struct Daemon {
@@ -57,6 +80,9 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// For the tests here: the driver spawns through `RunDir::spawn`, which keeps the crash
+    /// record.
+    #[cfg(test)]
     pub fn spawn(name: &'static str, cmd: Command, log: &Path) -> Result<Daemon> {
         Daemon::spawn_in(name, cmd, log, None)
     }
@@ -140,6 +166,13 @@ impl Daemon {
             };
         }
         self.status
+    }
+
+    /// Sends SIGKILL now, without waiting; [`Daemon::wait`] or [`Daemon::stop`] reaps it.
+    pub fn kill(&mut self) {
+        if self.try_exited().is_none() {
+            let _ = self.child.start_kill();
+        }
     }
 
     /// Waits for the process to end on its own.

@@ -90,6 +90,11 @@ pub enum Error {
         console_tail: String,
     },
 
+    /// A call on the VMM or a helper that got no answer in its bound (`vmm.api_timeout_ms`):
+    /// the process is alive but stuck (stopped, or its guest is frozen).
+    #[error("{call} got no answer within {after:?}")]
+    Timeout { call: String, after: Duration },
+
     #[error("hybrid vsock handshake: {0}")]
     Handshake(String),
 

@@ -31,9 +31,10 @@ use async_trait::async_trait;
 pub use boot::kernel_cmdline;
 pub use config::Config;
 pub use console::CONSOLE_CAP;
-pub use daemon::tail_lines;
+pub use daemon::{start_time, tail_lines};
 pub use error::{Error, Result};
 pub use guest::connect_guest;
+pub use run_dir::{recorded_processes, Recorded};
 pub use virtiofsd::VIRTIOFS_TAG;
 
 /// What one VM should be; the backend decides how.
@@ -91,10 +92,16 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     fn console_log(&self) -> PathBuf;
     /// Every host process this VM owns, by name.
     fn pids(&self) -> Vec<(&'static str, u32)>;
-    /// Why the VMM is gone, if it exited on its own (guest poweroff, crash, kill).
+    /// Why the VM is gone: its VMM exited (guest poweroff, crash, kill), or, during the boot,
+    /// a helper it can't run without did (the VMM is then killed too, rather than waiting for
+    /// an agent that never comes; after the boot the helpers' supervisor does that).
     fn exit_error(&mut self) -> Option<Error>;
     /// Waits up to `timeout` for the VMM to exit on its own; true if it did.
     async fn wait_exit(&mut self, timeout: Duration) -> bool;
+    /// Kills the VMM at once (SIGKILL; a stopped process dies too), for a guest that no longer
+    /// answers. The guest is lost; its helpers end when their VMM connection drops, and
+    /// [`Vmm::stop`] still reaps them all.
+    fn kill(&mut self);
     /// Stops the VMM and every helper, reaps them all and removes the run directory.
     /// Safe to call more than once and after a failed start.
     async fn stop(&mut self) -> Result<()>;

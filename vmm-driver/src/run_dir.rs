@@ -4,10 +4,43 @@
 //! places, a dead VMM is explained from its own log and the console alike, and cleanup removes
 //! exactly the driver's files and never the caller's.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::daemon::tail_lines;
+use crate::daemon::{tail_lines, Daemon};
 use crate::error::{Error, Result};
+
+/// The driver's crash record in the run directory: one line per process it started, written
+/// as each one starts, so that a caller killed in the middle of a boot leaves a list that its
+/// cleanup can act on ([`recorded_processes`]).
+const PIDS: &str = "pids";
+
+/// A process the driver started for a VM, from its crash record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    pub name: String,
+    pub pid: u32,
+    /// From `/proc/<pid>/stat` when it started ([`crate::daemon::start_time`]): a pid that
+    /// was reused since names another process, with another start time.
+    pub start: Option<u64>,
+}
+
+/// The processes the driver started for the VM whose run directory is `root`, whether or not
+/// they still run. Empty if there is no record.
+pub fn recorded_processes(root: &Path) -> Vec<Recorded> {
+    std::fs::read_to_string(root.join(PIDS))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some(Recorded {
+                name: f.next()?.to_owned(),
+                pid: f.next()?.parse().ok()?,
+                start: f.next().and_then(|s| s.parse().ok()),
+            })
+        })
+        .collect()
+}
 
 /// The per-VM directory and the files the driver puts in it.
 #[derive(Debug)]
@@ -37,6 +70,32 @@ impl RunDir {
 
     pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.root.join(name)
+    }
+
+    /// Starts a helper or the VMM with its output in `<name>.log`, in the network namespace at
+    /// `netns` if given, and adds it to the crash record before anything else happens.
+    pub(crate) fn spawn(
+        &self,
+        name: &'static str,
+        cmd: tokio::process::Command,
+        netns: Option<&Path>,
+    ) -> Result<Daemon> {
+        let d = Daemon::spawn_in(name, cmd, &self.path(&format!("{name}.log")), netns)?;
+        let start = crate::daemon::start_time(d.pid())
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        let line = format!("{name} {} {start}\n", d.pid());
+        let recorded = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(self.path(PIDS))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
+        if let Err(e) = recorded {
+            // Only crash cleanup depends on it; the VM itself is fine.
+            log::warn!("recording {name} (pid {}) in {PIDS}: {e}", d.pid());
+        }
+        Ok(d)
     }
 
     /// What virtiofsd exports (see `share`).
@@ -82,6 +141,7 @@ impl RunDir {
             "cloud-hypervisor.log",
             "virtiofsd.log",
             "vhost-device-vsock.log",
+            PIDS,
         ] {
             match std::fs::remove_file(self.path(name)) {
                 Ok(()) => {}
@@ -132,6 +192,34 @@ mod tests {
         assert!(!crate::share::host_dir(&root).exists());
         std::fs::remove_file(d.path("state.json")).unwrap();
         d.remove().unwrap();
+        assert!(!root.exists());
+    }
+
+    /// Each spawned process is in the record the moment `spawn` returns, with the start time
+    /// that tells it apart from a later process with the same pid; remove drops the record.
+    #[tokio::test]
+    async fn every_spawned_process_is_recorded_at_once() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("sb");
+        let d = RunDir::create(&root).unwrap();
+        assert!(recorded_processes(&root).is_empty());
+        let mut cmd = tokio::process::Command::new("sleep");
+        cmd.arg("30");
+        let mut sleeper = d.spawn("virtiofsd", cmd, None).unwrap();
+        let rec = recorded_processes(&root);
+        assert_eq!(rec.len(), 1);
+        assert_eq!(
+            (rec[0].name.as_str(), rec[0].pid),
+            ("virtiofsd", sleeper.pid())
+        );
+        assert_eq!(rec[0].start, crate::daemon::start_time(sleeper.pid()));
+        assert!(rec[0].start.is_some());
+        sleeper
+            .stop(std::time::Duration::from_secs(1))
+            .await
+            .unwrap();
+        d.remove().unwrap();
+        assert!(recorded_processes(&root).is_empty());
         assert!(!root.exists());
     }
 }

@@ -25,6 +25,6 @@ pub(crate) fn spawn_virtiofsd(cfg: &Config, dir: &RunDir, bin: &Path) -> Result<
         .arg(format!("--shared-dir={}", dir.shared().display()))
         .arg(format!("--cache={}", cfg.virtiofs_cache.as_arg()))
         .arg(format!("--sandbox={}", cfg.virtiofsd_sandbox.as_arg()));
-    let d = Daemon::spawn("virtiofsd", cmd, &dir.path("virtiofsd.log"))?;
+    let d = dir.spawn("virtiofsd", cmd, None)?;
     Ok((d, sock))
 }

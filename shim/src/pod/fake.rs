@@ -47,6 +47,8 @@ pub struct FakeAgent {
     oom: Mutex<mpsc::UnboundedReceiver<String>>,
     /// Runs inside CreateContainer, while the host waits: what a hostile guest does then.
     pub on_create: StdMutex<Option<GuestAction>>,
+    /// A frozen guest: calls that reach the agent are never answered.
+    pub frozen: AtomicBool,
 }
 
 /// Something the fake guest does during a call, given the container id.
@@ -70,6 +72,13 @@ impl FakeAgent {
 
     fn pid(&self) -> u32 {
         self.next_pid.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// Never returns while the guest is frozen, as a stopped VM never answers.
+    async fn answer_unless_frozen(&self) {
+        if self.frozen.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
     }
 }
 
@@ -114,6 +123,7 @@ impl AgentService for FakeAgent {
         _: &TtrpcContext,
         r: ag::ExecProcessRequest,
     ) -> ttrpc::Result<ag::ExecProcessResponse> {
+        self.answer_unless_frozen().await;
         let json = String::from_utf8_lossy(&r.process_json).into_owned();
         self.journal.add(format!(
             "agent exec {}/{} {json}",
@@ -130,6 +140,7 @@ impl AgentService for FakeAgent {
         _: &TtrpcContext,
         r: ag::SignalProcessRequest,
     ) -> ttrpc::Result<ag::Empty> {
+        self.answer_unless_frozen().await;
         let eid = if r.exec_id.is_empty() {
             "-"
         } else {
@@ -168,6 +179,7 @@ impl AgentService for FakeAgent {
         _: &TtrpcContext,
         r: ag::RemoveContainerRequest,
     ) -> ttrpc::Result<ag::Empty> {
+        self.answer_unless_frozen().await;
         self.journal.add(format!("agent remove {}", r.container_id));
         Ok(ag::Empty::new())
     }
@@ -227,6 +239,10 @@ impl StdioDialer for NoStdio {
     }
 }
 
+/// `agent.call_timeout_ms` of the fake VM: long enough for a loaded machine, short for a test
+/// that waits it out.
+pub const FAKE_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A VM that is only its agent connection.
 pub struct FakeVm {
     agent: AgentServiceClient,
@@ -251,6 +267,11 @@ impl PodVm for FakeVm {
             agent: self.agent.clone(),
             stdio: Arc::new(NoStdio),
             network: None,
+            bounds: crate::guest::Bounds {
+                pod: "pod1".into(),
+                call: FAKE_CALL_TIMEOUT,
+                stdio: FAKE_CALL_TIMEOUT,
+            },
         }
     }
 
@@ -274,6 +295,11 @@ impl PodVm for FakeVm {
         self.relay
             .is_finished()
             .then(|| "the fake VMM was killed".to_owned())
+    }
+
+    fn kill(&mut self) {
+        self.journal.add("vm killed");
+        self.relay.abort();
     }
 
     async fn shutdown(self: Box<Self>) -> Result<()> {
@@ -415,6 +441,7 @@ impl Rig {
             exits: StdMutex::default(),
             oom: Mutex::new(oom_rx),
             on_create: StdMutex::default(),
+            frozen: AtomicBool::new(false),
         });
         let factory = Arc::new(FakeFactory {
             agent,
@@ -459,6 +486,11 @@ impl Rig {
     /// Runs `act` in the fake guest during every CreateContainer.
     pub fn on_create(&self, act: GuestAction) {
         *self.factory.agent.on_create.lock().unwrap() = Some(act);
+    }
+
+    /// Freezes the fake guest: from now on the agent answers nothing that can hang.
+    pub fn freeze(&self) {
+        self.factory.agent.frozen.store(true, Ordering::SeqCst);
     }
 
     pub fn create_request(&self, id: &str) -> super::CreateRequest {

@@ -5,7 +5,7 @@
 use cocoon_protocol::agent as ag;
 use serde_json::Value;
 
-use super::{call_ctx, GuestLink, Pod};
+use super::{GuestLink, Pod};
 use crate::hooks::{self, Stage, State};
 use crate::Result;
 
@@ -52,7 +52,10 @@ impl Pod {
                 container_id: id.to_owned(),
                 ..Default::default()
             };
-            if let Err(e) = guest.agent.remove_container(call_ctx(), &rreq).await {
+            let removed = guest
+                .call("remove", guest.agent.remove_container(guest.ctx(), &rreq))
+                .await;
+            if let Err(e) = removed {
                 log::warn!("removing {id} in the guest after its hook failed: {e}");
             }
         }

@@ -42,11 +42,6 @@ mod ops;
 #[cfg(test)]
 mod tests;
 
-/// Per-call deadline of agent calls that should answer promptly.
-fn call_ctx() -> ttrpc::context::Context {
-    ttrpc::context::with_duration(Duration::from_secs(60))
-}
-
 /// For calls that wait on the guest (a process's exit, the next OOM event).
 fn no_timeout() -> ttrpc::context::Context {
     ttrpc::context::Context::default()
@@ -86,6 +81,9 @@ pub trait PodVm: Send + Sync + std::fmt::Debug {
     fn reported_pid(&self) -> Option<u32> {
         None
     }
+    /// Kills the VM at once, for a guest that no longer answers: its processes end as if the
+    /// VM crashed (exit 255), and [`PodVm::exit_reason`] says so from then on.
+    fn kill(&mut self);
     /// Powers the guest off and reaps every host process of the VM, whatever happens.
     async fn shutdown(self: Box<Self>) -> Result<()>;
 }
@@ -239,6 +237,17 @@ impl Pod {
 
     async fn guest(&self) -> Result<GuestLink> {
         self.with_state(|s| s.guest()).await
+    }
+
+    /// Kills the pod's VM (see [`PodVm::kill`]); the VM stays recorded, so that the deletes
+    /// that follow clean up as after a crash.
+    async fn kill_vm(&self) {
+        self.with_state(|s| {
+            if let Some(vm) = s.vm.as_mut() {
+                vm.kill();
+            }
+        })
+        .await;
     }
 
     /// Why the pod's VM is gone, if its VMM exited.
@@ -474,10 +483,8 @@ impl Pod {
                 ..Default::default()
             };
             let pid = guest
-                .agent
-                .create_container(call_ctx(), &creq)
-                .await
-                .map_err(|e| Error::agent("create", e))?
+                .call("create", guest.agent.create_container(guest.ctx(), &creq))
+                .await?
                 .pid;
             self.created_hooks(&guest, &kept_hooks, &req.id, &req.bundle, pid)
                 .await?;
@@ -550,7 +557,10 @@ impl Pod {
             container_id: cid.clone(),
             ..Default::default()
         };
-        if let Err(e) = guest.agent.remove_container(call_ctx(), &rreq).await {
+        let removed = guest
+            .call("remove", guest.agent.remove_container(guest.ctx(), &rreq))
+            .await;
+        if let Err(e) = removed {
             log::warn!("removing {cid} in the guest: {e}");
         }
         let (c, gone, taken) = self

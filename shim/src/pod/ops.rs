@@ -6,11 +6,14 @@ use cocoon_protocol::agent as ag;
 use cocoon_protocol::protobuf::MessageField;
 use cocoon_protocol::ProcessRef;
 
-use super::{call_ctx, Pod, ProcessState};
+use super::{Pod, ProcessState};
 use crate::events::Event;
 use crate::phase::{Phase, PhaseLine};
 use crate::process::{wire_stdio, Exit, Process, Status, StdioPaths};
 use crate::{Error, Result};
+
+/// The one signal a Kill must deliver even when the guest does not answer.
+const SIGKILL: u32 = 9;
 
 impl Pod {
     /// Starts a container's init process or an exec added before; returns its guest pid.
@@ -36,10 +39,8 @@ impl Pod {
             ..Default::default()
         };
         let pid = guest
-            .agent
-            .start_container(call_ctx(), &req)
-            .await
-            .map_err(|e| Error::agent("start", e))?
+            .call("start", guest.agent.start_container(guest.ctx(), &req))
+            .await?
             .pid;
         self.with_state(|s| {
             if let Ok(c) = s.container_mut(cid) {
@@ -74,10 +75,8 @@ impl Pod {
             ..Default::default()
         };
         let pid = guest
-            .agent
-            .exec_process(call_ctx(), &req)
-            .await
-            .map_err(|e| Error::agent("exec", e))?
+            .call("exec", guest.agent.exec_process(guest.ctx(), &req))
+            .await?
             .pid;
         let stdin = relays.stdin;
         let tx = self
@@ -175,7 +174,10 @@ impl Pod {
         if finished {
             return Ok(());
         }
-        let sent = guest?.agent.signal_process(call_ctx(), &req).await;
+        let guest = guest?;
+        let sent = guest
+            .call("kill", guest.agent.signal_process(guest.ctx(), &req))
+            .await;
         match sent {
             Ok(_) => Ok(()),
             Err(e) => match self.vm_gone().await {
@@ -183,28 +185,39 @@ impl Pod {
                     log::info!("kill {p}: the pod VM is gone ({why}); nothing to signal");
                     Ok(())
                 }
-                None => Err(Error::agent("kill", e)),
+                // SIGKILL must not fail: when the guest can't be asked, the VM it runs in is
+                // stopped, which ends the process as surely (and every other one of the pod,
+                // which a guest that does not answer could not serve anyway).
+                None if signal == SIGKILL && matches!(e, Error::Timeout { .. }) => {
+                    log::error!("kill {p}: {e}; stopping the pod VM so that the process ends");
+                    self.kill_vm().await;
+                    Ok(())
+                }
+                None => Err(e),
             },
         }
     }
 
     /// Freezes (`pause`) or thaws a container, then tells containerd.
     pub async fn set_paused(&self, cid: &str, pause: bool) -> Result<()> {
-        let agent = self.guest().await?.agent;
+        let guest = self.guest().await?;
         if pause {
             let r = ag::PauseContainerRequest {
                 container_id: cid.to_owned(),
                 ..Default::default()
             };
-            agent.pause_container(call_ctx(), &r).await
+            guest
+                .call("pause", guest.agent.pause_container(guest.ctx(), &r))
+                .await?;
         } else {
             let r = ag::ResumeContainerRequest {
                 container_id: cid.to_owned(),
                 ..Default::default()
             };
-            agent.resume_container(call_ctx(), &r).await
+            guest
+                .call("resume", guest.agent.resume_container(guest.ctx(), &r))
+                .await?;
         }
-        .map_err(|e| Error::agent(if pause { "pause" } else { "resume" }, e))?;
         self.with_state(|s| {
             if let Ok(c) = s.container_mut(cid) {
                 c.init.status = if pause {
@@ -252,12 +265,10 @@ impl Pod {
             cols,
             ..Default::default()
         };
-        self.guest()
-            .await?
-            .agent
-            .tty_win_resize(call_ctx(), &req)
-            .await
-            .map_err(|e| Error::agent("resize", e))?;
+        let guest = self.guest().await?;
+        guest
+            .call("resize", guest.agent.tty_win_resize(guest.ctx(), &req))
+            .await?;
         Ok(())
     }
 
@@ -268,12 +279,10 @@ impl Pod {
             resources_json,
             ..Default::default()
         };
-        self.guest()
-            .await?
-            .agent
-            .update_container(call_ctx(), &req)
-            .await
-            .map_err(|e| Error::agent("update", e))?;
+        let guest = self.guest().await?;
+        guest
+            .call("update", guest.agent.update_container(guest.ctx(), &req))
+            .await?;
         Ok(())
     }
 
@@ -282,12 +291,10 @@ impl Pod {
             container_id: cid.to_owned(),
             ..Default::default()
         };
-        self.guest()
-            .await?
-            .agent
-            .stats_container(call_ctx(), &req)
+        let guest = self.guest().await?;
+        guest
+            .call("stats", guest.agent.stats_container(guest.ctx(), &req))
             .await
-            .map_err(|e| Error::agent("stats", e))
     }
 
     pub async fn pids(&self, cid: &str) -> Result<Vec<u32>> {
@@ -295,13 +302,10 @@ impl Pod {
             container_id: cid.to_owned(),
             ..Default::default()
         };
-        Ok(self
-            .guest()
+        let guest = self.guest().await?;
+        Ok(guest
+            .call("pids", guest.agent.list_processes(guest.ctx(), &req))
             .await?
-            .agent
-            .list_processes(call_ctx(), &req)
-            .await
-            .map_err(|e| Error::agent("pids", e))?
             .pids)
     }
 }

@@ -186,6 +186,44 @@ async fn a_lost_agent_ends_every_process_with_255() {
     );
 }
 
+/// A frozen guest (a stopped QEMU) answers nothing: calls fail within the bound and name
+/// what hung and the pod; SIGTERM fails like any call; SIGKILL, which must not fail, stops
+/// the VM, so the process ends (255) and delete cleans up.
+#[tokio::test]
+async fn a_frozen_guest_costs_bounded_waits_and_sigkill_stops_its_vm() {
+    let rig = Rig::new();
+    rig.pod.create(rig.create_request("c1")).await.unwrap();
+    rig.pod.start(&init("c1")).await.unwrap();
+    rig.freeze();
+    let limit = super::fake::FAKE_CALL_TIMEOUT;
+    let t0 = std::time::Instant::now();
+    let e = tokio::time::timeout(limit * 5, rig.pod.signal(&init("c1"), 15, false))
+        .await
+        .expect("a call on a frozen guest must not hang")
+        .unwrap_err();
+    assert!(t0.elapsed() < limit * 5, "waited {:?}", t0.elapsed());
+    match &e {
+        Error::Timeout { call, pod, after } => {
+            assert_eq!((*call, pod.as_str(), *after), ("kill", "pod1", limit));
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(e.to_string().contains("pod pod1"), "{e}");
+    assert_eq!(
+        rig.pod.state(&init("c1")).await.unwrap().status,
+        Status::Running
+    );
+    rig.pod.signal(&init("c1"), 9, false).await.unwrap();
+    assert!(rig.journal.entries().contains(&"vm killed".to_owned()));
+    let exit = tokio::time::timeout(Duration::from_secs(10), rig.pod.wait(&init("c1")))
+        .await
+        .expect("the process of a killed VM must end")
+        .unwrap();
+    assert_eq!(exit.status, 255);
+    rig.pod.delete(&init("c1")).await.unwrap();
+    assert!(rig.journal.entries().ends_with(&["vm shutdown".to_owned()]));
+}
+
 #[tokio::test]
 async fn a_failed_create_leaves_no_mount_and_no_vm() {
     let rig = Rig::new();

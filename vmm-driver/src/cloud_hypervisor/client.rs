@@ -17,19 +17,20 @@ use super::api::{
 };
 use crate::error::{Error, Result};
 
-/// Every call is answered in milliseconds by a healthy VMM; a stuck one must not stall the shim.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// A client for one VMM's API socket.
 #[derive(Debug, Clone)]
 pub struct ApiClient {
     socket: PathBuf,
+    /// Every call is answered in milliseconds by a healthy VMM; a stuck one must not stall the
+    /// shim (`vmm.api_timeout_ms`).
+    limit: Duration,
 }
 
 impl ApiClient {
-    pub fn new(socket: &Path) -> ApiClient {
+    pub fn new(socket: &Path, limit: Duration) -> ApiClient {
         ApiClient {
             socket: socket.to_owned(),
+            limit,
         }
     }
 
@@ -126,9 +127,12 @@ impl ApiClient {
         body: Option<Vec<u8>>,
     ) -> Result<Bytes> {
         let req = request(method, endpoint, body)?;
-        let (status, reply) = tokio::time::timeout(CALL_TIMEOUT, self.send(endpoint, req))
+        let (status, reply) = tokio::time::timeout(self.limit, self.send(endpoint, req))
             .await
-            .map_err(|_| transport(endpoint, format!("no reply within {CALL_TIMEOUT:?}")))??;
+            .map_err(|_| Error::Timeout {
+                call: format!("cloud-hypervisor API {endpoint}"),
+                after: self.limit,
+            })??;
         if status.is_success() {
             Ok(reply)
         } else {
@@ -338,7 +342,7 @@ mod tests {
             ],
         )
         .await;
-        let c = ApiClient::new(&dir.path().join("api.sock"));
+        let c = ApiClient::new(&dir.path().join("api.sock"), Duration::from_secs(10));
         let ping = c.ping().await.unwrap();
         assert_eq!((ping.version.as_str(), ping.pid), ("v54.0.0", Some(7)));
         c.create(&VmConfig::default()).await.unwrap();
@@ -396,7 +400,7 @@ mod tests {
             ],
         )
         .await;
-        let c = ApiClient::new(&dir.path().join("api.sock"));
+        let c = ApiClient::new(&dir.path().join("api.sock"), Duration::from_secs(10));
         c.ping().await.unwrap();
         c.create(&VmConfig::default()).await.unwrap();
         c.boot().await.unwrap();
@@ -432,7 +436,7 @@ mod tests {
     #[tokio::test]
     async fn a_missing_socket_says_which_call_and_where() {
         let dir = tempfile::tempdir().unwrap();
-        let c = ApiClient::new(&dir.path().join("gone.sock"));
+        let c = ApiClient::new(&dir.path().join("gone.sock"), Duration::from_secs(10));
         let e = c.ping().await.unwrap_err().to_string();
         assert!(e.contains("vmm.ping") && e.contains("gone.sock"), "{e}");
     }

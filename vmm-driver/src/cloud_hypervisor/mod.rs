@@ -125,7 +125,7 @@ impl ChVm {
         let dir = RunDir::create(&spec.run_dir)?;
         let mut vm = ChVm {
             endpoint: VsockEndpoint::Hybrid(dir.path("vsock.sock")),
-            api: ApiClient::new(&dir.path("ch-api.sock")),
+            api: ApiClient::new(&dir.path("ch-api.sock"), cfg.vmm.api_timeout()),
             dir,
             vmm: None,
             virtiofsd: None,
@@ -150,12 +150,9 @@ impl ChVm {
         ch.arg("--api-socket")
             .arg(format!("path={}", self.api.socket().display()));
         // Both start together; virtiofsd's socket only has to exist by vm.create.
-        let vmm = self.vmm.insert(Daemon::spawn_in(
-            "cloud-hypervisor",
-            ch,
-            &self.dir.path("cloud-hypervisor.log"),
-            netns,
-        )?);
+        let vmm = self
+            .vmm
+            .insert(self.dir.spawn("cloud-hypervisor", ch, netns)?);
         wait_for_socket(vmm, self.api.socket(), DAEMON_READY).await?;
         if let Some(d) = self.virtiofsd.as_mut() {
             wait_for_socket(d, &fs_sock, DAEMON_READY).await?;
@@ -257,6 +254,14 @@ impl Vmm for ChVm {
     }
 
     fn exit_error(&mut self) -> Option<Error> {
+        // As for QEMU: during boot a dead virtiofsd is the cause; once booted, the
+        // supervisor owns it.
+        if self.supervisor.is_none() {
+            if let Some(dead) = crate::daemon::first_exited([&mut self.virtiofsd]) {
+                self.kill();
+                return Some(dead);
+            }
+        }
         let status = self.vmm.as_mut()?.try_exited()?;
         Some(
             self.dir
@@ -266,6 +271,12 @@ impl Vmm for ChVm {
 
     async fn wait_exit(&mut self, timeout: Duration) -> bool {
         exited_within(self.vmm.as_mut(), timeout).await
+    }
+
+    fn kill(&mut self) {
+        if let Some(vmm) = self.vmm.as_mut() {
+            vmm.kill();
+        }
     }
 
     async fn stop(&mut self) -> Result<()> {

@@ -80,7 +80,7 @@ fn test_vm(dir: &std::path::Path) -> (ChVm, Config, VmSpec) {
     let rd = RunDir::create(&spec.run_dir).unwrap();
     let vm = ChVm {
         endpoint: VsockEndpoint::Hybrid(rd.path("vsock.sock")),
-        api: ApiClient::new(&rd.path("ch-api.sock")),
+        api: ApiClient::new(&rd.path("ch-api.sock"), std::time::Duration::from_secs(10)),
         dir: rd,
         vmm: None,
         virtiofsd: None,

@@ -115,6 +115,15 @@ impl QemuVm {
                 Ok(vm)
             }
             Err(e) => {
+                // QEMU fails its device setup when a helper died under it; the helper is what
+                // to name.
+                let e = match crate::daemon::first_exited([&mut vm.virtiofsd, &mut vm.vsockd]) {
+                    Some(dead) => {
+                        log::warn!("VM {}: {e}", spec.id);
+                        dead
+                    }
+                    None => e,
+                };
                 if let Err(stop_err) = vm.stop().await {
                     log::warn!("cleanup after failed launch: {stop_err}");
                 }
@@ -141,11 +150,7 @@ impl QemuVm {
                 uds.display(),
                 vhost_sock.display()
             ));
-            self.vsockd = Some(Daemon::spawn(
-                "vhost-device-vsock",
-                v,
-                &self.dir.path("vhost-device-vsock.log"),
-            )?);
+            self.vsockd = Some(self.dir.spawn("vhost-device-vsock", v, None)?);
         }
         // Both daemons start together; only then can QEMU connect to them.
         if let Some(d) = self.virtiofsd.as_mut() {
@@ -206,13 +211,10 @@ impl QemuVm {
         log::debug!("VM {}: {:?}", spec.id, q.as_std());
         // In the pod's netns when the caller made one: Docker finds the pod's network through
         // the pid the shim reports, which is QEMU's.
-        self.qemu = Some(Daemon::spawn_in(
-            "qemu",
-            q,
-            &self.dir.path("qemu.log"),
-            spec.netns.as_deref(),
-        )?);
-        let qmp = self.connect_qmp(&launch.qmp_socket).await?;
+        self.qemu = Some(self.dir.spawn("qemu", q, spec.netns.as_deref())?);
+        let qmp = self
+            .connect_qmp(&launch.qmp_socket, cfg.vmm.api_timeout())
+            .await?;
         self.qmp = Some(Arc::new(tokio::sync::Mutex::new(qmp)));
         Ok(())
     }
@@ -235,14 +237,14 @@ impl QemuVm {
         Ok(())
     }
 
-    async fn connect_qmp(&mut self, sock: &Path) -> Result<Qmp<UnixStream>> {
+    async fn connect_qmp(&mut self, sock: &Path, limit: Duration) -> Result<Qmp<UnixStream>> {
         let start = tokio::time::Instant::now();
         loop {
             if let Some(status) = self.qemu.as_mut().and_then(Daemon::try_exited) {
                 return Err(self.dir.vm_exited("qemu.log", status.to_string()));
             }
             if sock.exists() {
-                if let Ok(q) = Qmp::connect(sock).await {
+                if let Ok(q) = Qmp::connect(sock, limit).await {
                     return Ok(q);
                 }
             }
@@ -284,12 +286,28 @@ impl Vmm for QemuVm {
     }
 
     fn exit_error(&mut self) -> Option<Error> {
+        // While booting (no supervisor yet), a dead helper is the cause whatever QEMU did
+        // after it: the guest can't come up without it, so the VM goes at once instead of
+        // waiting for an agent that never answers. Once booted, the supervisor owns this.
+        if self.supervisor.is_none() {
+            if let Some(dead) = crate::daemon::first_exited([&mut self.virtiofsd, &mut self.vsockd])
+            {
+                self.kill();
+                return Some(dead);
+            }
+        }
         let status = self.qemu.as_mut()?.try_exited()?;
         Some(self.dir.vm_exited("qemu.log", status.to_string()))
     }
 
     async fn wait_exit(&mut self, timeout: Duration) -> bool {
         exited_within(self.qemu.as_mut(), timeout).await
+    }
+
+    fn kill(&mut self) {
+        if let Some(q) = self.qemu.as_mut() {
+            q.kill();
+        }
     }
 
     fn nic_hotplug(&self) -> Option<Arc<dyn crate::NicHotplug>> {

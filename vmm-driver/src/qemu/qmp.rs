@@ -3,6 +3,7 @@
 //! for the reply.
 
 use std::path::Path;
+use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -86,19 +87,35 @@ pub struct Qmp<S> {
     /// Events seen while waiting for replies, oldest first.
     pub events: Vec<(String, Value)>,
     pub qemu_version: String,
+    /// Bound of one exchange (`vmm.api_timeout_ms`): a stopped QEMU accepts the connection
+    /// (the kernel does) and then never writes.
+    limit: Duration,
+    /// Set once an exchange timed out: a reply may still be on its way, so the session can't
+    /// tell which answer belongs to which command any more.
+    broken: bool,
 }
 
+/// How long one exchange may take unless the caller says otherwise.
+pub const DEFAULT_LIMIT: Duration = Duration::from_secs(10);
+
 impl Qmp<tokio::net::UnixStream> {
-    pub async fn connect(path: &Path) -> Result<Self> {
+    pub async fn connect(path: &Path, limit: Duration) -> Result<Self> {
         let s = tokio::net::UnixStream::connect(path)
             .await
             .map_err(|e| Error::io(format!("connect QMP socket {}", path.display()), e))?;
-        Qmp::handshake(s).await
+        Qmp::handshake(s, limit).await
     }
 
     /// `getfd`: hands QEMU `fd` under `name`, as SCM_RIGHTS data on the QMP socket (a tap
     /// opened in the pod's netns, for `netdev_add`).
     pub async fn getfd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+        self.check_usable("getfd")?;
+        let limit = self.limit;
+        let sent = tokio::time::timeout(limit, self.getfd_unbounded(name, fd)).await;
+        self.bounded("getfd", sent)
+    }
+
+    async fn getfd_unbounded(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> Result<()> {
         use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
         use std::os::fd::AsRawFd;
         let id = self.next_id;
@@ -140,20 +157,48 @@ impl Qmp<tokio::net::UnixStream> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Qmp<S> {
-    /// Reads the greeting and leaves capabilities-negotiation mode.
-    pub async fn handshake(stream: S) -> Result<Self> {
+    /// Reads the greeting and leaves capabilities-negotiation mode; each exchange, this one
+    /// included, gets `limit`.
+    pub async fn handshake(stream: S, limit: Duration) -> Result<Self> {
         let mut q = Qmp {
             stream: BufReader::new(stream),
             next_id: 1,
             events: vec![],
             qemu_version: String::new(),
+            limit,
+            broken: false,
         };
-        match q.read().await? {
+        let greeting = tokio::time::timeout(limit, q.read()).await;
+        match q.bounded("the QMP greeting", greeting)? {
             QmpMessage::Greeting { version } => q.qemu_version = version,
             other => return Err(Error::Qmp(format!("expected the greeting, got {other:?}"))),
         }
         q.execute("qmp_capabilities", None).await?;
         Ok(q)
+    }
+
+    fn check_usable(&self, command: &str) -> Result<()> {
+        if self.broken {
+            return Err(Error::Qmp(format!(
+                "{command}: an earlier command timed out; this QMP session is no longer usable"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The outcome of a timed exchange; a timeout marks the session broken.
+    fn bounded<T>(
+        &mut self,
+        what: &str,
+        r: std::result::Result<Result<T>, tokio::time::error::Elapsed>,
+    ) -> Result<T> {
+        r.unwrap_or_else(|_| {
+            self.broken = true;
+            Err(Error::Timeout {
+                call: format!("QMP {what}"),
+                after: self.limit,
+            })
+        })
     }
 
     async fn read(&mut self) -> Result<QmpMessage> {
@@ -169,8 +214,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Qmp<S> {
         parse_line(line.trim_end())
     }
 
-    /// Runs one command and returns its `return` value.
+    /// Runs one command and returns its `return` value, within the session's limit.
     pub async fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value> {
+        self.check_usable(command)?;
+        let limit = self.limit;
+        let r = tokio::time::timeout(limit, self.execute_unbounded(command, arguments)).await;
+        self.bounded(command, r)
+    }
+
+    async fn execute_unbounded(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value> {
         let id = self.next_id;
         self.next_id += 1;
         let mut req = json!({ "execute": command, "id": id });
@@ -302,7 +358,7 @@ mod tests {
                 ),
             ],
         ));
-        let mut q = Qmp::handshake(a).await.unwrap();
+        let mut q = Qmp::handshake(a, DEFAULT_LIMIT).await.unwrap();
         assert_eq!(q.qemu_version, "7.2.0");
         assert_eq!(q.status().await.unwrap(), "running");
         assert_eq!(q.events.len(), 1);
@@ -336,8 +392,51 @@ mod tests {
             assert!(line.contains("quit"));
             // QEMU exits without replying.
         });
-        let mut q = Qmp::handshake(a).await.unwrap();
+        let mut q = Qmp::handshake(a, DEFAULT_LIMIT).await.unwrap();
         q.quit().await.unwrap();
         server.await.unwrap();
+    }
+
+    /// A stopped QEMU: the connection is accepted, nothing is ever written back. Both the
+    /// handshake and a command give up within the limit, name what hung, and a session that
+    /// timed out refuses further commands at once.
+    #[tokio::test]
+    async fn a_silent_qemu_costs_a_bounded_wait_that_names_the_command() {
+        let limit = Duration::from_millis(200);
+        let (a, _silent) = tokio::io::duplex(4096);
+        let err = Qmp::handshake(a, limit).await.unwrap_err();
+        assert!(
+            matches!(&err, Error::Timeout { call, .. } if call == "QMP the QMP greeting"),
+            "{err}"
+        );
+
+        let (a, b) = tokio::io::duplex(4096);
+        let server = tokio::spawn(async move {
+            let mut b = b;
+            b.write_all(format!("{GREETING}\n").as_bytes())
+                .await
+                .unwrap();
+            let mut buf = BufReader::new(b);
+            let mut line = String::new();
+            buf.read_line(&mut line).await.unwrap();
+            buf.get_mut()
+                .write_all(b"{\"return\": {}, \"id\": 1}\n")
+                .await
+                .unwrap();
+            // Then silence, connection held open.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let mut q = Qmp::handshake(a, limit).await.unwrap();
+        let t0 = std::time::Instant::now();
+        let err = q.status().await.unwrap_err();
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        assert!(
+            err.to_string()
+                .contains("QMP query-status got no answer within"),
+            "{err}"
+        );
+        let again = q.execute("device_add", None).await.unwrap_err().to_string();
+        assert!(again.contains("no longer usable"), "{again}");
+        server.abort();
     }
 }
