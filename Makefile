@@ -18,7 +18,7 @@ HELPERS      := virtiofsd@1.14.0 vhost-device-vsock@0.3.0
 
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: setup deps helpers build agent image install test test-cloud-hypervisor bench demo clean
+.PHONY: setup deps helpers build agent image install test test-cloud-hypervisor bench soak demo clean
 
 setup: deps helpers build image install
 
@@ -74,6 +74,12 @@ test-cloud-hypervisor: image
 # Writes target/bench/results.{json,md}. Not a test: nothing here asserts on timing.
 bench: build image
 	target/release/cocoon-bench
+
+# Many pods at once through create/exec/fault/kill/delete rounds with helpers killed and guests
+# frozen at random; then nothing may be left. Minutes long, so not part of `make test`.
+# SOAK_PODS (10), SOAK_ROUNDS (3), SOAK_MINUTES (20), SOAK_SEED. Writes target/soak/results.md.
+soak: build image
+	target/release/cocoon-soak
 
 demo: build
 	scripts/demo.sh
