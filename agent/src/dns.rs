@@ -16,7 +16,7 @@ use cocoon_protocol::DNS_RELAY_PORT;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
-use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY};
+use tokio_vsock::VsockStream;
 
 /// Docker's embedded DNS address, which resolv.conf names.
 const EMBEDDED_DNS: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 11);
@@ -61,21 +61,13 @@ impl Pending {
     }
 }
 
-/// Accepts the host's relay streams, one at a time.
-pub fn serve() -> std::io::Result<()> {
-    let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, DNS_RELAY_PORT))?;
+/// Accepts the host's relay streams (those with the pod's key), one at a time.
+pub fn serve(gate: &Arc<crate::auth::Gate>) -> std::io::Result<()> {
+    let mut admitted = gate.listen(DNS_RELAY_PORT)?;
     tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((host, _)) => {
-                    if let Err(e) = relay(host).await {
-                        log::warn!("DNS relay: {e}");
-                    }
-                }
-                Err(e) => {
-                    log::warn!("DNS relay: accept: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
+        while let Some(host) = admitted.recv().await {
+            if let Err(e) = relay(host).await {
+                log::warn!("DNS relay: {e}");
             }
         }
     });

@@ -10,7 +10,7 @@ use std::time::Duration;
 use cocoon_protocol::FORWARD_PORT;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY};
+use tokio_vsock::VsockStream;
 
 use crate::stdio::read_hello;
 
@@ -83,17 +83,12 @@ pub async fn wait_change(known: &BTreeSet<u16>, wait: Duration) -> BTreeSet<u16>
     }
 }
 
-/// Accepts forward connections forever.
-pub fn serve() -> std::io::Result<()> {
-    let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, FORWARD_PORT))?;
+/// Accepts forward connections (those with the pod's key) forever.
+pub fn serve(gate: &std::sync::Arc<crate::auth::Gate>) -> std::io::Result<()> {
+    let mut admitted = gate.listen(FORWARD_PORT)?;
     tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    tokio::spawn(relay(stream));
-                }
-                Err(e) => log::warn!("forward accept: {e}"),
-            }
+        while let Some(stream) = admitted.recv().await {
+            tokio::spawn(relay(stream));
         }
     });
     Ok(())

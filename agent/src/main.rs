@@ -1,5 +1,6 @@
 //! cocoon-agent: PID 1 of every Cocoon guest.
 
+mod auth;
 mod containers;
 mod dns;
 mod forward;
@@ -84,13 +85,16 @@ fn run() -> anyhow::Result<()> {
     rt.block_on(async move {
         let reaper = reaper::Reaper::default();
         tokio::spawn(reaper.clone().run());
+        // Every port the host connects to admits only connections that open with the pod's key.
+        let gate = auth::Gate::new(booted_rx.clone());
         let hub = std::sync::Arc::new(stdio::StdioHub::default());
-        hub.clone().serve().await?;
-        forward::serve().context("listen for port-forward connections")?;
-        dns::serve().context("listen for the host's DNS relay")?;
+        hub.clone().serve(&gate).await?;
+        forward::serve(&gate).context("listen for port-forward connections")?;
+        dns::serve(&gate).context("listen for the host's DNS relay")?;
         let manager = containers::Manager::new(reaper, hub, init::SHARED_MOUNT.into());
         let _server = server::serve(
             server::Agent::new(start_uptime_ms, booted_rx, manager),
+            &gate,
             move || {
                 let _ = bound_tx.send(());
             },

@@ -387,10 +387,19 @@ async fn announce_ready() {
     );
 }
 
-/// Binds the API on vsock, calls `bound`, and serves until the guest powers off.
-pub async fn serve(mut agent: Agent, bound: impl FnOnce()) -> anyhow::Result<Server> {
+/// Binds the API on vsock, calls `bound`, and serves connections that open with the pod's key
+/// until the guest powers off.
+pub async fn serve(
+    mut agent: Agent,
+    gate: &Arc<crate::auth::Gate>,
+    bound: impl FnOnce(),
+) -> anyhow::Result<Server> {
     log::debug!("binding");
-    let server = Server::new().bind(&format!("vsock://-1:{AGENT_PORT}"))?;
+    let admitted = gate.listen(AGENT_PORT)?;
+    let incoming = futures_util::stream::unfold(admitted, |mut rx| async move {
+        rx.recv().await.map(|s| (Ok::<_, std::io::Error>(s), rx))
+    });
+    let server = Server::new().add_listener(ttrpc::r#async::transport::Listener::new(incoming));
     agent.ready_uptime_ms = crate::logger::uptime_ms();
     match network::connect() {
         Ok(h) => {

@@ -14,7 +14,9 @@ use cocoon_protocol::process::MAX_HELLO_LEN;
 use cocoon_protocol::{ProcessRef, StdioHello, StdioKind, STDIO_PORT};
 use tokio::io::AsyncReadExt;
 use tokio::sync::Notify;
-use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY};
+use tokio_vsock::VsockStream;
+
+use crate::auth::Gate;
 
 /// How long a new connection may take to send its hello line.
 const HELLO_WAIT: Duration = Duration::from_secs(5);
@@ -27,18 +29,16 @@ pub struct StdioHub {
 }
 
 impl StdioHub {
-    /// Accepts stdio connections forever.
-    pub async fn serve(self: std::sync::Arc<Self>) -> anyhow::Result<()> {
-        let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, STDIO_PORT))?;
+    /// Accepts stdio connections (those with the pod's key) forever.
+    pub async fn serve(
+        self: std::sync::Arc<Self>,
+        gate: &std::sync::Arc<Gate>,
+    ) -> anyhow::Result<()> {
+        let mut admitted = gate.listen(STDIO_PORT)?;
         tokio::spawn(async move {
-            loop {
-                match listener.accept().await {
-                    Ok((stream, _)) => {
-                        let hub = self.clone();
-                        tokio::spawn(async move { hub.register(stream).await });
-                    }
-                    Err(e) => log::warn!("stdio accept: {e}"),
-                }
+            while let Some(stream) = admitted.recv().await {
+                let hub = self.clone();
+                tokio::spawn(async move { hub.register(stream).await });
             }
         });
         Ok(())

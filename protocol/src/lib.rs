@@ -15,6 +15,7 @@ mod generated {
     include!(concat!(env!("OUT_DIR"), "/mod.rs"));
 }
 
+pub mod auth;
 pub mod dns;
 pub mod process;
 
@@ -40,7 +41,7 @@ pub const GUEST_SHARE: &str = "/run/cocoon/shared";
 /// Where the agent mounts a pod's guest-only tmpfs volumes (`CreateContainerRequest.ephemeral`).
 pub const EPHEMERAL_DIR: &str = "/run/cocoon/ephemeral";
 /// Bumped on every incompatible change to `agent.proto`.
-pub const API_VERSION: u32 = 6;
+pub const API_VERSION: u32 = 7;
 
 pub use dns::DnsFrame;
 pub use process::{ProcessRef, StdioHello, StdioKind};

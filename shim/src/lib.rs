@@ -21,6 +21,7 @@ pub mod hooks;
 pub mod io;
 pub mod network;
 pub mod phase;
+pub mod placement;
 pub mod pod;
 pub mod process;
 pub mod rootfs;

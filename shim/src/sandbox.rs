@@ -74,6 +74,8 @@ pub struct Sandbox {
     late: Option<std::sync::Arc<network::LateAttach>>,
     /// How long agent calls and stdio opens may take (the config's `[agent]` timeouts).
     bounds: crate::guest::Bounds,
+    /// The cgroup the VM's processes joined (`crate::placement`).
+    placement: Option<crate::placement::Placement>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -114,6 +116,7 @@ impl Sandbox {
                     own_netns: None,
                     late: None,
                     bounds: crate::guest::Bounds::from_config(&spec.id, cfg),
+                    placement: None,
                 })
             }
             Err(e) => {
@@ -251,6 +254,9 @@ impl Sandbox {
         }
         let clean = asked.is_ok() && self.vm.wait_exit(POWEROFF_GRACE).await;
         let stopped = self.vm.stop().await;
+        if let Some(p) = self.placement.take() {
+            p.remove();
+        }
         if let Some(net) = self.network.take() {
             net.teardown().await;
         }
@@ -313,6 +319,15 @@ impl PodVm for Sandbox {
         self.vm.pids().first().map(|(_, pid)| *pid)
     }
 
+    fn raise_oom_score(&self, adj: i32) {
+        let pids: Vec<u32> = self.vm.pids().into_iter().map(|(_, p)| p).collect();
+        crate::placement::raise_oom_score(&pids, adj);
+    }
+
+    fn cgroup(&self) -> Option<std::path::PathBuf> {
+        self.placement.as_ref().map(|p| p.path.clone())
+    }
+
     fn kill(&mut self) {
         log::warn!("sandbox {}: killing the VM", self.id);
         self.vm.kill();
@@ -369,6 +384,12 @@ impl VmFactory for SandboxFactory {
                 return Err(Error::Boot(Box::new(e)));
             }
         };
+        // The VM's processes are accounted where runc would have put the pod's.
+        let pids: Vec<u32> = sb.vm.pids().into_iter().map(|(_, p)| p).collect();
+        sb.placement = Some(crate::placement::Placement::join(
+            crate::placement::cgroup_path(spec, sandbox_id),
+            &pids,
+        ));
         if let Some(ns) = own_netns {
             sb.late = Some(std::sync::Arc::new(network::LateAttach::new(
                 ns.path().to_owned(),

@@ -17,6 +17,9 @@ pub struct SandboxState {
     pub starts: Vec<(u32, u64)>,
     /// Container rootfs mount points on the host.
     pub mounts: Vec<PathBuf>,
+    /// The cgroup the VM's processes joined (`placement`), removed once they are gone.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
 }
 
 pub const FILE: &str = "state.json";
@@ -79,6 +82,9 @@ pub fn cleanup(run_dir: &Path) {
     for m in &st.mounts {
         crate::rootfs::unmount(m);
     }
+    if let Some(cg) = &st.cgroup {
+        crate::placement::remove_leftover(cg);
+    }
     vmm_driver::share::unexport(run_dir);
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let prefix = run_dir.to_string_lossy().into_owned();
@@ -125,6 +131,7 @@ mod tests {
             pids: vec![("qemu".into(), child.id())],
             starts: vec![(child.id(), child_start + 1)],
             mounts: vec![],
+            cgroup: None,
         };
         st.save(&run).unwrap();
         cleanup(&run);
@@ -146,6 +153,7 @@ mod tests {
             pids: vec![("qemu".into(), u32::MAX - 1)],
             starts: vec![],
             mounts: vec![],
+            cgroup: None,
         };
         st.save(&run).unwrap();
         assert_eq!(SandboxState::load(&run), Some(st));

@@ -127,7 +127,11 @@ impl Pod {
     /// Stops the VM after removing the test's rootfs dirs, then checks nothing is left.
     pub async fn shutdown(self) {
         if let Ok(entries) = std::fs::read_dir(self.sb.host_dir()) {
-            for e in entries.flatten() {
+            // Container dirs only: the driver's own files (the agent key) go with the VM.
+            for e in entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            {
                 let rootfs = e.path().join("rootfs");
                 let _ = nix::mount::umount2(
                     &rootfs,

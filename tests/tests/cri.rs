@@ -534,3 +534,86 @@ async fn a_sigtermed_shim_tears_its_pod_down_and_exits() {
     cri.stop_and_remove_pod(&pod).await;
     cri.containerd.assert_clean();
 }
+
+/// The pod VM's host processes are accounted as runc accounts the pod's containers: they join
+/// the sandbox's cgroup below the pod's cgroup parent (so the pod's limits bind them), and they
+/// are never harder to OOM-kill than the pod's most killable container. Before, QEMU stayed in
+/// containerd's cgroup with containerd's `oom_score_adj` (-998 on Debian). The cgroup goes with
+/// the pod.
+#[tokio::test]
+async fn the_pod_vm_sits_in_the_pods_cgroup_with_its_containers_oom_score() {
+    let Some(_gate) = gate(&[Need::selected_guest()]).await else {
+        return;
+    };
+    let parent = format!("/cocoon-test-pods/pod-{}", std::process::id());
+    let mut cri = Cri::start().await;
+    let mut config = cri.pod_config("acct");
+    config.linux.as_mut().unwrap().cgroup_parent = parent.clone();
+    let (pod, config) = cri.run_pod_with(config, HANDLER).await;
+    let app = ContainerSpec {
+        name: "app",
+        command: &["sleep", "1000"],
+    };
+    let resources = k8s_cri::v1::LinuxContainerResources {
+        oom_score_adj: 500,
+        ..Default::default()
+    };
+    cri.try_start_container_with(&pod, &config, app, vec![], Some(resources))
+        .await
+        .unwrap();
+    let vm: Vec<i32> = pids_of(&cri, "")
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| {
+                ["qemu-system-x86", "virtiofsd", "cloud-hyperviso"].contains(&c.trim())
+            })
+        })
+        .collect();
+    assert!(!vm.is_empty(), "no VM processes found");
+    for pid in &vm {
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        let memory = cgroups
+            .lines()
+            .find(|l| l.contains(":memory:") || l.starts_with("0::"))
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            memory.contains(&format!("{parent}/{pod}")),
+            "pid {pid} is not in the pod's cgroup {parent}/{pod}: {cgroups}"
+        );
+        let adj = std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).unwrap();
+        assert_eq!(adj.trim(), "500", "pid {pid}'s oom_score_adj");
+    }
+    cri.stop_and_remove_pod(&pod).await;
+    cri.containerd.assert_clean();
+    // The sandbox's cgroup went with the pod; the parent is kubelet's (here: the test's).
+    for root in [
+        "/sys/fs/cgroup/memory",
+        "/sys/fs/cgroup/cpu",
+        "/sys/fs/cgroup",
+    ] {
+        let sandbox = std::path::Path::new(root)
+            .join(parent.trim_start_matches('/'))
+            .join(&pod);
+        assert!(!sandbox.exists(), "{} was left", sandbox.display());
+    }
+    cleanup_test_cgroups(&parent);
+}
+
+/// Removes the test's cgroup parent (runc and the shim create parents as needed).
+fn cleanup_test_cgroups(parent: &str) {
+    let Ok(roots) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
+    let mut dirs: Vec<std::path::PathBuf> = roots
+        .flatten()
+        .map(|e| e.path())
+        .chain([std::path::PathBuf::from("/sys/fs/cgroup")])
+        .collect();
+    dirs.sort();
+    for root in dirs {
+        let p = root.join(parent.trim_start_matches('/'));
+        let _ = std::fs::remove_dir(&p);
+        let _ = p.parent().map(std::fs::remove_dir);
+    }
+}

@@ -264,6 +264,14 @@ pub(crate) fn private_file(path: &Path) -> Result<File> {
     Ok(f)
 }
 
+/// Sets a socket (or file) a helper created to 0600: the run directory is 0700 already, but
+/// a socket that reaches a guest's agent should not depend on one directory's mode alone.
+pub(crate) fn make_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io(format!("chmod {}", path.display()), e))
+}
+
 /// The direct children of `pid` (from `/proc`), e.g. virtiofsd's sandboxed server.
 fn children_of(pid: u32) -> Vec<i32> {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::daemon::tail_lines;
 use crate::error::{Error, Result};
-use crate::vsock::{connect_once, Backoff, BoxedStream, VsockEndpoint};
+use crate::vsock::{connect_once, Backoff, BoxedStream, VsockEndpoint, VsockTransport};
 use crate::Vmm;
 
 /// Longest wait for one connection attempt's answer.
@@ -75,7 +75,7 @@ pub async fn connect_guest(
 ) -> Result<BoxedStream> {
     let start = tokio::time::Instant::now();
     let ep: VsockEndpoint = vm.agent_endpoint().clone();
-    if let (VsockEndpoint::Hybrid(uds), Some(rp)) = (&ep, ready_port) {
+    if let (VsockTransport::Hybrid(uds), Some(rp)) = (&ep.transport, ready_port) {
         wait_for_ready(vm, uds, rp, timeout).await?;
     }
     let mut backoff = Backoff::default();

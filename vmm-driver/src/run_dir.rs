@@ -7,6 +7,8 @@
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use cocoon_protocol::auth::{AgentKey, KEY_FILE};
+
 use crate::daemon::{tail_lines, Daemon};
 use crate::error::{Error, Result};
 
@@ -98,6 +100,27 @@ impl RunDir {
         Ok(d)
     }
 
+    /// Makes the pod's agent key and hands it to the guest: a 0400 file at the top of the
+    /// host-only share directory, which the guest reads over virtio-fs
+    /// (`cocoon_protocol::auth`). Nobody else on the host can read it (the run dir is 0700).
+    pub(crate) fn hand_key(&self) -> Result<AgentKey> {
+        let key = AgentKey::generate().map_err(|e| Error::io("make the agent key", e))?;
+        let path = self.key_file();
+        let _ = std::fs::remove_file(&path);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, key.as_bytes()))
+            .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+        Ok(key)
+    }
+
+    fn key_file(&self) -> PathBuf {
+        crate::share::host_dir(&self.root).join(KEY_FILE)
+    }
+
     /// What virtiofsd exports (see `share`).
     pub(crate) fn shared(&self) -> PathBuf {
         crate::share::export_dir(&self.root)
@@ -152,6 +175,16 @@ impl RunDir {
                         e,
                     ))
                 }
+            }
+        }
+        match std::fs::remove_file(self.key_file()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Error::io(
+                    format!("remove {}", self.key_file().display()),
+                    e,
+                ))
             }
         }
         // vhost-device-vsock creates "<uds-path>_<port>" sockets for guest-initiated connections.

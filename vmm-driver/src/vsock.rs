@@ -11,15 +11,37 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
 
+use cocoon_protocol::auth::AgentKey;
+
 use crate::error::{Error, Result};
 
-/// Where a guest's vsock is reached from the host.
+/// How a guest's vsock is reached from the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VsockEndpoint {
+pub enum VsockTransport {
     /// Unix socket speaking the hybrid `CONNECT` protocol.
     Hybrid(PathBuf),
     /// Kernel AF_VSOCK with the guest's context id.
     Kernel { cid: u32 },
+}
+
+/// Where a guest's vsock is reached, and the key every connection opens with
+/// (`cocoon_protocol::auth`): with kernel vsock any host user can connect to any guest port,
+/// so reaching a port proves nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockEndpoint {
+    pub transport: VsockTransport,
+    /// `None` only for guests that expect no key (tests of the bare transport).
+    pub key: Option<AgentKey>,
+}
+
+impl VsockEndpoint {
+    /// The hybrid socket, if the transport is hybrid.
+    pub fn hybrid_socket(&self) -> Option<&std::path::Path> {
+        match &self.transport {
+            VsockTransport::Hybrid(uds) => Some(uds),
+            VsockTransport::Kernel { .. } => None,
+        }
+    }
 }
 
 /// A connected byte stream to a guest port, whatever the transport.
@@ -72,17 +94,23 @@ pub async fn connect_hybrid(uds: &std::path::Path, port: u32) -> Result<UnixStre
     Ok(s)
 }
 
-/// One connection attempt to `port` on the guest.
+/// One connection attempt to `port` on the guest; the endpoint's key goes first.
 pub async fn connect_once(ep: &VsockEndpoint, port: u32) -> Result<BoxedStream> {
-    match ep {
-        VsockEndpoint::Hybrid(uds) => Ok(Box::pin(connect_hybrid(uds, port).await?)),
-        VsockEndpoint::Kernel { cid } => {
+    let mut s: BoxedStream = match &ep.transport {
+        VsockTransport::Hybrid(uds) => Box::pin(connect_hybrid(uds, port).await?),
+        VsockTransport::Kernel { cid } => {
             let s = tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(*cid, port))
                 .await
                 .map_err(|e| Error::io(format!("vsock connect {cid}:{port}"), e))?;
-            Ok(Box::pin(s))
+            Box::pin(s)
         }
+    };
+    if let Some(key) = &ep.key {
+        s.write_all(key.as_bytes())
+            .await
+            .map_err(|e| Error::io(format!("send the agent key on port {port}"), e))?;
     }
+    Ok(s)
 }
 
 /// Retry delays: short at first, since a booted guest answers at once, then capped so a slow
@@ -163,5 +191,36 @@ mod tests {
             drop(s);
         });
         assert!(connect_hybrid(&sock, 1024).await.is_err());
+    }
+
+    /// Every connection opens with the endpoint's key, right after the hybrid handshake and
+    /// before anything the caller sends.
+    #[tokio::test]
+    async fn the_key_goes_first_on_every_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("v.sock");
+        let l = UnixListener::bind(&sock).unwrap();
+        let key = AgentKey::generate().unwrap();
+        let want = key.clone();
+        let peer = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut line = [0u8; 13];
+            s.read_exact(&mut line).await.unwrap();
+            assert_eq!(&line, b"CONNECT 1025\n");
+            s.write_all(b"OK 3\n").await.unwrap();
+            let mut got = [0u8; cocoon_protocol::auth::KEY_LEN];
+            s.read_exact(&mut got).await.unwrap();
+            assert!(want.matches(&got), "the first bytes were not the key");
+            let mut hello = [0u8; 6];
+            s.read_exact(&mut hello).await.unwrap();
+            assert_eq!(&hello, b"hello\n");
+        });
+        let ep = VsockEndpoint {
+            transport: VsockTransport::Hybrid(sock),
+            key: Some(key),
+        };
+        let mut s = connect_once(&ep, 1025).await.unwrap();
+        s.write_all(b"hello\n").await.unwrap();
+        peer.await.unwrap();
     }
 }

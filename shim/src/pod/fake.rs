@@ -297,6 +297,10 @@ impl PodVm for FakeVm {
             .then(|| "the fake VMM was killed".to_owned())
     }
 
+    fn raise_oom_score(&self, adj: i32) {
+        self.journal.add(format!("oom score {adj}"));
+    }
+
     fn kill(&mut self) {
         self.journal.add("vm killed");
         self.relay.abort();

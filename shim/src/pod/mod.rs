@@ -81,6 +81,13 @@ pub trait PodVm: Send + Sync + std::fmt::Debug {
     fn reported_pid(&self) -> Option<u32> {
         None
     }
+    /// Raises the OOM score of the VM's host processes to `adj` where it is lower: a container
+    /// of the pod asked for it (`placement`).
+    fn raise_oom_score(&self, adj: i32);
+    /// The cgroup the VM's host processes joined, for `shim delete` after a crash.
+    fn cgroup(&self) -> Option<PathBuf> {
+        None
+    }
     /// Kills the VM at once, for a guest that no longer answers: its processes end as if the
     /// VM crashed (exit 255), and [`PodVm::exit_reason`] says so from then on.
     fn kill(&mut self);
@@ -307,6 +314,7 @@ impl Pod {
                 .collect(),
             pids: vm.host_pids(),
             mounts: vec![],
+            cgroup: vm.cgroup(),
         };
         let oom_watch = self.watch_oom(guest.agent.clone());
         self.with_state(|s| {
@@ -492,7 +500,13 @@ impl Pod {
         }
         .await;
         let (pid, relays) = match created {
-            Ok(v) => v,
+            Ok(v) => {
+                if let Some(adj) = crate::placement::oom_score_adj(&req.spec) {
+                    self.with_state(|s| s.vm.as_ref().map(|vm| vm.raise_oom_score(adj)))
+                        .await;
+                }
+                v
+            }
             Err(e) => {
                 self.release_volumes(&volumes).await;
                 mounts::unmount_rootfs(self.inner.mounter.as_ref(), &rootfs);

@@ -421,3 +421,20 @@ async fn a_volume_shared_by_two_containers_is_bound_once_until_the_last_goes() {
     rig.pod.delete(&init("c2")).await.unwrap();
     assert!(binds(&rig.journal.entries()).ends_with(&["unmount _volumes/0".to_owned()]));
 }
+
+/// Each container's `oomScoreAdj` is handed to the VM, which raises its processes to it.
+#[tokio::test]
+async fn a_containers_oom_score_is_handed_to_the_vm() {
+    let rig = Rig::new();
+    let mut req = rig.create_request("c1");
+    req.spec = serde_json::json!({"process": {"oomScoreAdj": 500}});
+    rig.pod.create(req).await.unwrap();
+    rig.pod.create(rig.create_request("c2")).await.unwrap();
+    let scores: Vec<String> = rig
+        .journal
+        .entries()
+        .into_iter()
+        .filter(|e| e.starts_with("oom score"))
+        .collect();
+    assert_eq!(scores, ["oom score 500"], "only the container that asked");
+}

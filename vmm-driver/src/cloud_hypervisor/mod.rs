@@ -20,7 +20,7 @@ use crate::daemon::{
 use crate::error::{Error, Result};
 use crate::run_dir::RunDir;
 use crate::virtiofsd::{spawn_virtiofsd, VIRTIOFS_TAG};
-use crate::vsock::VsockEndpoint;
+use crate::vsock::{VsockEndpoint, VsockTransport};
 use crate::{VmSpec, Vmm};
 use api::{
     BalloonConfig, ConsoleConfig, ConsoleMode, CpusConfig, FsConfig, MemoryConfig, PayloadConfig,
@@ -87,6 +87,12 @@ impl ChVm {
         };
         match booted.await {
             Ok(()) => {
+                // CH made the hybrid vsock socket at vm.create.
+                if let Some(uds) = vm.endpoint.hybrid_socket() {
+                    if let Err(e) = crate::daemon::make_private(uds) {
+                        return Err(vm.fail(e).await);
+                    }
+                }
                 if let (Some(vmm), Some(fs)) = (&vm.vmm, &vm.virtiofsd) {
                     match crate::supervise::Supervisor::start(
                         &spec.id,
@@ -124,7 +130,10 @@ impl ChVm {
         check_image(cfg)?;
         let dir = RunDir::create(&spec.run_dir)?;
         let mut vm = ChVm {
-            endpoint: VsockEndpoint::Hybrid(dir.path("vsock.sock")),
+            endpoint: VsockEndpoint {
+                transport: VsockTransport::Hybrid(dir.path("vsock.sock")),
+                key: Some(dir.hand_key()?),
+            },
             api: ApiClient::new(&dir.path("ch-api.sock"), cfg.vmm.api_timeout()),
             dir,
             vmm: None,

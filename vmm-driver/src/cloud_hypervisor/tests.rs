@@ -79,7 +79,10 @@ fn test_vm(dir: &std::path::Path) -> (ChVm, Config, VmSpec) {
     let spec = VmSpec::from_config(&cfg, "pod1");
     let rd = RunDir::create(&spec.run_dir).unwrap();
     let vm = ChVm {
-        endpoint: VsockEndpoint::Hybrid(rd.path("vsock.sock")),
+        endpoint: VsockEndpoint {
+            transport: VsockTransport::Hybrid(rd.path("vsock.sock")),
+            key: None,
+        },
         api: ApiClient::new(&rd.path("ch-api.sock"), std::time::Duration::from_secs(10)),
         dir: rd,
         vmm: None,

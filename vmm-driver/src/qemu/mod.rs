@@ -23,7 +23,7 @@ use crate::daemon::{
 use crate::error::{Error, Result};
 use crate::run_dir::RunDir;
 use crate::virtiofsd::{spawn_virtiofsd, VIRTIOFS_TAG};
-use crate::vsock::VsockEndpoint;
+use crate::vsock::{VsockEndpoint, VsockTransport};
 use crate::{VmSpec, Vmm};
 use cmdline::{QemuLaunch, VsockDevice};
 use qmp::Qmp;
@@ -89,12 +89,13 @@ impl QemuVm {
         }
 
         let dir = RunDir::create(&spec.run_dir)?;
-        let endpoint = if hybrid {
-            VsockEndpoint::Hybrid(dir.path("vsock.sock"))
-        } else {
-            VsockEndpoint::Kernel {
-                cid: kernel_cid(&spec.id),
-            }
+        let endpoint = VsockEndpoint {
+            transport: if hybrid {
+                VsockTransport::Hybrid(dir.path("vsock.sock"))
+            } else {
+                VsockTransport::Kernel { cid: kernel_cid()? }
+            },
+            key: Some(dir.hand_key()?),
         };
         let mut vm = QemuVm {
             dir,
@@ -143,7 +144,7 @@ impl QemuVm {
         self.virtiofsd = Some(fs);
 
         let vhost_sock = self.dir.path("vhost-vsock.sock");
-        if let (Some(bin), VsockEndpoint::Hybrid(uds)) = (&bins.vsockd, &self.endpoint) {
+        if let (Some(bin), Some(uds)) = (&bins.vsockd, self.endpoint.hybrid_socket()) {
             let mut v = Command::new(bin);
             v.arg("--vm").arg(format!(
                 "guest-cid={HYBRID_GUEST_CID},uds-path={},socket={}",
@@ -158,6 +159,9 @@ impl QemuVm {
         }
         if let Some(d) = self.vsockd.as_mut() {
             wait_for_socket(d, &vhost_sock, DAEMON_READY).await?;
+            if let Some(uds) = self.endpoint.hybrid_socket() {
+                crate::daemon::make_private(uds)?;
+            }
         }
 
         let console_socket = self.dir.path("console.sock");
@@ -176,9 +180,9 @@ impl QemuVm {
             cmdline: kernel_cmdline(cfg, spec),
             console_socket,
             qmp_socket: self.dir.path("qmp.sock"),
-            vsock: match &self.endpoint {
-                VsockEndpoint::Hybrid(_) => VsockDevice::VhostUser(vhost_sock),
-                VsockEndpoint::Kernel { cid } => VsockDevice::Kernel { cid: *cid },
+            vsock: match &self.endpoint.transport {
+                VsockTransport::Hybrid(_) => VsockDevice::VhostUser(vhost_sock),
+                VsockTransport::Kernel { cid } => VsockDevice::Kernel { cid: *cid },
             },
             virtiofs_socket: fs_sock,
             virtiofs_tag: VIRTIOFS_TAG.into(),
@@ -259,12 +263,17 @@ impl QemuVm {
     }
 }
 
-/// A context id for kernel vsock, stable per sandbox id and outside the reserved 0..=2.
-fn kernel_cid(id: &str) -> u32 {
-    let h = id.bytes().fold(0x811c_9dc5_u32, |h, b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    });
-    3 + h % (u32::MAX - 4)
+/// A random context id for kernel vsock, outside the reserved 0..=2 and `u32::MAX` (any). Not
+/// derived from the sandbox id, which other users can see: a guessable CID is half of what an
+/// unprivileged host user needs to reach an agent (the pod's key is the other half).
+fn kernel_cid() -> Result<u32> {
+    let mut b = [0u8; 4];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").map_err(|e| Error::io("open /dev/urandom", e))?,
+        &mut b,
+    )
+    .map_err(|e| Error::io("read /dev/urandom", e))?;
+    Ok(3 + u32::from_ne_bytes(b) % (u32::MAX - 3))
 }
 
 #[async_trait]

@@ -1,0 +1,76 @@
+//! Who may talk to the agent. Every connection the host opens to a guest port (the API, stdio,
+//! port-forward, the DNS relay) starts with the pod's key: [`KEY_LEN`] random bytes the host
+//! made for this VM and handed to the guest as [`KEY_FILE`] at the top of the virtio-fs share,
+//! which only root on the host (a 0700 run directory) and this guest can read. With kernel
+//! vsock any host user can connect to any guest's ports, and a context id is easy to find; the
+//! key is what keeps them out. The agent drops a connection whose first bytes are not the key.
+
+use std::io::Read;
+
+/// Length of a pod's key in bytes.
+pub const KEY_LEN: usize = 32;
+/// The key's file name at the top of the share (the guest reads it at
+/// `<GUEST_SHARE>/<KEY_FILE>`; the host writes it below its host-only share directory).
+pub const KEY_FILE: &str = ".agent-key";
+
+/// A pod's key. Its `Debug` shows nothing of it: keys must not reach logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AgentKey([u8; KEY_LEN]);
+
+impl std::fmt::Debug for AgentKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AgentKey(..)")
+    }
+}
+
+impl AgentKey {
+    /// A fresh key from the kernel's CSPRNG.
+    pub fn generate() -> std::io::Result<AgentKey> {
+        let mut k = [0u8; KEY_LEN];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut k)?;
+        Ok(AgentKey(k))
+    }
+
+    /// A key from exactly [`KEY_LEN`] bytes (a key file's content).
+    pub fn from_bytes(b: &[u8]) -> Option<AgentKey> {
+        Some(AgentKey(b.try_into().ok()?))
+    }
+
+    pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
+
+    /// Compares in time that does not depend on where the bytes first differ, so a peer can't
+    /// learn the key a byte at a time.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        if presented.len() != KEY_LEN {
+            return false;
+        }
+        self.0
+            .iter()
+            .zip(presented)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_exact_key_matches() {
+        let k = AgentKey::generate().unwrap();
+        let other = AgentKey::generate().unwrap();
+        assert_ne!(k, other, "two fresh keys are equal");
+        assert!(k.matches(k.as_bytes()));
+        assert!(!k.matches(other.as_bytes()));
+        assert!(!k.matches(&k.as_bytes()[..KEY_LEN - 1]));
+        let mut flipped = *k.as_bytes();
+        flipped[KEY_LEN - 1] ^= 1;
+        assert!(!k.matches(&flipped));
+        assert_eq!(AgentKey::from_bytes(k.as_bytes()), Some(k.clone()));
+        assert_eq!(AgentKey::from_bytes(&[0; 3]), None);
+        assert_eq!(format!("{k:?}"), "AgentKey(..)");
+    }
+}
