@@ -149,27 +149,32 @@ impl Shim for CocoonShim {
             Box::new(HostMounter),
             Box::new(RemoteSink::new(publisher, self.namespace.clone())),
         );
-        on_sigterm(pod.clone(), self.exit.clone());
+        on_stop_signal(pod.clone(), self.exit.clone());
         TaskService::new(pod, self.exit.clone())
     }
 }
 
-/// SIGTERM tears the pod down and lets the shim exit (0). The containerd-shim library only
-/// logs the signal, which would leave a shim that can only be SIGKILLed, and its VM with it.
-fn on_sigterm(pod: Pod, exit: Arc<ExitSignal>) {
+/// SIGTERM or SIGINT tears the pod down and lets the shim exit (0). The containerd-shim
+/// library only logs these, which would leave a shim that can only be SIGKILLed, and its VM
+/// with it.
+fn on_stop_signal(pod: Pod, exit: Arc<ExitSignal>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
+    let watched =
+        signal(SignalKind::terminate()).and_then(|t| Ok((t, signal(SignalKind::interrupt())?)));
+    let (mut term, mut int) = match watched {
         Ok(s) => s,
         Err(e) => {
-            log::warn!("cannot watch for SIGTERM: {e}");
+            log::warn!("cannot watch for SIGTERM and SIGINT: {e}");
             return;
         }
     };
     tokio::spawn(async move {
-        if term.recv().await.is_some() {
-            log::info!("SIGTERM: tearing pod {} down", pod.id());
-            pod.terminate().await;
-            exit.signal();
-        }
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        log::info!("{name}: tearing pod {} down", pod.id());
+        pod.terminate().await;
+        exit.signal();
     });
 }

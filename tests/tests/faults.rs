@@ -196,6 +196,37 @@ async fn a_shim_killed_during_boot_leaves_nothing_after_shim_delete() {
     c.assert_clean();
 }
 
+/// SIGINT to the shim (as SIGTERM, which `cri.rs` checks) tears its pod down and the shim
+/// exits by itself, taking the VM with it; the containerd-shim library alone would only log
+/// it. containerd then sees the task stopped, and delete leaves nothing.
+#[tokio::test]
+async fn a_shim_stopped_with_sigint_tears_its_pod_down_and_exits() {
+    let Some(_gate) = gate(&[Need::selected_guest()]).await else {
+        return;
+    };
+    let c = Containerd::start();
+    c.import_test_image();
+    let id = "interrupted";
+    run_detached(&c, id);
+    let shims = pids_mentioning(c.dir.path(), "containerd-shim-cocoon-v2");
+    assert_eq!(shims.len(), 1, "one shim for the pod");
+    signal_all(&shims, nix::sys::signal::Signal::SIGINT);
+    wait_until("the shim and its VM to go", 30, || {
+        cocoon_tests::processes_mentioning(c.dir.path())
+            .iter()
+            .all(|p| !p.contains("containerd-shim-cocoon-v2") && !p.contains("qemu-system"))
+    });
+    assert!(
+        c.log().contains("SIGINT: tearing pod"),
+        "the shim must say why it stopped"
+    );
+    wait_until("the task to stop", 30, || task_status(&c, id) != "RUNNING");
+    let _ = c.ctr(&["task", "delete", id]);
+    let out = c.ctr(&["containers", "rm", id]);
+    assert!(out.status.success(), "rm: {}", text(&out.stderr));
+    c.assert_clean();
+}
+
 /// A helper that dies while the VM boots fails the create at once with an error that names
 /// it, instead of waiting out the agent's connect timeout; nothing is left.
 #[tokio::test]
@@ -205,51 +236,60 @@ async fn a_helper_that_dies_during_boot_fails_the_create_and_names_itself() {
     };
     let c = Containerd::start();
     c.import_test_image();
-    let id = "boot-helper-dies";
-    let address = c.address.clone();
-    let run = std::thread::spawn(move || {
-        let t0 = Instant::now();
-        let out = Containerd::ctr_at(
-            &address,
-            &[
-                "run",
-                "-d",
-                "--runtime",
-                RUNTIME,
-                IMAGE,
-                id,
-                "sleep",
-                "1000",
-            ],
-        );
-        (out, t0.elapsed())
-    });
-    wait_until("the VMM to start", 60, || {
-        !vm_processes(&c, "qemu-system-x86_64").is_empty()
-            || !vm_processes(&c, "cloud-hypervisor").is_empty()
-    });
-    let helper = vm_processes(&c, "virtiofsd");
-    assert!(!helper.is_empty(), "no virtiofsd for the booting VM");
-    signal_all(&helper, nix::sys::signal::Signal::SIGKILL);
-    let (out, took) = run.join().unwrap();
-    let err = text(&out.stderr);
-    if out.status.success() {
-        // The agent had answered before the kill landed: then it is the running-pod case.
-        eprintln!("the boot finished before virtiofsd died ({took:?}); checking the stop");
-        wait_until("the task to stop", 30, || task_status(&c, id) == "STOPPED");
-        let _ = c.ctr(&["task", "delete", id]);
-    } else {
-        assert!(
-            err.contains("virtiofsd exited"),
-            "the error must name the helper: {err}"
-        );
-        assert!(
-            took < Duration::from_secs(25),
-            "create took {took:?}: {err}"
-        );
+    for helper in ["virtiofsd", "vhost-device-vsock"] {
+        let id = format!("boot-{helper}-dies");
+        let address = c.address.clone();
+        let run_id = id.clone();
+        let run = std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let out = Containerd::ctr_at(
+                &address,
+                &[
+                    "run",
+                    "-d",
+                    "--runtime",
+                    RUNTIME,
+                    IMAGE,
+                    &run_id,
+                    "sleep",
+                    "1000",
+                ],
+            );
+            (out, t0.elapsed())
+        });
+        wait_until("the VMM to start", 60, || {
+            !vm_processes(&c, "qemu-system-x86_64").is_empty()
+                || !vm_processes(&c, "cloud-hypervisor").is_empty()
+        });
+        let pids = vm_processes(&c, helper);
+        if pids.is_empty() {
+            eprintln!("{helper}: not running for this VM (kernel vsock?); nothing to kill");
+        }
+        signal_all(&pids, nix::sys::signal::Signal::SIGKILL);
+        let (out, took) = run.join().unwrap();
+        let err = text(&out.stderr);
+        if out.status.success() {
+            // The agent had answered before the kill landed (or nothing was killed): then it
+            // is the running-pod case.
+            eprintln!("{helper}: the boot finished first ({took:?}); checking the stop");
+            if pids.is_empty() {
+                let _ = c.ctr(&["task", "kill", "-s", "SIGKILL", &id]);
+            }
+            wait_until("the task to stop", 30, || task_status(&c, &id) == "STOPPED");
+            let _ = c.ctr(&["task", "delete", &id]);
+        } else {
+            assert!(
+                err.contains(&format!("{helper} exited")),
+                "the error must name {helper}: {err}"
+            );
+            assert!(
+                took < Duration::from_secs(25),
+                "create took {took:?}: {err}"
+            );
+        }
+        let out = c.ctr(&["containers", "rm", &id]);
+        assert!(out.status.success(), "rm: {}", text(&out.stderr));
     }
-    let out = c.ctr(&["containers", "rm", id]);
-    assert!(out.status.success(), "rm: {}", text(&out.stderr));
     c.assert_clean();
 }
 
@@ -288,13 +328,8 @@ async fn a_dead_helper_stops_its_vm_and_the_pod_cleans_up() {
         if pids.is_empty() {
             eprintln!("{helper}: not running for this VM (kernel vsock?); nothing to kill");
         }
-        for pid in &pids {
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(*pid),
-                nix::sys::signal::Signal::SIGKILL,
-            )
-            .unwrap();
-        }
+        // virtiofsd's sandboxed child may die with its parent before its own kill arrives.
+        signal_all(&pids, nix::sys::signal::Signal::SIGKILL);
         if !pids.is_empty() {
             wait_until("the task to stop", 30, || task_status(&c, &id) == "STOPPED");
             // The supervisor looks every 250 ms; the task may have ended first (a dead

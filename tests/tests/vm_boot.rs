@@ -393,7 +393,8 @@ async fn check_reports_the_guest_and_warns_when_tcg_is_no_boundary() {
     assert_no_leaks(state.path());
 }
 
-/// The run dir is root's alone, the logs are private, and QEMU runs under its seccomp sandbox.
+/// The run dir is root's alone, the logs are private, and QEMU runs under its seccomp sandbox
+/// as an unprivileged user without capabilities.
 #[tokio::test]
 async fn the_run_dir_is_private_and_qemu_is_sandboxed() {
     use std::os::unix::fs::PermissionsExt;
@@ -425,6 +426,29 @@ async fn the_run_dir_is_private_and_qemu_is_sandboxed() {
             .to_owned()
     };
     assert_eq!(field("Seccomp:"), "2", "QEMU runs without a seccomp filter");
+    // Root only to set up: real, effective, saved and filesystem ids are all unprivileged,
+    // and no capability is left.
+    for key in ["Uid:", "Gid:"] {
+        let ids: Vec<u32> = field(key)
+            .split_whitespace()
+            .map(|v| v.parse().unwrap())
+            .collect();
+        assert_eq!(ids.len(), 4, "{key} {ids:?}");
+        assert!(
+            ids.iter().all(|id| *id >= 0x7000_0000),
+            "QEMU's {key} {ids:?}"
+        );
+    }
+    assert_eq!(
+        field("CapEff:"),
+        "0000000000000000",
+        "QEMU kept capabilities"
+    );
+    assert_eq!(
+        field("CapPrm:"),
+        "0000000000000000",
+        "QEMU kept capabilities"
+    );
     sb.shutdown().await.unwrap();
     assert_no_leaks(state.path());
 }

@@ -55,17 +55,31 @@ pub fn start_time(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// The first of `helpers` that has exited, as the error that names it and quotes its log.
+/// The helper that has exited, as the error that names it and quotes its log. When several
+/// have, the one a signal ended (a kill, a crash) is named first: the others likely exited
+/// after it, as their peer went away (virtiofsd does once QEMU gave up on a dead vsock
+/// daemon). The order is not certain (the shim library's reaper may have taken a status, which
+/// then reads 255), so the others are named too.
 pub(crate) fn first_exited<'a>(
     helpers: impl IntoIterator<Item = &'a mut Option<Daemon>>,
 ) -> Option<Error> {
-    helpers.into_iter().flatten().find_map(|d| {
-        let status = d.try_exited()?;
-        Some(Error::DaemonExited {
-            name: d.name,
-            status: status.to_string(),
-            log_tail: d.log_tail(10),
-        })
+    use std::os::unix::process::ExitStatusExt;
+    let mut dead: Vec<(&'static str, ExitStatus, String)> = helpers
+        .into_iter()
+        .flatten()
+        .filter_map(|d| Some((d.name, d.try_exited()?, d.log_tail(10))))
+        .collect();
+    dead.sort_by_key(|(_, status, _)| status.signal().is_none());
+    let mut dead = dead.into_iter();
+    let (name, status, log_tail) = dead.next()?;
+    let mut status = status.to_string();
+    for (other, s, _) in dead {
+        status.push_str(&format!("; {other} exited too ({s})"));
+    }
+    Some(Error::DaemonExited {
+        name,
+        status,
+        log_tail,
     })
 }
 
@@ -493,5 +507,28 @@ mod tests {
             err.contains("helper exited early") && err.contains("bad flag --x"),
             "{err}"
         );
+    }
+
+    /// Of two dead helpers, the one a signal ended is named, whatever the order: the other
+    /// exited with an error because its peer went away.
+    #[tokio::test]
+    async fn of_several_dead_helpers_the_killed_one_is_the_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut failed = Command::new("sh");
+        failed.args(["-c", "exit 3"]);
+        let mut failed = Daemon::spawn("virtiofsd", failed, &dir.path().join("a")).unwrap();
+        let mut sleeper = Command::new("sleep");
+        sleeper.arg("30");
+        let mut killed =
+            Daemon::spawn("vhost-device-vsock", sleeper, &dir.path().join("b")).unwrap();
+        killed.kill();
+        failed.wait().await.unwrap();
+        killed.wait().await.unwrap();
+        let (mut a, mut b) = (Some(failed), Some(killed));
+        let e = first_exited([&mut a, &mut b]).unwrap().to_string();
+        assert!(e.starts_with("vhost-device-vsock exited"), "{e}");
+        assert!(e.contains("virtiofsd exited too (exit status: 3)"), "{e}");
+        let mut none: Option<Daemon> = None;
+        assert!(first_exited([&mut none]).is_none());
     }
 }

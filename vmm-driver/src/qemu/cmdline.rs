@@ -29,6 +29,8 @@ pub struct QemuLaunch {
     /// Free PCIe root ports for NICs hot-plugged later (`hotplug.rs`), named
     /// `HOTPLUG_PORT<n>`.
     pub hotplug_slots: u8,
+    /// The unprivileged `uid:gid` QEMU switches to once it opened everything (`-runas`).
+    pub run_as: Option<(u32, u32)>,
 }
 
 /// The id prefix of the root ports kept free for hot-plugged NICs.
@@ -100,6 +102,11 @@ pub fn qemu_args(l: &QemuLaunch) -> Vec<String> {
     // QEMU's seccomp filter: the guest is hostile, so a QEMU it subverts must not be able to
     // exec, gain privileges, change scheduling/affinity or use obsolete syscalls.
     push(&["-sandbox", SECCOMP_SANDBOX]);
+    // Root only while it sets up (KVM, vhost-user and console sockets, taps, QMP): QEMU then
+    // becomes an unprivileged user with no capabilities, before the guest runs a cycle.
+    if let Some((uid, gid)) = l.run_as {
+        push(&["-runas", &format!("{uid}:{gid}")]);
+    }
     push(&[
         "-chardev",
         &format!("socket,id=con0,path={}", p(&l.console_socket)),
@@ -155,9 +162,12 @@ pub fn qemu_args(l: &QemuLaunch) -> Vec<String> {
     a
 }
 
-/// QEMU's `-sandbox` setting.
+/// QEMU's `-sandbox` setting. `elevateprivileges` is allowed because `-runas` needs set*id
+/// calls and QEMU installs its filter before it switches users (with `deny` it dies with
+/// SIGSYS, checked on 7.2). After the switch QEMU holds no capability, so those calls can't
+/// regain anything: they only move among the unprivileged ids it already has.
 pub const SECCOMP_SANDBOX: &str =
-    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+    "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny";
 
 /// Size of TCG's translation cache.
 pub const TCG_TB_SIZE_MIB: u32 = 32;
@@ -182,6 +192,7 @@ mod tests {
             virtiofs_tag: "cocoon".into(),
             nics: vec![],
             hotplug_slots: 0,
+            run_as: Some((1_879_048_200, 1_879_048_200)),
         }
     }
 
@@ -285,8 +296,9 @@ mod tests {
         assert!(args.iter().any(|a| a == "-nodefaults") && args.iter().any(|a| a == "-no-reboot"));
         assert_eq!(
             values(&args, "-sandbox"),
-            ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+            ["on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"]
         );
+        assert_eq!(values(&args, "-runas"), ["1879048200:1879048200"]);
     }
 
     #[test]

@@ -48,14 +48,27 @@ impl NicHotplug for QemuHotplug {
             )));
         }
         let netdev = format!("hpnet{n}");
-        let vhost = std::path::Path::new("/dev/vhost-net").exists();
+        // QEMU runs unprivileged by now (`-runas`) and can't open /dev/vhost-net itself: the
+        // driver opens it and hands the fd over with the tap's.
+        let vhost = match std::path::Path::new("/dev/vhost-net").exists() {
+            true => Some(
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/vhost-net")
+                    .map_err(|e| Error::io("open /dev/vhost-net", e))?,
+            ),
+            false => None,
+        };
         let mut qmp = self.qmp.lock().await;
         qmp.getfd(&netdev, nic.tap.as_fd()).await?;
-        qmp.execute(
-            "netdev_add",
-            Some(json!({"type": "tap", "id": netdev, "fd": netdev, "vhost": vhost})),
-        )
-        .await?;
+        let mut args = json!({"type": "tap", "id": netdev, "fd": netdev, "vhost": vhost.is_some()});
+        if let Some(f) = &vhost {
+            let name = format!("{netdev}-vhost");
+            qmp.getfd(&name, f.as_fd()).await?;
+            args["vhostfd"] = json!(name);
+        }
+        qmp.execute("netdev_add", Some(args)).await?;
         let added = qmp
             .execute(
                 "device_add",

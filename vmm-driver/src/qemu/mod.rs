@@ -188,6 +188,7 @@ impl QemuVm {
             virtiofs_tag: VIRTIOFS_TAG.into(),
             nics: vec![],
             hotplug_slots: spec.hotplug_nics,
+            run_as: Some(unprivileged_id()?).map(|id| (id, id)),
         };
         let mut launch = launch;
         let mut q = Command::new(&bins.qemu);
@@ -263,17 +264,35 @@ impl QemuVm {
     }
 }
 
-/// A random context id for kernel vsock, outside the reserved 0..=2 and `u32::MAX` (any). Not
-/// derived from the sandbox id, which other users can see: a guessable CID is half of what an
-/// unprivileged host user needs to reach an agent (the pod's key is the other half).
-fn kernel_cid() -> Result<u32> {
+/// The first of the ids a VM's QEMU runs as. systemd leaves 0x70000000..0x7FFE0000 unused
+/// (below it: container ranges; above: its "foreign" range and ids that tools read as
+/// negative), so no user or group of the host owns anything there.
+const VM_ID_BASE: u32 = 0x7000_0000;
+/// How many ids VMs draw from.
+const VM_ID_SPAN: u32 = 1 << 24;
+
+/// A random unprivileged uid (used as gid too) for one VM's QEMU: one per VM, so a QEMU that
+/// a guest took over can't signal or trace another pod's (the odds that two VMs share one are
+/// one in 16 million per pair).
+fn unprivileged_id() -> Result<u32> {
+    Ok(VM_ID_BASE + random_u32()? % VM_ID_SPAN)
+}
+
+fn random_u32() -> Result<u32> {
     let mut b = [0u8; 4];
     std::io::Read::read_exact(
         &mut std::fs::File::open("/dev/urandom").map_err(|e| Error::io("open /dev/urandom", e))?,
         &mut b,
     )
     .map_err(|e| Error::io("read /dev/urandom", e))?;
-    Ok(3 + u32::from_ne_bytes(b) % (u32::MAX - 3))
+    Ok(u32::from_ne_bytes(b))
+}
+
+/// A random context id for kernel vsock, outside the reserved 0..=2 and `u32::MAX` (any). Not
+/// derived from the sandbox id, which other users can see: a guessable CID is half of what an
+/// unprivileged host user needs to reach an agent (the pod's key is the other half).
+fn kernel_cid() -> Result<u32> {
+    Ok(3 + random_u32()? % (u32::MAX - 3))
 }
 
 #[async_trait]
