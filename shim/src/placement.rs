@@ -166,15 +166,9 @@ pub fn raise_oom_score(pids: &[u32], adj: i32) {
 fn with_children(pids: &[u32]) -> Vec<i32> {
     let mut out = vec![];
     for p in pids {
-        let Ok(p) = i32::try_from(*p) else { continue };
-        out.push(p);
-        let children =
-            std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
-        out.extend(
-            children
-                .split_whitespace()
-                .filter_map(|c| c.parse::<i32>().ok()),
-        );
+        let Ok(pid) = i32::try_from(*p) else { continue };
+        out.push(pid);
+        out.extend(vmm_driver::children_of(*p));
     }
     out
 }

@@ -287,7 +287,7 @@ pub(crate) fn make_private(path: &Path) -> Result<()> {
 }
 
 /// The direct children of `pid` (from `/proc`), e.g. virtiofsd's sandboxed server.
-fn children_of(pid: u32) -> Vec<i32> {
+pub fn children_of(pid: u32) -> Vec<i32> {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
         .unwrap_or_default()
         .split_whitespace()

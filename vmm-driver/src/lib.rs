@@ -31,7 +31,7 @@ use async_trait::async_trait;
 pub use boot::kernel_cmdline;
 pub use config::Config;
 pub use console::CONSOLE_CAP;
-pub use daemon::{start_time, tail_lines};
+pub use daemon::{children_of, start_time, tail_lines};
 pub use error::{Error, Result};
 pub use guest::connect_guest;
 pub use run_dir::{recorded_processes, Recorded};
