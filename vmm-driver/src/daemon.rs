@@ -46,6 +46,18 @@ pub(crate) fn resolve_binary(
     which::which_in(configured, Some(extra), "/").map_err(|_| missing())
 }
 
+/// A VMM's exit status, followed by the helpers that are dead too. Which went first is not
+/// known once both are gone (a helper killed after the boot finished takes the VMM with it,
+/// and the supervisor may see the VMM first), so the helpers are named rather than guessed at.
+pub(crate) fn with_helpers(vmm: ExitStatus, helpers: Option<Error>) -> String {
+    match helpers {
+        Some(Error::DaemonExited { name, status, .. }) => {
+            format!("{vmm}; {name} exited too ({status})")
+        }
+        _ => vmm.to_string(),
+    }
+}
+
 /// When process `pid` started, in clock ticks after boot (`/proc/<pid>/stat` field 22): a pid
 /// and its start time name one process even after the pid is reused.
 pub fn start_time(pid: u32) -> Option<u64> {

@@ -272,10 +272,11 @@ impl Vmm for ChVm {
             }
         }
         let status = self.vmm.as_mut()?.try_exited()?;
-        Some(
-            self.dir
-                .vm_exited("cloud-hypervisor.log", status.to_string()),
-        )
+        let helpers = crate::daemon::first_exited([&mut self.virtiofsd]);
+        Some(self.dir.vm_exited(
+            "cloud-hypervisor.log",
+            crate::daemon::with_helpers(status, helpers),
+        ))
     }
 
     async fn wait_exit(&mut self, timeout: Duration) -> bool {

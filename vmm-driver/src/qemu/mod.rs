@@ -17,6 +17,7 @@ use crate::accel::{self, Chosen, HostFacts};
 use crate::boot::{check_image, kernel_cmdline};
 use crate::config::{Config, VsockMode};
 use crate::console::{ConsoleRelay, CONSOLE_CAP};
+use crate::daemon::with_helpers;
 use crate::daemon::{
     exited_within, resolve_binary, wait_for_socket, Daemon, DAEMON_READY, STOP_GRACE,
 };
@@ -325,7 +326,11 @@ impl Vmm for QemuVm {
             }
         }
         let status = self.qemu.as_mut()?.try_exited()?;
-        Some(self.dir.vm_exited("qemu.log", status.to_string()))
+        let helpers = crate::daemon::first_exited([&mut self.virtiofsd, &mut self.vsockd]);
+        Some(
+            self.dir
+                .vm_exited("qemu.log", with_helpers(status, helpers)),
+        )
     }
 
     async fn wait_exit(&mut self, timeout: Duration) -> bool {
