@@ -38,6 +38,27 @@ pub fn pids_mentioning(needle: &Path, what: &str) -> Vec<i32> {
         .collect()
 }
 
+/// The pids of processes mentioning `needle` whose name is `comm` (its first 15 bytes, as
+/// /proc keeps it): a VM's QEMU by name, since QEMU's command line also mentions the helpers'
+/// sockets.
+pub fn pids_named(needle: &Path, comm: &str) -> Vec<i32> {
+    let comm = &comm[..comm.len().min(15)];
+    pids_mentioning(needle, "")
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+        .collect()
+}
+
+/// Sends `sig` to each of `pids`; one that is already gone is skipped (virtiofsd's sandboxed
+/// child can die with its parent first).
+pub fn signal_all(pids: &[i32], sig: nix::sys::signal::Signal) {
+    for pid in pids {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), sig);
+    }
+}
+
 /// Everything left under `dir`, recursively: after a stop there must be nothing.
 pub fn leftovers(dir: &Path) -> Vec<PathBuf> {
     let mut out = vec![];

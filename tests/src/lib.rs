@@ -23,7 +23,9 @@ pub mod volume_bench;
 
 pub use config::{backend_config, test_config, test_hypervisor, write_cocoon_toml};
 pub use gate::{gate, Gate, Need};
-pub use leaks::{assert_no_leaks, leftovers, pids_mentioning, processes_mentioning};
+pub use leaks::{
+    assert_no_leaks, leftovers, pids_mentioning, pids_named, processes_mentioning, signal_all,
+};
 pub use oci::{busybox_rootfs, oci_spec};
 pub use paths::{busybox, image_dir, shim_dir};
 pub use pod::{ctx, streams, Io, Pod};

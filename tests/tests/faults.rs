@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use cocoon_tests::containerd::{Containerd, IMAGE, RUNTIME};
-use cocoon_tests::{gate, pids_mentioning, Need};
+use cocoon_tests::{gate, pids_mentioning, pids_named, signal_all, Need};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -34,22 +34,9 @@ fn task_status(c: &Containerd, id: &str) -> String {
         .to_owned()
 }
 
-/// The pids of the VM's processes named `comm` (its first 15 bytes, as /proc has it), by name:
-/// QEMU's command line mentions both helpers' sockets.
+/// The pids of this containerd's VM processes named `comm`.
 fn vm_processes(c: &Containerd, comm: &str) -> Vec<i32> {
-    let comm = &comm[..comm.len().min(15)];
-    pids_mentioning(&c.cocoon_state, "")
-        .into_iter()
-        .filter(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm)
-        })
-        .collect()
-}
-
-fn signal_all(pids: &[i32], sig: nix::sys::signal::Signal) {
-    for pid in pids {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), sig);
-    }
+    pids_named(&c.cocoon_state, comm)
 }
 
 /// Short agent bounds for this containerd's pods, so that a frozen guest costs seconds.
@@ -318,13 +305,7 @@ async fn a_dead_helper_stops_its_vm_and_the_pod_cleans_up() {
         wait_until("the task to run", 60, || task_status(&c, &id) == "RUNNING");
         // The helper's own processes (virtiofsd is two: the sandboxed one is its child), by
         // name: QEMU's command line mentions both helpers' sockets.
-        let comm = &helper[..helper.len().min(15)];
-        let pids: Vec<i32> = pids_mentioning(&c.cocoon_state, helper)
-            .into_iter()
-            .filter(|p| {
-                std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm)
-            })
-            .collect();
+        let pids = vm_processes(&c, helper);
         if pids.is_empty() {
             eprintln!("{helper}: not running for this VM (kernel vsock?); nothing to kill");
         }

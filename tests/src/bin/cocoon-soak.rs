@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use cocoon_tests::containerd::{Containerd, IMAGE, RUNTIME};
 use cocoon_tests::leaks::{mounts_mentioning, shim_sockets};
-use cocoon_tests::{leftovers, pids_mentioning, processes_mentioning};
+use cocoon_tests::{leftovers, pids_mentioning, pids_named, processes_mentioning, signal_all};
 
 /// Longest any one `ctr` call may take before it counts as wedged.
 const CTR_LIMIT: Duration = Duration::from_secs(150);
@@ -189,21 +189,9 @@ fn wait_status(address: &Path, id: &str, want: &str, limit: Duration) -> bool {
     false
 }
 
-/// The pod's host processes called `comm` (as /proc shows it, 15 bytes at most).
+/// The pod's host processes called `comm`.
 fn pod_processes(state: &Path, id: &str, comm: &str) -> Vec<i32> {
-    let comm = &comm[..comm.len().min(15)];
-    pids_mentioning(&state.join(id), "")
-        .into_iter()
-        .filter(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm)
-        })
-        .collect()
-}
-
-fn signal(pids: &[i32], sig: nix::sys::signal::Signal) {
-    for p in pids {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), sig);
-    }
+    pids_named(&state.join(id), comm)
 }
 
 /// One pod's round: run, two execs, the fault, kill, delete.
@@ -255,7 +243,7 @@ fn cycle(log: &Log, address: &Path, state: &Path, id: &str, fault: Fault) {
                 .iter()
                 .flat_map(|n| pod_processes(state, id, n))
                 .collect();
-            signal(&pids, nix::sys::signal::Signal::SIGKILL);
+            signal_all(&pids, nix::sys::signal::Signal::SIGKILL);
             if !pids.is_empty() {
                 // The pod ends on its own; Delete is what is left to do.
                 if !wait_status(address, id, "STOPPED", Duration::from_secs(60)) {
@@ -271,7 +259,7 @@ fn cycle(log: &Log, address: &Path, state: &Path, id: &str, fault: Fault) {
                 .iter()
                 .flat_map(|n| pod_processes(state, id, n))
                 .collect();
-            signal(&pids, nix::sys::signal::Signal::SIGSTOP);
+            signal_all(&pids, nix::sys::signal::Signal::SIGSTOP);
             op(
                 log,
                 address,
