@@ -142,6 +142,30 @@ pub fn mount_shared() -> Result<()> {
     )
 }
 
+/// A template guest's share: tells the host the guest is ready to be saved, then waits for
+/// the virtio-fs device, which is hot-plugged into each pod restored from the template. The
+/// kernel refuses the mount (EINVAL, "tag not found") until the device is there.
+pub fn wait_for_share() -> Result<()> {
+    let t = crate::logger::uptime_ms();
+    // Straight to the console whatever the log level: the host waits for this line.
+    eprintln!("{}", cocoon_protocol::TEMPLATE_READY);
+    let mut tries = 0u64;
+    loop {
+        match mount_shared() {
+            Ok(()) => break,
+            Err(_) => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+    }
+    log::info!(
+        "share hot-plugged: mounted {} ms after the template was ready ({tries} tries)",
+        crate::logger::uptime_ms() - t
+    );
+    Ok(())
+}
+
 /// Empties the old initramfs root, freeing its memory; `keep` is the new root. Only called
 /// once every mount has moved out, so nothing here can reach into a mounted filesystem.
 fn clear_tree(dir: &Path, keep: &Path) {

@@ -8,6 +8,7 @@ mod init;
 mod logger;
 mod network;
 mod reaper;
+mod refresh;
 mod runner;
 mod server;
 mod spec;
@@ -47,6 +48,11 @@ fn run() -> anyhow::Result<()> {
         return init::power_off();
     }
     init::mount_base()?;
+    // A VM template boots without vsock and virtio-fs devices; they are hot-plugged into each
+    // pod restored from it (vmm-driver's `qemu/template.rs`).
+    let template = cmdline
+        .split_whitespace()
+        .any(|w| w == cocoon_protocol::TEMPLATE_PARAM);
 
     // Serve as soon as vsock works; the rest of bring-up (virtio-fs, overlay) finishes in the
     // background while the host already talks to us. Calls that need it wait for `Booted`.
@@ -58,7 +64,7 @@ fn run() -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("bring-up".into())
         .spawn(move || {
-            let state = bring_up(move |m| {
+            let state = bring_up(template, move |m| {
                 if m == init::VSOCK_TRANSPORT {
                     let _ = vsock_up_tx.send(());
                     let _ = bound_rx.recv_timeout(std::time::Duration::from_secs(1));
@@ -92,13 +98,11 @@ fn run() -> anyhow::Result<()> {
         forward::serve(&gate).context("listen for port-forward connections")?;
         dns::serve(&gate).context("listen for the host's DNS relay")?;
         let manager = containers::Manager::new(reaper, hub, init::SHARED_MOUNT.into());
-        let _server = server::serve(
-            server::Agent::new(start_uptime_ms, booted_rx, manager),
-            &gate,
-            move || {
-                let _ = bound_tx.send(());
-            },
-        )
+        let mut agent = server::Agent::new(start_uptime_ms, booted_rx, manager);
+        agent.template = template;
+        let _server = server::serve(agent, &gate, move || {
+            let _ = bound_tx.send(());
+        })
         .await?;
         log::info!(
             "serving the agent API on vsock port {}",
@@ -109,7 +113,7 @@ fn run() -> anyhow::Result<()> {
 }
 
 /// Loads the modules and mounts the share; failures are kept for the calls that need them.
-fn bring_up(on_module: impl FnMut(&str)) -> server::Booted {
+fn bring_up(template: bool, on_module: impl FnMut(&str)) -> server::Booted {
     let t0 = logger::uptime_ms();
     let modules = init::load_modules(Path::new(init::MODULE_ORDER), on_module);
     let t_modules = logger::uptime_ms();
@@ -117,7 +121,10 @@ fn bring_up(on_module: impl FnMut(&str)) -> server::Booted {
         Ok(m) => {
             // Every module is in, so the initramfs can go; the share mounts on the new root.
             let shared = init::switch_root()
-                .and_then(|()| init::mount_shared())
+                .and_then(|()| match template {
+                    true => init::wait_for_share(),
+                    false => init::mount_shared(),
+                })
                 .map_err(|e| format!("{e:#}"));
             (m, shared)
         }

@@ -9,10 +9,10 @@ use cocoon_protocol::agent::{
     CreateContainerResponse, Empty, ExecProcessRequest, ExecProcessResponse, GetOOMEventRequest,
     GuestDetailsRequest, GuestDetailsResponse, Interface, ListProcessesRequest,
     ListProcessesResponse, ListenPortsRequest, ListenPortsResponse, OOMEvent,
-    PauseContainerRequest, RemoveContainerRequest, ResumeContainerRequest, ShutdownRequest,
-    SignalProcessRequest, StartContainerRequest, StartContainerResponse, StatsContainerRequest,
-    StatsContainerResponse, TtyWinResizeRequest, UpdateContainerRequest, UpdateInterfaceRequest,
-    UpdateRoutesRequest, WaitProcessRequest, WaitProcessResponse,
+    PauseContainerRequest, RefreshRequest, RemoveContainerRequest, ResumeContainerRequest,
+    ShutdownRequest, SignalProcessRequest, StartContainerRequest, StartContainerResponse,
+    StatsContainerRequest, StatsContainerResponse, TtyWinResizeRequest, UpdateContainerRequest,
+    UpdateInterfaceRequest, UpdateRoutesRequest, WaitProcessRequest, WaitProcessResponse,
 };
 use cocoon_protocol::agent_ttrpc::{create_agent_service, AgentService};
 use cocoon_protocol::{ProcessRef, AGENT_PORT, API_VERSION};
@@ -39,6 +39,8 @@ pub struct Agent {
     containers: Manager,
     /// Netlink in the guest's (the pod's) network namespace; None if it could not be opened.
     net: Option<rtnetlink::Handle>,
+    /// Booted as a VM template (`cocoon_protocol::TEMPLATE_PARAM`).
+    pub template: bool,
 }
 
 impl Agent {
@@ -53,6 +55,7 @@ impl Agent {
             booted,
             containers,
             net: None,
+            template: false,
         }
     }
 
@@ -108,6 +111,14 @@ impl AgentService for Agent {
             api_version: API_VERSION,
             ..Default::default()
         })
+    }
+
+    async fn refresh(&self, _ctx: &TtrpcContext, req: RefreshRequest) -> ttrpc::Result<Empty> {
+        crate::refresh::apply(req.unix_time_ns, &req.entropy).map_err(|e| {
+            ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::INTERNAL, format!("{e:#}")))
+        })?;
+        log::debug!("clock and RNG refreshed from the host");
+        Ok(Empty::default())
     }
 
     async fn guest_details(
@@ -368,8 +379,14 @@ fn net_status(e: network::NetError) -> ttrpc::Error {
 
 /// Tells the host the API listens, by connecting to its READY_PORT. A host that polls instead
 /// (kernel vsock) has no listener there; after a few seconds of trying, the agent gives up.
-async fn announce_ready() {
+///
+/// A template guest (`wait_for` set) announces only once bring-up finished: that is after
+/// its restore, when its vsock device has been hot-plugged.
+async fn announce_ready(wait_for: Option<tokio::sync::watch::Receiver<Option<Booted>>>) {
     use tokio::io::AsyncWriteExt;
+    if let Some(mut rx) = wait_for {
+        let _ = rx.wait_for(Option::is_some).await;
+    }
     let addr =
         tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_HOST, cocoon_protocol::READY_PORT);
     for _ in 0..500 {
@@ -412,7 +429,7 @@ pub async fn serve(
     }
     log::debug!("bound");
     bound();
-    tokio::spawn(announce_ready());
+    tokio::spawn(announce_ready(agent.template.then(|| agent.booted.clone())));
     let mut server = server.register_service(create_agent_service(Arc::new(agent)));
     server.start().await?;
     Ok(server)

@@ -27,7 +27,7 @@ impl AgentKey {
     /// A fresh key from the kernel's CSPRNG.
     pub fn generate() -> std::io::Result<AgentKey> {
         let mut k = [0u8; KEY_LEN];
-        std::fs::File::open("/dev/urandom")?.read_exact(&mut k)?;
+        random_fill(&mut k)?;
         Ok(AgentKey(k))
     }
 
@@ -73,4 +73,10 @@ mod tests {
         assert_eq!(AgentKey::from_bytes(&[0; 3]), None);
         assert_eq!(format!("{k:?}"), "AgentKey(..)");
     }
+}
+
+/// Fills `buf` from the host kernel's RNG (`/dev/urandom`): keys, the guest's entropy
+/// (`RefreshRequest`), random ids.
+pub fn random_fill(buf: &mut [u8]) -> std::io::Result<()> {
+    std::fs::File::open("/dev/urandom")?.read_exact(buf)
 }

@@ -41,7 +41,12 @@ pub const GUEST_SHARE: &str = "/run/cocoon/shared";
 /// Where the agent mounts a pod's guest-only tmpfs volumes (`CreateContainerRequest.ephemeral`).
 pub const EPHEMERAL_DIR: &str = "/run/cocoon/ephemeral";
 /// Bumped on every incompatible change to `agent.proto`.
-pub const API_VERSION: u32 = 7;
+pub const API_VERSION: u32 = 8;
+/// Kernel parameter that boots a guest as a VM template (`vmm-driver`'s `qemu/template.rs`):
+/// no vsock or virtio-fs device yet, so the agent waits for them to be hot-plugged.
+pub const TEMPLATE_PARAM: &str = "cocoon.template=1";
+/// The line a template guest's agent writes on its console once it is ready to be saved.
+pub const TEMPLATE_READY: &str = "cocoon-agent: template ready";
 
 pub use dns::DnsFrame;
 pub use process::{ProcessRef, StdioHello, StdioKind};

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use cocoon_protocol::agent::{
-    CheckRequest, GuestDetailsRequest, GuestDetailsResponse, ShutdownRequest,
+    CheckRequest, GuestDetailsRequest, GuestDetailsResponse, RefreshRequest, ShutdownRequest,
 };
 use cocoon_protocol::agent_ttrpc::AgentServiceClient;
 pub use cocoon_protocol::StdioKind;
@@ -28,6 +28,9 @@ const POWEROFF_GRACE: Duration = Duration::from_secs(5);
 /// NICs a pod whose netns the shim made may gain before its first Start (Docker: a network
 /// given at `docker run`, plus any `docker network connect` before start).
 const LATE_NICS: u8 = 4;
+/// Bytes of host entropy a guest gets at boot (`RefreshRequest`): 512 bits, twice what the
+/// kernel needs to count its RNG as seeded.
+const REFRESH_ENTROPY: usize = 64;
 
 /// Where boot time went, measured on the host from the start of [`Sandbox::boot`].
 #[derive(Debug, Clone, Copy)]
@@ -93,7 +96,9 @@ impl Sandbox {
         let t0 = Instant::now();
         let mut vm = vmm_driver::launch(cfg, spec).await?;
         let vmm_started = t0.elapsed();
-        match Self::connect(cfg, vm.as_mut(), t0).await {
+        // The agent's time counts from the VMM it runs in: a launch that first made a VM
+        // template, or tried one and fell back to a kernel boot, does not eat into it.
+        match Self::connect(cfg, vm.as_mut(), t0, Instant::now()).await {
             Ok((agent, agent_connected)) => {
                 let timings = BootTimings {
                     vmm_started,
@@ -132,9 +137,10 @@ impl Sandbox {
         cfg: &Config,
         vm: &mut dyn Vmm,
         t0: Instant,
+        vmm_up: Instant,
     ) -> Result<(AgentServiceClient, Duration)> {
         let timeout =
-            Duration::from_millis(cfg.agent.connect_timeout_ms).saturating_sub(t0.elapsed());
+            Duration::from_millis(cfg.agent.connect_timeout_ms).saturating_sub(vmm_up.elapsed());
         let stream = vmm_driver::connect_guest(vm, AGENT_PORT, Some(READY_PORT), timeout).await?;
         let connected = t0.elapsed();
         let agent = AgentServiceClient::new(Client::new(Socket::new(stream)));
@@ -160,7 +166,39 @@ impl Sandbox {
                 shim: API_VERSION,
             });
         }
+        Self::refresh(&agent, vm, limit).await?;
         Ok((agent, connected))
+    }
+
+    /// Gives the guest the host's clock and fresh entropy before anything runs in it: a VM
+    /// restored from a template starts with the template's clock and RNG state.
+    async fn refresh(agent: &AgentServiceClient, vm: &dyn Vmm, limit: Duration) -> Result<()> {
+        let mut entropy = vec![0u8; REFRESH_ENTROPY];
+        cocoon_protocol::auth::random_fill(&mut entropy).map_err(|source| Error::Io {
+            context: "read /dev/urandom for the guest".into(),
+            source,
+        })?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let req = RefreshRequest {
+            unix_time_ns: i64::try_from(now.as_nanos()).unwrap_or(i64::MAX),
+            entropy,
+            ..Default::default()
+        };
+        tokio::time::timeout(limit, agent.refresh(context::with_duration(limit), &req))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ttrpc::Error::Others(format!(
+                    "no answer within {limit:?} (agent.call_timeout_ms)"
+                )))
+            })
+            .map_err(|source| Error::Agent {
+                call: "Refresh",
+                source,
+                console_tail: vmm_driver::tail_lines(&vm.console_log(), 20),
+            })?;
+        Ok(())
     }
 
     /// Why the VM is gone, if its VMM exited (crash, kill, guest poweroff).

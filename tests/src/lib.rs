@@ -18,6 +18,7 @@ pub mod oci;
 pub mod paths;
 pub mod pod;
 pub mod portforward;
+pub mod template_bench;
 pub mod virtiofsd;
 pub mod volume_bench;
 

@@ -117,7 +117,9 @@ async fn bare_boot_floor_against_agent_ready() {
         return;
     };
     let state = tempfile::tempdir().unwrap();
-    let cfg = test_config(state.path());
+    let mut cfg = test_config(state.path());
+    // A kernel boot against a kernel boot: a VM template would skip what is measured.
+    cfg.vm.template = vmm_driver::config::TemplateMode::Off;
 
     let mut spec = VmSpec::from_config(&cfg, "floor");
     spec.kernel_params = vec!["cocoon.mode=bare".into()];

@@ -68,6 +68,17 @@ impl VirtiofsCache {
     }
 }
 
+/// Whether pod VMs start from a VM template (`qemu/template.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TemplateMode {
+    /// Restore from a saved, booted guest where the backend and the host allow it (QEMU with
+    /// hybrid vsock); boot the kernel otherwise, or when the template fails.
+    Auto,
+    /// Always boot the kernel.
+    Off,
+}
+
 /// How virtiofsd confines itself (its `--sandbox`). There is deliberately no `none`: the guest
 /// can send virtiofsd raw FUSE requests, and without a sandbox an absolute name in one acts on
 /// the host's `/` (Kata's GHSA-2gv2-cffp-j227).
@@ -112,6 +123,9 @@ pub struct Config {
     pub virtiofs_cache: VirtiofsCache,
     /// How virtiofsd is confined; never unconfined.
     pub virtiofsd_sandbox: VirtiofsdSandbox,
+    /// Where VM templates are kept (root only): one saved guest per kernel, initramfs, QEMU
+    /// and VM shape.
+    pub template_dir: PathBuf,
     pub vm: VmDefaults,
     pub agent: AgentSettings,
     pub vmm: VmmSettings,
@@ -129,6 +143,8 @@ pub struct VmDefaults {
     /// Whether pods may size their VM with `io.cocoon.vm.*` annotations (within the maxima).
     /// A pod author is not trusted: an operator can take the choice away.
     pub annotations: bool,
+    /// Start pods from a VM template instead of booting a kernel.
+    pub template: TemplateMode,
 }
 
 /// How long the host waits for the agent. A hung or frozen guest must cost a caller an error
@@ -136,7 +152,8 @@ pub struct VmDefaults {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentSettings {
-    /// From VMM start until the agent must answer its first call.
+    /// From VMM start until the agent must answer its first call; also how long a VM
+    /// template's guest may take to get ready while the template is made.
     pub connect_timeout_ms: u64,
     /// One agent call, from the moment it is queued on the connection to its reply (calls that
     /// wait for the guest by design, a process's exit or the next OOM event, are not bounded).
@@ -178,6 +195,7 @@ impl Default for Config {
             debug_console: false,
             virtiofs_cache: VirtiofsCache::Auto,
             virtiofsd_sandbox: VirtiofsdSandbox::Namespace,
+            template_dir: PathBuf::from("/var/lib/cocoon/templates"),
             vm: VmDefaults::default(),
             agent: AgentSettings::default(),
             vmm: VmmSettings::default(),
@@ -194,6 +212,7 @@ impl Default for VmDefaults {
             max_vcpus: 4,
             max_memory_mib: 4096,
             annotations: true,
+            template: TemplateMode::Auto,
         }
     }
 }

@@ -75,6 +75,10 @@ pub enum Error {
     #[error("QMP: {0}")]
     Qmp(String),
 
+    /// A VM template could not be made or restored; the launch falls back to a cold boot.
+    #[error("VM template: {0}")]
+    Template(String),
+
     #[error(
         "the VM exited before its agent answered ({status}){}",
         tail_suffix(console_tail)

@@ -3,7 +3,9 @@
 //!
 //! Figures: cold `ctr run --rm … true`, Cocoon's phases (from the shim's log timestamps) and
 //! the bare boot-to-init floor, exec latency, stdout throughput, host PSS per idle pod, and
-//! 10 pods started at once. BENCH_RUNS sets the sample count (default 10).
+//! 10 pods started at once, and Cocoon's start from a VM template against a kernel boot
+//! (`template_bench`). BENCH_RUNS sets the sample count (default 10); BENCH_ONLY=template,
+//! cri, docker or volumes runs one part.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark aborts on a broken setup
 
@@ -169,36 +171,6 @@ fn stdout_throughput(c: &Containerd, rt: &Runtime, runs: usize) -> Vec<f64> {
         .collect()
 }
 
-fn pss_kib(pid: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// Host PSS of every Cocoon process (shim, qemu, virtiofsd, vhost-device-vsock), by kind.
-fn cocoon_pss(c: &Containerd) -> BTreeMap<&'static str, u64> {
-    let mut by = BTreeMap::new();
-    for p in cocoon_tests::processes_mentioning(c.dir.path()) {
-        let pid = p.split(':').next().unwrap_or("");
-        let kind = if p.contains("containerd-shim-cocoon") {
-            "shim"
-        } else if p.contains("qemu-system") {
-            "qemu"
-        } else if p.contains("virtiofsd") {
-            "virtiofsd"
-        } else if p.contains("vhost-device-vsock") {
-            "vhost-device-vsock"
-        } else {
-            continue;
-        };
-        *by.entry(kind).or_default() += pss_kib(pid);
-    }
-    by
-}
-
 /// `n` idle pods, each with a guest of `memory_mib` (set through the pod annotation).
 fn idle_pods(c: &Containerd, n: usize, memory_mib: u32) -> Value {
     let mut args = vec!["--runtime".to_owned(), RUNTIME.into()];
@@ -222,7 +194,7 @@ fn idle_pods(c: &Containerd, n: usize, memory_mib: u32) -> Value {
         );
     }
     std::thread::sleep(Duration::from_secs(2));
-    let by = cocoon_pss(c);
+    let by = cocoon_tests::template_bench::cocoon_pss(c);
     let shim_rss = cocoon_tests::processes_mentioning(c.dir.path())
         .iter()
         .filter(|p| p.contains("containerd-shim-cocoon"))
@@ -299,7 +271,9 @@ fn bare_floor(runs: usize) -> Vec<f64> {
         .map(|i| {
             rt.block_on(async {
                 let state = tempfile::tempdir().unwrap();
-                let cfg = cocoon_tests::test_config(state.path());
+                let mut cfg = cocoon_tests::test_config(state.path());
+                // The floor is a kernel boot: never a VM template.
+                cfg.vm.template = vmm_driver::config::TemplateMode::Off;
                 let mut spec = vmm_driver::VmSpec::from_config(&cfg, &format!("floor{i}"));
                 spec.kernel_params = vec!["cocoon.mode=bare".into()];
                 let t0 = Instant::now();
@@ -426,6 +400,13 @@ fn main() {
         println!("{}", cocoon_tests::docker_bench::markdown(&r));
         return;
     }
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("template") {
+        let c = std::sync::Arc::new(Containerd::start());
+        c.import_test_image();
+        let r = cocoon_tests::template_bench::figures(&c, runs);
+        println!("{}", cocoon_tests::template_bench::markdown(&r));
+        return;
+    }
     if std::env::var("BENCH_ONLY").as_deref() == Ok("cri") {
         let cri = tokio::runtime::Runtime::new()
             .unwrap()
@@ -460,6 +441,12 @@ fn main() {
     let mut tput = serde_json::Map::new();
     let mut dens = serde_json::Map::new();
     let mut cold_samples = vec![];
+    // First, so that the template exists before the other figures (the default path).
+    println!("VM template against kernel boot…");
+    res.insert(
+        "template".into(),
+        cocoon_tests::template_bench::figures(&c, runs),
+    );
     for rt in &rts {
         println!("{}: cold start…", rt.name);
         let v = cold_start(&c, rt, runs);
@@ -626,6 +613,8 @@ fn markdown(r: &Value) -> String {
             f(&v["p99_ms"])
         );
     }
+    s += "\n### VM template against kernel boot\n\n";
+    s += &cocoon_tests::template_bench::markdown(&r["template"]);
     s += &cocoon_tests::cri_bench::markdown(&r["cri"]);
     s += &cocoon_tests::volume_bench::markdown(&r["volumes"]);
     s += &cocoon_tests::docker_bench::markdown(&r["docker"]);

@@ -31,7 +31,30 @@ pub struct QemuLaunch {
     pub hotplug_slots: u8,
     /// The unprivileged `uid:gid` QEMU switches to once it opened everything (`-runas`).
     pub run_as: Option<(u32, u32)>,
+    /// This launch's part in a VM template (`template.rs`); None boots the kernel.
+    pub template: Option<TemplateRole>,
 }
+
+/// How a launch relates to a VM template. Both roles make the same machine: migration needs
+/// the restoring QEMU's devices to be the saved one's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TemplateRole {
+    /// Boots the template guest: no vsock or virtio-fs device (vhost-user-vsock can't be
+    /// migrated, and each pod needs its own share), but free root ports to plug them into.
+    Build,
+    /// Restores a pod from the saved template (`-incoming defer`, paused afterwards). The
+    /// vsock and virtio-fs chardevs connect to the pod's daemons at start, while QEMU is still
+    /// root; the devices on them are hot-plugged once the state is in.
+    Restore,
+}
+
+/// Root port of a template pod's hot-plugged vsock device.
+pub const VSOCK_PORT: &str = "tvsock";
+/// Root port of a template pod's hot-plugged virtio-fs device.
+pub const FS_PORT: &str = "tfs";
+/// The chardev ids of the vhost-user vsock and virtio-fs backends.
+pub const VSOCK_CHARDEV: &str = "vsock0";
+pub const FS_CHARDEV: &str = "fs0";
 
 /// The id prefix of the root ports kept free for hot-plugged NICs.
 pub const HOTPLUG_PORT: &str = "hp";
@@ -117,23 +140,42 @@ pub fn qemu_args(l: &QemuLaunch) -> Vec<String> {
         "-qmp",
         &format!("unix:{},server=on,wait=off", p(&l.qmp_socket)),
     ]);
+    // A cold boot has its devices from the start; a template has none (and root ports for
+    // them, below); a restore connects their backends now and adds the devices later.
+    let devices = l.template.is_none();
     match &l.vsock {
-        VsockDevice::VhostUser(sock) => {
-            push(&["-chardev", &format!("socket,id=vsock0,path={}", p(sock))]);
-            push(&["-device", "vhost-user-vsock-pci,chardev=vsock0"]);
+        VsockDevice::VhostUser(sock) if l.template != Some(TemplateRole::Build) => {
+            push(&[
+                "-chardev",
+                &format!("socket,id={VSOCK_CHARDEV},path={}", p(sock)),
+            ]);
+            if devices {
+                push(&[
+                    "-device",
+                    &format!("vhost-user-vsock-pci,chardev={VSOCK_CHARDEV}"),
+                ]);
+            }
         }
-        VsockDevice::Kernel { cid } => {
+        VsockDevice::Kernel { cid } if devices => {
             push(&["-device", &format!("vhost-vsock-pci,guest-cid={cid}")]);
         }
+        _ => {}
     }
-    push(&[
-        "-chardev",
-        &format!("socket,id=fs0,path={}", p(&l.virtiofs_socket)),
-    ]);
-    push(&[
-        "-device",
-        &format!("vhost-user-fs-pci,chardev=fs0,tag={}", l.virtiofs_tag),
-    ]);
+    if l.template != Some(TemplateRole::Build) {
+        push(&[
+            "-chardev",
+            &format!("socket,id={FS_CHARDEV},path={}", p(&l.virtiofs_socket)),
+        ]);
+    }
+    if devices {
+        push(&[
+            "-device",
+            &format!(
+                "vhost-user-fs-pci,chardev={FS_CHARDEV},tag={}",
+                l.virtiofs_tag
+            ),
+        ]);
+    }
     for (i, n) in l.nics.iter().enumerate() {
         let vhost = if n.vhost { "on" } else { "off" };
         push(&[
@@ -156,9 +198,21 @@ pub fn qemu_args(l: &QemuLaunch) -> Vec<String> {
             ),
         ]);
     }
+    if l.template.is_some() {
+        for (id, chassis) in [(VSOCK_PORT, 64), (FS_PORT, 65)] {
+            push(&[
+                "-device",
+                &format!("pcie-root-port,id={id},bus=pcie.0,chassis={chassis}"),
+            ]);
+        }
+    }
     // Free page reporting: the guest hands memory it freed back, so an idle pod's host
     // footprint follows what the guest uses rather than what it once touched.
     push(&["-device", "virtio-balloon-pci,free-page-reporting=on"]);
+    if l.template == Some(TemplateRole::Restore) {
+        // Wait for `migrate-incoming`, and stay paused after it until the devices are in.
+        push(&["-incoming", "defer", "-S"]);
+    }
     a
 }
 
@@ -193,7 +247,44 @@ mod tests {
             nics: vec![],
             hotplug_slots: 0,
             run_as: Some((1_879_048_200, 1_879_048_200)),
+            template: None,
         }
+    }
+
+    #[test]
+    fn a_template_has_free_ports_for_its_devices_and_a_restore_only_their_backends() {
+        let mut l = launch(Chosen::Tcg, VsockDevice::VhostUser("/r/vhost.sock".into()));
+        l.hotplug_slots = 1;
+        l.template = Some(TemplateRole::Build);
+        let build = qemu_args(&l);
+        assert_eq!(
+            values(&build, "-chardev"),
+            ["socket,id=con0,path=/r/console.sock"]
+        );
+        assert_eq!(
+            values(&build, "-device"),
+            [
+                "pcie-root-port,id=hp0,bus=pcie.0,chassis=1",
+                "pcie-root-port,id=tvsock,bus=pcie.0,chassis=64",
+                "pcie-root-port,id=tfs,bus=pcie.0,chassis=65",
+                "virtio-balloon-pci,free-page-reporting=on"
+            ]
+        );
+        assert!(values(&build, "-incoming").is_empty());
+        l.template = Some(TemplateRole::Restore);
+        let restore = qemu_args(&l);
+        // The same machine: every device the template has, and nothing more.
+        assert_eq!(values(&restore, "-device"), values(&build, "-device"));
+        assert_eq!(
+            values(&restore, "-chardev"),
+            [
+                "socket,id=con0,path=/r/console.sock",
+                "socket,id=vsock0,path=/r/vhost.sock",
+                "socket,id=fs0,path=/r/fs.sock"
+            ]
+        );
+        assert_eq!(values(&restore, "-incoming"), ["defer"]);
+        assert!(restore.iter().any(|a| a == "-S"));
     }
 
     #[test]

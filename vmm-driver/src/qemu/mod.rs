@@ -3,6 +3,10 @@
 pub mod cmdline;
 mod hotplug;
 pub mod qmp;
+mod restore;
+pub mod template;
+
+pub use restore::default_identity;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,7 +37,7 @@ use qmp::Qmp;
 const FIRST_NIC_FD: i32 = 3;
 
 /// How long QEMU may take to open its QMP socket.
-const QMP_READY: Duration = Duration::from_secs(10);
+pub(crate) const QMP_READY: Duration = Duration::from_secs(10);
 /// Context id of the guest behind a per-VM vhost-device-vsock; each VM has its own daemon.
 const HYBRID_GUEST_CID: u32 = 3;
 
@@ -47,6 +51,10 @@ pub struct QemuVm {
     vsockd: Option<Daemon>,
     /// Shared with [`hotplug::QemuHotplug`], which adds NICs while the VM runs.
     qmp: Option<Arc<tokio::sync::Mutex<Qmp<UnixStream>>>>,
+    /// NICs added after the boot: the pod's own, for a VM restored from a template, and
+    /// Docker's late ones.
+    hotplug: Option<Arc<hotplug::QemuHotplug>>,
+    /// How many late NICs the spec asked room for.
     hotplug_slots: u8,
     /// Stops the VM when a helper dies (`supervise.rs`).
     supervisor: Option<crate::supervise::Supervisor>,
@@ -89,6 +97,48 @@ impl QemuVm {
             log::warn!("VM {}: {notice}", spec.id);
         }
 
+        let use_template = match (cfg.vm.template, hybrid) {
+            (crate::config::TemplateMode::Off, _) => false,
+            (_, false) => {
+                log::info!(
+                    "VM {}: no VM template with kernel vsock yet; booting the kernel",
+                    spec.id
+                );
+                false
+            }
+            _ if spec.nics.len() + usize::from(spec.hotplug_nics)
+                > usize::from(template::NIC_PORTS) =>
+            {
+                log::info!(
+                    "VM {}: more NICs than a VM template has room for ({}); booting the kernel",
+                    spec.id,
+                    template::NIC_PORTS
+                );
+                false
+            }
+            _ => true,
+        };
+        if use_template {
+            match QemuVm::start(cfg, spec, &bins, chosen, hybrid, true).await {
+                Err(Error::Template(why)) => {
+                    log::warn!("VM {}: {why}; booting the kernel instead", spec.id);
+                }
+                other => return other,
+            }
+        }
+        QemuVm::start(cfg, spec, &bins, chosen, hybrid, false).await
+    }
+
+    /// One attempt: from the template if `from_template`, else a kernel boot. Any failure
+    /// stops everything it started.
+    async fn start(
+        cfg: &Config,
+        spec: &VmSpec,
+        bins: &Binaries,
+        chosen: Chosen,
+        hybrid: bool,
+        from_template: bool,
+    ) -> Result<QemuVm> {
         let dir = RunDir::create(&spec.run_dir)?;
         let endpoint = VsockEndpoint {
             transport: if hybrid {
@@ -105,11 +155,12 @@ impl QemuVm {
             virtiofsd: None,
             vsockd: None,
             qmp: None,
+            hotplug: None,
             hotplug_slots: spec.hotplug_nics,
             supervisor: None,
             console: None,
         };
-        match vm.boot(cfg, spec, &bins, chosen).await {
+        match vm.boot(cfg, spec, bins, chosen, from_template).await {
             Ok(()) => {
                 if let Err(e) = vm.supervise(&spec.id) {
                     log::warn!("VM {}: helpers are not supervised: {e}", spec.id);
@@ -118,8 +169,12 @@ impl QemuVm {
             }
             Err(e) => {
                 // QEMU fails its device setup when a helper died under it; the helper is what
-                // to name.
-                let e = match crate::daemon::first_exited([&mut vm.virtiofsd, &mut vm.vsockd]) {
+                // to name. Not so when QEMU refused a template: the helpers end because it did.
+                let dead = match e {
+                    Error::Template(_) => None,
+                    _ => crate::daemon::first_exited([&mut vm.virtiofsd, &mut vm.vsockd]),
+                };
+                let e = match dead {
                     Some(dead) => {
                         log::warn!("VM {}: {e}", spec.id);
                         dead
@@ -140,6 +195,7 @@ impl QemuVm {
         spec: &VmSpec,
         bins: &Binaries,
         accel: Chosen,
+        from_template: bool,
     ) -> Result<()> {
         let (fs, fs_sock) = spawn_virtiofsd(cfg, &self.dir, &bins.virtiofsd)?;
         self.virtiofsd = Some(fs);
@@ -190,7 +246,11 @@ impl QemuVm {
             nics: vec![],
             hotplug_slots: spec.hotplug_nics,
             run_as: Some(unprivileged_id()?).map(|id| (id, id)),
+            template: None,
         };
+        if from_template {
+            return self.restore(cfg, spec, bins, launch).await;
+        }
         let mut launch = launch;
         let mut q = Command::new(&bins.qemu);
         let mut fds = Vec::with_capacity(spec.nics.len());
@@ -221,7 +281,12 @@ impl QemuVm {
         let qmp = self
             .connect_qmp(&launch.qmp_socket, cfg.vmm.api_timeout())
             .await?;
-        self.qmp = Some(Arc::new(tokio::sync::Mutex::new(qmp)));
+        let qmp = Arc::new(tokio::sync::Mutex::new(qmp));
+        self.hotplug = Some(Arc::new(hotplug::QemuHotplug::new(
+            qmp.clone(),
+            spec.hotplug_nics,
+        )));
+        self.qmp = Some(qmp);
         Ok(())
     }
 
@@ -281,11 +346,7 @@ fn unprivileged_id() -> Result<u32> {
 
 fn random_u32() -> Result<u32> {
     let mut b = [0u8; 4];
-    std::io::Read::read_exact(
-        &mut std::fs::File::open("/dev/urandom").map_err(|e| Error::io("open /dev/urandom", e))?,
-        &mut b,
-    )
-    .map_err(|e| Error::io("read /dev/urandom", e))?;
+    cocoon_protocol::auth::random_fill(&mut b).map_err(|e| Error::io("read /dev/urandom", e))?;
     Ok(u32::from_ne_bytes(b))
 }
 
@@ -344,11 +405,8 @@ impl Vmm for QemuVm {
     }
 
     fn nic_hotplug(&self) -> Option<Arc<dyn crate::NicHotplug>> {
-        let qmp = self.qmp.clone()?;
-        (self.hotplug_slots > 0).then(|| {
-            Arc::new(hotplug::QemuHotplug::new(qmp, self.hotplug_slots))
-                as Arc<dyn crate::NicHotplug>
-        })
+        let h = self.hotplug.clone()?;
+        (self.hotplug_slots > 0).then_some(h as Arc<dyn crate::NicHotplug>)
     }
 
     async fn stop(&mut self) -> Result<()> {
@@ -375,6 +433,7 @@ impl Vmm for QemuVm {
             }
         }
         self.qmp = None;
+        self.hotplug = None;
         // QEMU is gone: the relay reads what is left and ends.
         if let Some(c) = self.console.take() {
             c.finish(STOP_GRACE).await;

@@ -1,0 +1,171 @@
+//! Starting a pod's QEMU from the VM template (`template.rs`) instead of booting the kernel.
+
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::json;
+use tokio::process::Command;
+
+use super::cmdline::{
+    self, QemuLaunch, TemplateRole, FS_CHARDEV, FS_PORT, VSOCK_CHARDEV, VSOCK_PORT,
+};
+use super::{hotplug, template, Binaries, QemuVm};
+use crate::config::Config;
+use crate::daemon::{tail_lines, Daemon};
+use crate::error::{Error, Result};
+use crate::{NicHotplug, VmSpec};
+
+/// How long a QEMU whose QMP session broke during the restore gets to exit.
+const STATE_REFUSED_EXIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The template a pod shaped like `cold` (the launch a kernel boot would use) restores from.
+fn template_launch(cold: &QemuLaunch) -> QemuLaunch {
+    let mut t = cold.clone();
+    t.template = Some(TemplateRole::Build);
+    t.hotplug_slots = template::NIC_PORTS;
+    t.nics = vec![];
+    t.cmdline = format!("{} {}", cold.cmdline, cocoon_protocol::TEMPLATE_PARAM);
+    t
+}
+
+/// Which template a pod of `cfg`'s default shape uses, for `check`.
+pub fn default_identity(cfg: &Config) -> Result<template::Identity> {
+    let qemu = crate::daemon::resolve_binary("qemu-system-x86_64", "qemu", &cfg.paths.qemu)?;
+    let spec = VmSpec::from_config(cfg, "check");
+    let (accel, _) = crate::accel::choose(cfg.accel, &crate::accel::HostFacts::probe())?;
+    let cold = QemuLaunch {
+        name: String::new(),
+        accel,
+        vcpus: spec.vcpus,
+        memory_mib: spec.memory_mib,
+        kernel: cfg.kernel.clone(),
+        initramfs: cfg.initramfs.clone(),
+        cmdline: crate::boot::kernel_cmdline(cfg, &spec),
+        console_socket: "/console".into(),
+        qmp_socket: "/qmp".into(),
+        vsock: cmdline::VsockDevice::VhostUser("/vsock".into()),
+        virtiofs_socket: "/fs".into(),
+        virtiofs_tag: crate::virtiofsd::VIRTIOFS_TAG.into(),
+        nics: vec![],
+        hotplug_slots: 0,
+        run_as: None,
+        template: None,
+    };
+    Ok(template::identity(
+        &cfg.template_dir,
+        &qemu,
+        &template_launch(&cold),
+    ))
+}
+
+impl QemuVm {
+    /// Restores the template into a new QEMU (making the template first if needed), plugs in
+    /// the pod's vsock, share and NICs, and lets the guest run. The daemons already run.
+    /// Problems with the template itself are [`Error::Template`], on which the caller boots
+    /// the kernel instead.
+    pub(super) async fn restore(
+        &mut self,
+        cfg: &Config,
+        spec: &VmSpec,
+        bins: &Binaries,
+        cold: QemuLaunch,
+    ) -> Result<()> {
+        let t0 = Instant::now();
+        let tl = template_launch(&cold);
+        let id = template::identity(&cfg.template_dir, &bins.qemu, &tl);
+        let state = template::ensure(
+            &id,
+            &bins.qemu,
+            &tl,
+            &self.dir,
+            std::time::Duration::from_millis(cfg.agent.connect_timeout_ms),
+            cfg.vmm.api_timeout(),
+        )
+        .await?;
+        let t_template = t0.elapsed();
+
+        let mut rl = tl;
+        rl.template = Some(TemplateRole::Restore);
+        rl.cmdline = cold.cmdline.clone();
+        let mut q = Command::new(&bins.qemu);
+        q.args(cmdline::qemu_args(&rl));
+        log::debug!("VM {}: {:?}", spec.id, q.as_std());
+        self.qemu = Some(self.dir.spawn("qemu", q, spec.netns.as_deref())?);
+        let mut qmp = self
+            .connect_qmp(&rl.qmp_socket, cfg.vmm.api_timeout())
+            .await?;
+        let file = std::fs::File::open(&state)
+            .map_err(|e| Error::Template(format!("open {}: {e}", state.display())))?;
+        qmp.getfd("template", file.as_fd()).await?;
+        qmp.execute("migrate-incoming", Some(json!({"uri": "fd:template"})))
+            .await
+            .map_err(|e| Error::Template(format!("migrate-incoming: {e}")))?;
+        loop {
+            // QEMU exits when it refuses the state; its QMP socket may close first.
+            let status = match qmp.status().await {
+                Ok(s) => s,
+                Err(e) => {
+                    crate::daemon::exited_within(self.qemu.as_mut(), STATE_REFUSED_EXIT).await;
+                    e.to_string()
+                }
+            };
+            if let Some(exit) = self.qemu.as_mut().and_then(Daemon::try_exited) {
+                // This template is no good to anyone.
+                id.discard();
+                return Err(Error::Template(format!(
+                    "QEMU could not restore {} ({exit}): {}; it will be made again",
+                    id.dir.display(),
+                    tail_lines(&self.dir.path("qemu.log"), 5).trim()
+                )));
+            }
+            match status.as_str() {
+                "paused" | "running" => break,
+                "inmigrate" => {}
+                other => {
+                    return Err(Error::Template(format!(
+                        "restoring {}: {other}",
+                        id.dir.display()
+                    )))
+                }
+            }
+            if t0.elapsed() > t_template + template::RESTORE_LIMIT {
+                return Err(Error::Template(format!(
+                    "restoring {} took longer than {:?}",
+                    id.dir.display(),
+                    template::RESTORE_LIMIT
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        drop(file);
+        let t_restored = t0.elapsed();
+        qmp.execute(
+            "device_add",
+            Some(json!({"driver": "vhost-user-vsock-pci", "id": "vsock", "chardev": VSOCK_CHARDEV, "bus": VSOCK_PORT})),
+        )
+        .await?;
+        qmp.execute(
+            "device_add",
+            Some(json!({"driver": "vhost-user-fs-pci", "id": "fs", "chardev": FS_CHARDEV, "tag": cold.virtiofs_tag, "bus": FS_PORT})),
+        )
+        .await?;
+        let qmp = Arc::new(tokio::sync::Mutex::new(qmp));
+        let hp = Arc::new(hotplug::QemuHotplug::new(qmp.clone(), template::NIC_PORTS));
+        for nic in &spec.nics {
+            hp.add_nic(nic).await?;
+        }
+        qmp.lock().await.execute("cont", None).await?;
+        self.hotplug = Some(hp);
+        self.qmp = Some(qmp);
+        log::info!(
+            "VM {}: restored from template {} (template {} ms, state loaded {} ms, devices in {} ms)",
+            spec.id,
+            id.dir.display(),
+            t_template.as_millis(),
+            (t_restored - t_template).as_millis(),
+            (t0.elapsed() - t_restored).as_millis()
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,586 @@
+//! VM templates: a guest booted once, saved, and restored into every pod of the same shape
+//! instead of booting a kernel each time (issue #16).
+//!
+//! Under TCG the kernel's boot is most of a pod's start (~1.8 s to the agent); a restore has
+//! the guest running again in ~0.3 s. The template is a booted guest whose agent is up with
+//! every module loaded but which has no vsock or virtio-fs device: vhost-user-vsock can't be
+//! migrated, and each pod needs its own share and key. Those devices (and the pod's NICs) are
+//! hot-plugged into free root ports after the restore, and the agent picks them up.
+//!
+//! The template holds nothing pod-specific or secret: no key, no share, no network. Each pod's
+//! clock and kernel RNG are refreshed by the host right after the agent answers (the agent's
+//! `Refresh` call), since they are the template's at restore.
+//!
+//! Saving is a plain migration of the stopped template into a file (`migrate fd:`) and a
+//! restore is `-incoming defer` + `migrate-incoming fd:`: both go through fds the driver opens,
+//! so the unprivileged, seccomp-confined QEMU (`-runas`, `spawn=deny`) needs neither a path
+//! nor a shell. The restored RAM is the pod's own shared memfd, as on a cold boot: the vhost-user
+//! daemons must map it.
+//!
+//! A template lives in `<template_dir>/<hash>/` (root only). The hash covers everything the
+//! saved state depends on: the QEMU command line of the template (shape, kernel command line,
+//! devices), and the kernel, initramfs and QEMU binary by path, size, mtime and inode. Any
+//! change names a different template, which is built on first use; templates whose inputs
+//! changed on disk are removed when the next one is built. Builders take a lock, so pods that
+//! start together build one template once.
+
+use std::os::fd::AsFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::net::UnixStream;
+use tokio::process::Command;
+
+use super::cmdline::{qemu_args, QemuLaunch, TemplateRole};
+use super::qmp::Qmp;
+use crate::console::{ConsoleRelay, CONSOLE_CAP};
+use crate::daemon::{tail_lines, Daemon, STOP_GRACE};
+use crate::error::{Error, Result};
+use crate::run_dir::RunDir;
+
+/// Root ports a template VM keeps free for NICs: a pod with more NICs boots cold.
+pub const NIC_PORTS: u8 = 4;
+/// Bumped whenever what a template holds changes in a way its command line does not show.
+const FORMAT: u32 = 1;
+/// How long a pod waits for another pod's build of the same template before it boots cold.
+const BUILD_WAIT: Duration = Duration::from_secs(90);
+/// How long saving the stopped template may take (~100 MB into a file).
+const SAVE_LIMIT: Duration = Duration::from_secs(60);
+/// How long loading the state into a new QEMU may take.
+pub(crate) const RESTORE_LIMIT: Duration = Duration::from_secs(30);
+/// No migration bandwidth cap: QEMU's default (32 MiB/s) would make saving take seconds.
+const UNCAPPED_BYTES_PER_S: u64 = 1 << 40;
+
+/// Which template a launch uses, and what it was derived from.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// `<template_dir>/<hash>`.
+    pub dir: PathBuf,
+    /// The text the hash is taken of.
+    key: String,
+    /// Files the template depends on, with their fingerprints when it was made.
+    inputs: Vec<(PathBuf, String)>,
+}
+
+/// What `meta.json` records next to the saved state; written last, so a template without it
+/// is incomplete.
+#[derive(Debug, Serialize, Deserialize)]
+struct Meta {
+    key: String,
+    inputs: Vec<(PathBuf, String)>,
+    state_bytes: u64,
+    build_ms: u64,
+    built_unix: u64,
+}
+
+/// `failed.json` in a template's directory: why making it failed, so that the pods after
+/// don't each wait for the same failure (a broken guest image) before booting the kernel.
+#[derive(Debug, Serialize, Deserialize)]
+struct Failed {
+    inputs: Vec<(PathBuf, String)>,
+    reason: String,
+    at_unix: u64,
+}
+
+/// How long after a failed build pods boot the kernel without trying again.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(600);
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Size, mtime and inode: what changes when a file is replaced (`make image`, a QEMU upgrade).
+fn fingerprint(path: &Path) -> String {
+    match std::fs::metadata(path) {
+        Ok(m) => format!("{} {}.{} {}", m.size(), m.mtime(), m.mtime_nsec(), m.ino()),
+        Err(_) => "missing".into(),
+    }
+}
+
+/// The template for `launch` (a [`TemplateRole::Build`] launch) run by the QEMU at `qemu`.
+pub fn identity(template_dir: &Path, qemu: &Path, launch: &QemuLaunch) -> Identity {
+    // Per-VM paths are not part of the machine: the same placeholders for every pod.
+    let mut l = launch.clone();
+    l.name = "template".into();
+    l.console_socket = "/console".into();
+    l.qmp_socket = "/qmp".into();
+    l.virtiofs_socket = "/fs".into();
+    l.run_as = None;
+    l.template = Some(TemplateRole::Build);
+    let inputs: Vec<(PathBuf, String)> = [qemu, &launch.kernel, &launch.initramfs]
+        .into_iter()
+        .map(|p| (p.to_owned(), fingerprint(p)))
+        .collect();
+    let mut key = format!("format {FORMAT}\n");
+    for (p, f) in &inputs {
+        key.push_str(&format!("{} {f}\n", p.display()));
+    }
+    key.push_str(&qemu_args(&l).join(" "));
+    let hash = Sha256::digest(key.as_bytes());
+    let name: String = hash.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    Identity {
+        dir: template_dir.join(name),
+        key,
+        inputs,
+    }
+}
+
+impl Identity {
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    fn meta_path(&self) -> PathBuf {
+        self.dir.join("meta.json")
+    }
+
+    /// Why the saved template can't be used, or None if it can.
+    pub fn problem(&self) -> Option<String> {
+        let text = match std::fs::read_to_string(self.meta_path()) {
+            Ok(t) => t,
+            Err(e) => return Some(format!("no {} ({e})", self.meta_path().display())),
+        };
+        let meta: Meta = match serde_json::from_str(&text) {
+            Ok(m) => m,
+            Err(e) => return Some(format!("{} is unreadable: {e}", self.meta_path().display())),
+        };
+        if meta.key != self.key {
+            return Some("it was made from other inputs".into());
+        }
+        match std::fs::metadata(self.state()) {
+            Ok(m) if m.len() == meta.state_bytes => None,
+            Ok(m) => Some(format!(
+                "its state is {} bytes, {} were saved",
+                m.len(),
+                meta.state_bytes
+            )),
+            Err(e) => Some(format!("no state ({e})")),
+        }
+    }
+
+    /// One line for `containerd-shim-cocoon-v2 check`.
+    pub fn describe(&self) -> String {
+        match self.problem() {
+            None => {
+                let size = std::fs::metadata(self.state()).map_or(0, |m| m.len());
+                format!(
+                    "ready at {} ({} MiB)",
+                    self.dir.display(),
+                    size / (1024 * 1024)
+                )
+            }
+            Some(why) => format!(
+                "not made yet at {} ({why}); the first pod makes it",
+                self.dir.display()
+            ),
+        }
+    }
+
+    /// Throws the saved template away, so that the next pod makes it again.
+    pub(crate) fn discard(&self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                log::warn!("remove template {}: {e}", self.dir.display());
+            }
+        }
+    }
+}
+
+/// An exclusive lock on one template, held while it is checked and built.
+struct BuildLock(#[allow(dead_code)] std::fs::File);
+
+async fn lock(id: &Identity) -> Result<BuildLock> {
+    let path = id.dir.with_extension("lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| Error::Template(format!("open {}: {e}", path.display())))?;
+    let start = Instant::now();
+    loop {
+        match rustix::fs::flock(
+            f.as_fd(),
+            rustix::fs::FlockOperation::NonBlockingLockExclusive,
+        ) {
+            Ok(()) => return Ok(BuildLock(f)),
+            Err(rustix::io::Errno::WOULDBLOCK | rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(Error::Template(format!("lock {}: {e}", path.display()))),
+        }
+        if start.elapsed() > BUILD_WAIT {
+            return Err(Error::Template(format!(
+                "another pod has been making {} for {BUILD_WAIT:?}",
+                id.dir.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Makes sure the template exists, building it if not; returns its saved state. The build
+/// runs under `dir` (the pod's run directory), so that a shim killed meanwhile leaves a
+/// recorded process that `shim delete` reaps.
+pub(crate) async fn ensure(
+    id: &Identity,
+    qemu: &Path,
+    launch: &QemuLaunch,
+    dir: &RunDir,
+    wait_ready: Duration,
+    api_limit: Duration,
+) -> Result<PathBuf> {
+    let parent = id.dir.parent().unwrap_or(Path::new("/"));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(parent)
+        .map_err(|e| Error::Template(format!("create {}: {e}", parent.display())))?;
+    let _lock = lock(id).await?;
+    let why = match id.problem() {
+        None => return Ok(id.state()),
+        Some(why) => why,
+    };
+    if let Some(f) = std::fs::read_to_string(id.dir.join("failed.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Failed>(&t).ok())
+    {
+        let ago = unix_now().saturating_sub(f.at_unix);
+        if ago < RETRY_AFTER_FAILURE.as_secs() {
+            return Err(Error::Template(format!(
+                "making {} failed {ago} s ago ({}); it is tried again {RETRY_AFTER_FAILURE:?} after a failure",
+                id.dir.display(),
+                f.reason
+            )));
+        }
+    }
+    log::info!("making VM template {}: {why}", id.dir.display());
+    prune_stale(parent, &id.dir);
+    id.discard();
+    let building = id.dir.with_extension("building");
+    let _ = std::fs::remove_dir_all(&building);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&building)
+        .map_err(|e| Error::Template(format!("create {}: {e}", building.display())))?;
+    let t0 = Instant::now();
+    let built = build(&building, qemu, launch, dir, wait_ready, api_limit).await;
+    let state_bytes = match built {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&building);
+            record_failure(id, &e);
+            return Err(e);
+        }
+    };
+    let meta = Meta {
+        key: id.key.clone(),
+        inputs: id.inputs.clone(),
+        state_bytes,
+        build_ms: u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
+        built_unix: unix_now(),
+    };
+    let text = serde_json::to_string_pretty(&meta).unwrap_or_default();
+    std::fs::write(building.join("meta.json"), text)
+        .and_then(|()| std::fs::rename(&building, &id.dir))
+        .map_err(|e| Error::Template(format!("keep {}: {e}", id.dir.display())))?;
+    log::info!(
+        "made VM template {} in {} ms ({} MiB)",
+        id.dir.display(),
+        meta.build_ms,
+        state_bytes / (1024 * 1024)
+    );
+    Ok(id.state())
+}
+
+fn record_failure(id: &Identity, e: &Error) {
+    let f = Failed {
+        inputs: id.inputs.clone(),
+        reason: e.to_string().lines().next().unwrap_or_default().to_owned(),
+        at_unix: unix_now(),
+    };
+    let written = std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&id.dir)
+        .and_then(|()| {
+            std::fs::write(
+                id.dir.join("failed.json"),
+                serde_json::to_string_pretty(&f).unwrap_or_default(),
+            )
+        });
+    if let Err(e) = written {
+        log::warn!("recording the failure in {}: {e}", id.dir.display());
+    }
+}
+
+/// Removes the templates beside `keep` whose kernel, initramfs or QEMU changed on disk since
+/// they were made: nothing can use them again.
+fn prune_stale(parent: &Path, keep: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let dir = e.path();
+        if dir == keep || !dir.is_dir() {
+            continue;
+        }
+        let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
+        let inputs = read("meta.json")
+            .and_then(|t| serde_json::from_str::<Meta>(&t).ok())
+            .map(|m| m.inputs)
+            .or_else(|| {
+                read("failed.json")
+                    .and_then(|t| serde_json::from_str::<Failed>(&t).ok())
+                    .map(|f| f.inputs)
+            });
+        let Some(inputs) = inputs else {
+            continue;
+        };
+        if inputs.iter().any(|(p, f)| fingerprint(p) != *f) {
+            log::info!("removing stale VM template {}", dir.display());
+            let _ = std::fs::remove_dir_all(&dir);
+            let _ = std::fs::remove_file(dir.with_extension("lock"));
+        }
+    }
+}
+
+/// Boots the template guest, waits for its agent to say it is ready, and saves it into
+/// `<out>/state`; returns the state's size.
+async fn build(
+    out: &Path,
+    qemu: &Path,
+    launch: &QemuLaunch,
+    dir: &RunDir,
+    wait_ready: Duration,
+    api_limit: Duration,
+) -> Result<u64> {
+    let console_log = out.join("console.log");
+    let mut l = launch.clone();
+    l.template = Some(TemplateRole::Build);
+    l.console_socket = dir.path("template-console.sock");
+    l.qmp_socket = dir.path("template-qmp.sock");
+    let _ = std::fs::remove_file(&l.console_socket);
+    let relay = ConsoleRelay::start(&l.console_socket, &console_log, CONSOLE_CAP)?;
+    let mut q = Command::new(qemu);
+    q.args(qemu_args(&l));
+    let mut vm = dir.spawn("qemu-template", q, None)?;
+    let saved = save(&mut vm, &l, out, &console_log, wait_ready, api_limit).await;
+    if saved.is_err() {
+        vm.kill();
+    }
+    if let Err(e) = vm.stop(STOP_GRACE).await {
+        log::debug!("template QEMU: {e}");
+    }
+    relay.finish(STOP_GRACE).await;
+    for f in [&l.console_socket, &l.qmp_socket] {
+        let _ = std::fs::remove_file(f);
+    }
+    let _ = std::fs::remove_file(dir.path("qemu-template.log"));
+    saved
+}
+
+async fn save(
+    vm: &mut Daemon,
+    l: &QemuLaunch,
+    out: &Path,
+    console_log: &Path,
+    wait_ready: Duration,
+    api_limit: Duration,
+) -> Result<u64> {
+    let mut qmp = connect_qmp(vm, &l.qmp_socket, api_limit).await?;
+    // The agent prints the marker once it waits for its devices (agent/src/init.rs).
+    let start = Instant::now();
+    loop {
+        let console = std::fs::read_to_string(console_log).unwrap_or_default();
+        if console.contains(cocoon_protocol::TEMPLATE_READY) {
+            break;
+        }
+        if let Some(status) = vm.try_exited() {
+            return Err(Error::Template(format!(
+                "the template guest exited ({status}) before its agent was ready; console:\n{}",
+                tail_lines(console_log, 20)
+            )));
+        }
+        if start.elapsed() > wait_ready {
+            return Err(Error::Template(format!(
+                "the template guest's agent was not ready within {wait_ready:?}; console:\n{}",
+                tail_lines(console_log, 20)
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    qmp.execute("stop", None).await?;
+    qmp.execute(
+        "migrate-set-parameters",
+        Some(json!({"max-bandwidth": UNCAPPED_BYTES_PER_S})),
+    )
+    .await?;
+    let path = out.join("state");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| Error::Template(format!("create {}: {e}", path.display())))?;
+    qmp.getfd("state", file.as_fd()).await?;
+    qmp.execute("migrate", Some(json!({"uri": "fd:state"})))
+        .await?;
+    let start = Instant::now();
+    loop {
+        let info = qmp.execute("query-migrate", None).await?;
+        match info.get("status").and_then(|s| s.as_str()).unwrap_or("") {
+            "completed" => break,
+            "failed" | "cancelled" => {
+                return Err(Error::Template(format!(
+                    "saving the template failed: {}",
+                    info.get("error-desc")
+                        .and_then(|s| s.as_str())
+                        .unwrap_or("no reason given")
+                )))
+            }
+            _ => {}
+        }
+        if start.elapsed() > SAVE_LIMIT {
+            return Err(Error::Template(format!(
+                "saving the template took longer than {SAVE_LIMIT:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    file.sync_all()
+        .map_err(|e| Error::Template(format!("sync {}: {e}", path.display())))?;
+    let _ = qmp.quit().await;
+    std::fs::metadata(&path)
+        .map(|m| m.len())
+        .map_err(|e| Error::Template(format!("stat {}: {e}", path.display())))
+}
+
+/// Connects to a QEMU's QMP socket once it exists, failing at once if QEMU exited.
+pub(crate) async fn connect_qmp(
+    vm: &mut Daemon,
+    sock: &Path,
+    limit: Duration,
+) -> Result<Qmp<UnixStream>> {
+    let start = tokio::time::Instant::now();
+    loop {
+        if let Some(status) = vm.try_exited() {
+            return Err(Error::DaemonExited {
+                name: vm.name,
+                status: status.to_string(),
+                log_tail: vm.log_tail(10),
+            });
+        }
+        if sock.exists() {
+            if let Ok(q) = Qmp::connect(sock, limit).await {
+                return Ok(q);
+            }
+        }
+        if start.elapsed() > super::QMP_READY {
+            return Err(Error::Qmp(format!(
+                "QEMU did not open {} within {:?}",
+                sock.display(),
+                super::QMP_READY
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::accel::Chosen;
+    use crate::qemu::cmdline::VsockDevice;
+
+    fn launch(dir: &Path) -> QemuLaunch {
+        QemuLaunch {
+            name: "cocoon-a".into(),
+            accel: Chosen::Tcg,
+            vcpus: 1,
+            memory_mib: 256,
+            kernel: dir.join("vmlinuz"),
+            initramfs: dir.join("initramfs.img"),
+            cmdline: "console=ttyS0 cocoon.template=1".into(),
+            console_socket: dir.join("a/console.sock"),
+            qmp_socket: dir.join("a/qmp.sock"),
+            vsock: VsockDevice::VhostUser(dir.join("a/vhost.sock")),
+            virtiofs_socket: dir.join("a/fs.sock"),
+            virtiofs_tag: "cocoon".into(),
+            nics: vec![],
+            hotplug_slots: NIC_PORTS,
+            run_as: Some((1, 1)),
+            template: Some(TemplateRole::Build),
+        }
+    }
+
+    #[test]
+    fn the_template_follows_the_machine_and_its_files_not_the_pod() {
+        let d = tempfile::tempdir().unwrap();
+        let qemu = d.path().join("qemu");
+        for f in ["vmlinuz", "initramfs.img", "qemu"] {
+            std::fs::write(d.path().join(f), f).unwrap();
+        }
+        let l = launch(d.path());
+        let base = identity(d.path(), &qemu, &l).dir;
+
+        // Another pod's sockets, name and uid: the same template.
+        let mut other_pod = l.clone();
+        other_pod.name = "cocoon-b".into();
+        other_pod.console_socket = d.path().join("b/console.sock");
+        other_pod.qmp_socket = d.path().join("b/qmp.sock");
+        other_pod.virtiofs_socket = d.path().join("b/fs.sock");
+        other_pod.run_as = Some((2, 2));
+        assert_eq!(identity(d.path(), &qemu, &other_pod).dir, base);
+
+        // Another shape or kernel command line: another template.
+        let mut bigger = l.clone();
+        bigger.memory_mib = 512;
+        assert_ne!(identity(d.path(), &qemu, &bigger).dir, base);
+        let mut params = l.clone();
+        params.cmdline.push_str(" x=1");
+        assert_ne!(identity(d.path(), &qemu, &params).dir, base);
+
+        // A kernel replaced on disk (`make image`): another template.
+        std::fs::write(d.path().join("vmlinuz"), "a new kernel").unwrap();
+        assert_ne!(identity(d.path(), &qemu, &l).dir, base);
+    }
+
+    #[test]
+    fn a_saved_template_is_used_only_whole_and_from_the_same_inputs() {
+        let d = tempfile::tempdir().unwrap();
+        let qemu = d.path().join("qemu");
+        for f in ["vmlinuz", "initramfs.img", "qemu"] {
+            std::fs::write(d.path().join(f), f).unwrap();
+        }
+        let id = identity(&d.path().join("t"), &qemu, &launch(d.path()));
+        assert!(id.problem().unwrap().contains("no "), "nothing saved yet");
+        std::fs::create_dir_all(&id.dir).unwrap();
+        std::fs::write(id.state(), vec![7u8; 100]).unwrap();
+        let meta = |key: &str, bytes: u64| Meta {
+            key: key.into(),
+            inputs: id.inputs.clone(),
+            state_bytes: bytes,
+            build_ms: 1,
+            built_unix: 1,
+        };
+        let write =
+            |m: Meta| std::fs::write(id.meta_path(), serde_json::to_string(&m).unwrap()).unwrap();
+        write(meta(&id.key, 100));
+        assert_eq!(id.problem(), None);
+        write(meta("format 0", 100));
+        assert!(id.problem().unwrap().contains("other inputs"));
+        write(meta(&id.key, 200));
+        assert!(id.problem().unwrap().contains("200 were saved"));
+
+        // Its kernel changes on disk: removed when another template is made beside it.
+        write(meta(&id.key, 100));
+        std::fs::write(d.path().join("vmlinuz"), "a new kernel").unwrap();
+        prune_stale(&d.path().join("t"), &d.path().join("t/other"));
+        assert!(!id.dir.exists());
+    }
+}
