@@ -269,7 +269,13 @@ pub(crate) async fn ensure(
         .create(&building)
         .map_err(|e| Error::Template(format!("create {}: {e}", building.display())))?;
     let t0 = Instant::now();
-    let built = build(&building, qemu, launch, dir, wait_ready, api_limit).await;
+    // Whatever goes wrong here is the template's: the pod can still boot the kernel.
+    let built = build(&building, qemu, launch, dir, wait_ready, api_limit)
+        .await
+        .map_err(|e| match e {
+            Error::Template(_) => e,
+            other => Error::Template(format!("making {}: {other}", id.dir.display())),
+        });
     let state_bytes = match built {
         Ok(n) => n,
         Err(e) => {
@@ -362,8 +368,10 @@ async fn build(
     let console_log = out.join("console.log");
     let mut l = launch.clone();
     l.template = Some(TemplateRole::Build);
-    l.console_socket = dir.path("template-console.sock");
-    l.qmp_socket = dir.path("template-qmp.sock");
+    // Short names: a socket path must fit in sun_path (108 bytes) below a run dir that
+    // already holds a 64-character pod id.
+    l.console_socket = dir.path("tcons.sock");
+    l.qmp_socket = dir.path("tqmp.sock");
     let _ = std::fs::remove_file(&l.console_socket);
     let relay = ConsoleRelay::start(&l.console_socket, &console_log, CONSOLE_CAP)?;
     let mut q = Command::new(qemu);
