@@ -398,7 +398,7 @@ async fn check_reports_the_guest_and_warns_when_tcg_is_no_boundary() {
 /// The run dir is root's alone, the logs are private, and QEMU runs under its seccomp sandbox
 /// as an unprivileged user without capabilities.
 #[tokio::test]
-async fn the_run_dir_is_private_and_qemu_is_sandboxed() {
+async fn the_run_dir_is_private_and_qemu_and_vhost_device_vsock_are_unprivileged() {
     use std::os::unix::fs::PermissionsExt;
     let Some(_gate) = gate(&[Need::Guest(Hypervisor::Qemu)]).await else {
         return;
@@ -417,9 +417,11 @@ async fn the_run_dir_is_private_and_qemu_is_sandboxed() {
     ] {
         assert_eq!(mode(&spec.run_dir.join(log)), 0o600, "{log}");
     }
-    let (_, qemu) = *sb.vm().pids().iter().find(|(n, _)| *n == "qemu").unwrap();
-    let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap();
-    let field = |k: &str| {
+    let status_of = |name: &str| {
+        let (_, pid) = *sb.vm().pids().iter().find(|(n, _)| *n == name).unwrap();
+        std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap()
+    };
+    let field_of = |status: &str, k: &str| {
         status
             .lines()
             .find_map(|l| l.strip_prefix(k))
@@ -427,6 +429,8 @@ async fn the_run_dir_is_private_and_qemu_is_sandboxed() {
             .trim()
             .to_owned()
     };
+    let status = status_of("qemu");
+    let field = |k: &str| field_of(&status, k);
     assert_eq!(field("Seccomp:"), "2", "QEMU runs without a seccomp filter");
     // Root only to set up: real, effective, saved and filesystem ids are all unprivileged,
     // and no capability is left.
@@ -451,6 +455,48 @@ async fn the_run_dir_is_private_and_qemu_is_sandboxed() {
         "0000000000000000",
         "QEMU kept capabilities"
     );
+    // vhost-device-vsock needs no privilege at all: its own unprivileged id, no capability
+    // (bounding set included), no way to gain one.
+    let vsockd = status_of("vhost-device-vsock");
+    for key in ["Uid:", "Gid:"] {
+        let ids: Vec<u32> = field_of(&vsockd, key)
+            .split_whitespace()
+            .map(|v| v.parse().unwrap())
+            .collect();
+        assert!(
+            ids.len() == 4 && ids.iter().all(|id| *id >= 0x7000_0000),
+            "vhost-device-vsock's {key} {ids:?}"
+        );
+    }
+    for key in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        assert_eq!(
+            field_of(&vsockd, key),
+            "0000000000000000",
+            "vhost-device-vsock {key}"
+        );
+    }
+    assert_eq!(field_of(&vsockd, "NoNewPrivs:"), "1");
+    assert_eq!(field_of(&vsockd, "Groups:"), "");
+    // virtiofsd stays root (it creates files as any uid the guest names) but keeps only the
+    // file capabilities: CHOWN, DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER, FSETID, SETGID,
+    // SETUID, MKNOD, SETFCAP; nothing like SYS_ADMIN, and an empty bounding set.
+    const FILE_CAPS: u64 = 0x8800_00df;
+    let (_, fs) = *sb
+        .vm()
+        .pids()
+        .iter()
+        .find(|(n, _)| *n == "virtiofsd")
+        .unwrap();
+    let mut procs = vec![i32::try_from(fs).unwrap()];
+    procs.extend(vmm_driver::children_of(fs));
+    assert!(procs.len() >= 2, "virtiofsd's sandboxed child: {procs:?}");
+    for pid in procs {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let caps = |k: &str| u64::from_str_radix(&field_of(&st, k), 16).unwrap();
+        assert_eq!(caps("CapEff:") & !FILE_CAPS, 0, "virtiofsd {pid} CapEff");
+        assert_eq!(caps("CapPrm:") & !FILE_CAPS, 0, "virtiofsd {pid} CapPrm");
+        assert_eq!(caps("CapBnd:"), 0, "virtiofsd {pid} CapBnd");
+    }
     sb.shutdown().await.unwrap();
     assert_no_leaks(state.path());
 }

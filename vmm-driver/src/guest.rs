@@ -40,6 +40,17 @@ async fn wait_for_ready(
     let _ = std::fs::remove_file(&path);
     let listener = tokio::net::UnixListener::bind(&path)
         .map_err(|e| Error::io(format!("listen on {}", path.display()), e))?;
+    // The vsock daemon connects here for the guest: it may run as the unprivileged owner of
+    // the socket's directory (`qemu/vsockd.rs`), which must be able to.
+    if let Some(owner) = path.parent().and_then(|d| std::fs::metadata(d).ok()) {
+        use std::os::unix::fs::MetadataExt;
+        std::os::unix::fs::chown(&path, Some(owner.uid()), Some(owner.gid())).map_err(|e| {
+            Error::io(
+                format!("hand {} to its directory's owner", path.display()),
+                e,
+            )
+        })?;
+    }
     let result = loop {
         if let Some(e) = vm.exit_error() {
             break Err(e);

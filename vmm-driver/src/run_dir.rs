@@ -198,6 +198,18 @@ impl RunDir {
                 }
             }
         }
+        // vhost-device-vsock's own directory (`qemu/vsockd.rs`). Its owner is a process the
+        // guest can reach; remove_dir_all unlinks what is there and follows no symlink.
+        match std::fs::remove_dir_all(self.path("vsock")) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Error::io(
+                    format!("remove {}", self.path("vsock").display()),
+                    e,
+                ))
+            }
+        }
         crate::share::unexport(&self.root);
         if self.created_root {
             let _ = std::fs::remove_dir(&self.root);

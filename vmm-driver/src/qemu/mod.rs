@@ -5,6 +5,7 @@ mod hotplug;
 pub mod qmp;
 mod restore;
 pub mod template;
+mod vsockd;
 
 pub use restore::default_identity;
 
@@ -142,7 +143,7 @@ impl QemuVm {
         let dir = RunDir::create(&spec.run_dir)?;
         let endpoint = VsockEndpoint {
             transport: if hybrid {
-                VsockTransport::Hybrid(dir.path("vsock.sock"))
+                VsockTransport::Hybrid(vsockd::uds_path(&dir))
             } else {
                 VsockTransport::Kernel { cid: kernel_cid()? }
             },
@@ -200,15 +201,14 @@ impl QemuVm {
         let (fs, fs_sock) = spawn_virtiofsd(cfg, &self.dir, &bins.virtiofsd)?;
         self.virtiofsd = Some(fs);
 
-        let vhost_sock = self.dir.path("vhost-vsock.sock");
-        if let (Some(bin), Some(uds)) = (&bins.vsockd, self.endpoint.hybrid_socket()) {
-            let mut v = Command::new(bin);
-            v.arg("--vm").arg(format!(
-                "guest-cid={HYBRID_GUEST_CID},uds-path={},socket={}",
-                uds.display(),
-                vhost_sock.display()
-            ));
-            self.vsockd = Some(self.dir.spawn("vhost-device-vsock", v, None)?);
+        let vhost_sock = vsockd::vhost_path(&self.dir);
+        if let Some(bin) = &bins.vsockd {
+            self.vsockd = Some(vsockd::spawn(
+                &self.dir,
+                bin,
+                HYBRID_GUEST_CID,
+                unprivileged_id()?,
+            )?);
         }
         // Both daemons start together; only then can QEMU connect to them.
         if let Some(d) = self.virtiofsd.as_mut() {
