@@ -349,10 +349,10 @@ fn phases(log: &str, runs: usize) -> Value {
             agent_ready.as_secs_f64() * 1000.0,
         );
         let (b, c, s, e, d) = (begin.1, created.1, started.1, exited.1, deleted.1);
-        cols.entry("1 vmm spawn (helpers + qemu + QMP)")
+        cols.entry("1 vmm launch (helpers + qemu + QMP; + restore from the template)")
             .or_default()
             .push(vmm);
-        cols.entry("2 firmware+kernel to agent ready")
+        cols.entry("2 guest to agent ready (kernel boot, or resume)")
             .or_default()
             .push(agent - vmm);
         cols.entry("3 container create (rootfs, stdio, runner)")
