@@ -18,7 +18,7 @@ HELPERS      := virtiofsd@1.14.0 vhost-device-vsock@0.3.0
 
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: setup deps helpers build agent image install test test-cloud-hypervisor bench soak demo clean
+.PHONY: setup deps helpers build agent image install test test-cloud-hypervisor test-template-off bench soak demo clean
 
 setup: deps helpers build image install
 
@@ -69,6 +69,12 @@ test: build image
 test-cloud-hypervisor: image
 	COCOON_TEST_HYPERVISOR=cloud-hypervisor $(CARGO) test --release -p cocoon-tests \
 	  --test cloud_hypervisor --test containers --test ctr -- --nocapture
+
+# The shim's end-to-end suites with every pod booting its kernel (vm.template = "off"); `make
+# test` runs them from the VM template, the default.
+test-template-off: image
+	COCOON_TEST_TEMPLATE=off $(CARGO) test --release -p cocoon-tests \
+	  --test ctr --test containers --test cri --test docker --test faults --test volumes
 
 # Cocoon vs runc vs gVisor on one machine in one run; BENCH_RUNS=N samples per figure.
 # Writes target/bench/results.{json,md}. Not a test: nothing here asserts on timing.

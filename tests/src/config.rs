@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use vmm_driver::config::Hypervisor;
+use vmm_driver::config::{Hypervisor, TemplateMode};
 use vmm_driver::Config;
 
 use crate::paths::image_dir;
@@ -16,7 +16,21 @@ fn image_config(state: &Path) -> Config {
         kernel: img.join("vmlinuz"),
         initramfs: img.join("initramfs.img"),
         state_dir: state.to_owned(),
+        vm: vmm_driver::config::VmDefaults {
+            template: test_template(),
+            ..Config::default().vm
+        },
         ..Config::default()
+    }
+}
+
+/// How the suites start pods: `COCOON_TEST_TEMPLATE=auto` (the default: from a VM template)
+/// or `off` (a kernel boot each), so that both paths can run every suite.
+pub fn test_template() -> TemplateMode {
+    match std::env::var("COCOON_TEST_TEMPLATE").as_deref() {
+        Err(_) | Ok("" | "auto") => TemplateMode::Auto,
+        Ok("off") => TemplateMode::Off,
+        Ok(other) => panic!("COCOON_TEST_TEMPLATE={other}: use auto or off"),
     }
 }
 
@@ -67,7 +81,11 @@ pub fn write_cocoon_toml(path: &Path, hypervisor: Hypervisor, state_dir: &Path) 
             cfg.state_dir.display(),
             cfg.kernel.display(),
             cfg.initramfs.display()
-        ) + &std::env::var("COCOON_TEST_GUEST_LOG")
+        ) + match cfg.vm.template {
+            // A dotted key, so that lines appended after it stay top-level.
+            TemplateMode::Off => "vm.template = \"off\"\n",
+            TemplateMode::Auto => "",
+        } + &std::env::var("COCOON_TEST_GUEST_LOG")
             .map(|level| format!("log_level = \"{level}\"\n"))
             .unwrap_or_default(),
     )
@@ -91,6 +109,7 @@ mod tests {
             assert_eq!(read.state_dir, want.state_dir);
             assert_eq!(read.kernel, want.kernel);
             assert_eq!(read.initramfs, want.initramfs);
+            assert_eq!(read.vm.template, want.vm.template);
         }
     }
 }

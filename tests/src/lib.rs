@@ -16,6 +16,7 @@ pub mod gate;
 pub mod leaks;
 pub mod oci;
 pub mod paths;
+pub mod phases;
 pub mod pod;
 pub mod portforward;
 pub mod template_bench;

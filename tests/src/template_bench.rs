@@ -33,7 +33,12 @@ fn summary(samples: &[f64]) -> Value {
 /// Rewrites the shims' config with `vm.template = mode`; returns the original to restore.
 pub fn set_template(config: &Path, mode: &str) -> String {
     let original = std::fs::read_to_string(config).unwrap_or_default();
-    std::fs::write(config, format!("{original}[vm]\ntemplate = \"{mode}\"\n"))
+    let base: String = original
+        .lines()
+        .filter(|l| !l.starts_with("vm."))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(config, format!("{base}[vm]\ntemplate = \"{mode}\"\n"))
         .unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
     original
 }
@@ -256,6 +261,14 @@ pub fn figures(c: &Arc<Containerd>, runs: usize) -> Value {
         "restore_parts_ms".into(),
         restore_parts(&c.log(), "tpl-cold"),
     );
+    let log = c.log();
+    out.insert(
+        "phases_ms".into(),
+        json!({
+            "cocoon (template)": crate::phases::phases(&log, "tpl-cold", runs),
+            "cocoon (kernel boot)": crate::phases::phases(&log, "kern-cold", runs),
+        }),
+    );
     out.insert("ten_at_once".into(), dense.into());
     out.insert("idle_pss".into(), pss.into());
     Value::Object(out)
@@ -284,6 +297,18 @@ pub fn markdown(r: &Value) -> String {
     s += "\n| template start, part | median ms | p90 |\n|---|---|---|\n";
     for (k, v) in r["restore_parts_ms"].as_object().into_iter().flatten() {
         s += &format!("| {k} | {} | {} |\n", f(&v["median"]), f(&v["p90"]));
+    }
+    s += "\n| phase (median ms) | template | kernel boot |\n|---|---|---|\n";
+    let (t, k) = (
+        &r["phases_ms"]["cocoon (template)"],
+        &r["phases_ms"]["cocoon (kernel boot)"],
+    );
+    for (name, v) in t.as_object().into_iter().flatten() {
+        s += &format!(
+            "| {name} | {} | {} |\n",
+            f(&v["median"]),
+            f(&k[name]["median"])
+        );
     }
     s += "\n| 10 pods at once | all ready ms | succeeded |\n|---|---|---|\n";
     for (k, v) in r["ten_at_once"].as_object().into_iter().flatten() {

@@ -22,7 +22,7 @@ fn configure(c: &Containerd, templates: &Path, mode: &str, extra: &str) {
     let base: String = base
         .lines()
         .take_while(|l| !l.starts_with("template_dir") && !l.starts_with('['))
-        .filter(|l| !l.starts_with("kernel_params"))
+        .filter(|l| !l.starts_with("kernel_params") && !l.starts_with("vm."))
         .map(|l| format!("{l}\n"))
         .collect();
     std::fs::write(
