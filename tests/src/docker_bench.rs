@@ -7,15 +7,10 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use crate::docker::{Docker, ALIAS, DOCKER_IMAGE};
+use crate::stats::summary;
 
 /// The runtimes measured: (row name, `--runtime` value).
 const RUNTIMES: [(&str, &str); 3] = [("cocoon", ALIAS), ("runc", "runc"), ("gVisor", "runsc")];
-
-fn summary(mut s: Vec<f64>) -> Value {
-    s.sort_by(f64::total_cmp);
-    let pick = |q: f64| s[((s.len() as f64 - 1.0) * q).round() as usize];
-    json!({"median": pick(0.5), "p90": pick(0.9), "min": s[0], "n": s.len()})
-}
 
 /// `runs` cold starts per runtime (after one warm-up each); the first error instead where one
 /// fails.
@@ -43,7 +38,7 @@ pub fn figures(runs: usize) -> Value {
         }
         let v = match error {
             Some(e) => json!({"error": e}),
-            None => summary(samples),
+            None => summary(&samples),
         };
         println!("docker run {name}: {v}");
         out.insert(name.into(), v);

@@ -19,6 +19,7 @@ pub mod paths;
 pub mod phases;
 pub mod pod;
 pub mod portforward;
+pub mod stats;
 pub mod template_bench;
 pub mod virtiofsd;
 pub mod volume_bench;

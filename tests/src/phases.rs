@@ -3,17 +3,9 @@
 use std::collections::BTreeMap;
 
 use cocoon_shim::phase::{Phase, PhaseLine};
-use serde_json::{json, Value};
+use serde_json::Value;
 
-fn summary(samples: &[f64]) -> Value {
-    let mut s = samples.to_vec();
-    if s.is_empty() {
-        return json!(null);
-    }
-    s.sort_by(f64::total_cmp);
-    let pick = |q: f64| s[((s.len() as f64 - 1.0) * q).round() as usize];
-    json!({"median": pick(0.5), "p90": pick(0.9), "min": s[0], "n": s.len()})
-}
+use crate::stats::summary;
 
 /// Cocoon's phases per cold run, from the shim's phase lines in containerd's log (the shim
 /// writes them with `cocoon_shim::phase::PhaseLine`, and this reads them back with the same

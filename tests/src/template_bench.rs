@@ -12,22 +12,13 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::containerd::{Containerd, IMAGE, RUNTIME};
+use crate::stats::summary;
 
 /// The two ways a Cocoon pod starts, named as the results name them.
 pub const PATHS: [(&str, &str); 2] = [("template", "auto"), ("kernel boot", "off")];
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-fn summary(samples: &[f64]) -> Value {
-    let mut s = samples.to_vec();
-    if s.is_empty() {
-        return json!(null);
-    }
-    s.sort_by(f64::total_cmp);
-    let pick = |q: f64| s[((s.len() as f64 - 1.0) * q).round() as usize];
-    json!({"median": pick(0.5), "p90": pick(0.9), "min": s[0], "n": s.len()})
 }
 
 /// Rewrites the shims' config with `vm.template = mode`; returns the original to restore.

@@ -14,6 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cocoon_tests::containerd::{Containerd, IMAGE, RUNTIME};
+use cocoon_tests::stats::summary;
 use serde_json::{json, Value};
 
 #[derive(Debug, Clone)]
@@ -66,14 +67,6 @@ fn ctr(c: &Containerd, rt: &Runtime, pre: &[&str], post: &[&str]) -> std::proces
     args.extend(post.iter().map(|s| (*s).to_owned()));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     c.ctr(&refs)
-}
-
-/// median, p90, min, in the unit given.
-fn summary(samples: &[f64]) -> Value {
-    let mut s = samples.to_vec();
-    s.sort_by(f64::total_cmp);
-    let pick = |q: f64| s[((s.len() as f64 - 1.0) * q).round() as usize];
-    json!({"median": pick(0.5), "p90": pick(0.9), "min": s[0], "n": s.len()})
 }
 
 fn ms(d: Duration) -> f64 {
