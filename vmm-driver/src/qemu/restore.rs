@@ -112,7 +112,7 @@ impl QemuVm {
             };
             if let Some(exit) = self.qemu.as_mut().and_then(Daemon::try_exited) {
                 // This template is no good to anyone.
-                id.discard();
+                id.discard_refused(&file);
                 return Err(Error::Template(format!(
                     "QEMU could not restore {} ({exit}): {}; it will be made again",
                     id.dir.display(),

@@ -190,6 +190,18 @@ impl Identity {
             }
         }
     }
+
+    /// Throws the saved template away if its state is still the file `refused` (opened for a
+    /// restore that QEMU refused): another pod may have made a new one meanwhile.
+    pub(crate) fn discard_refused(&self, refused: &std::fs::File) {
+        let same = match (refused.metadata(), std::fs::metadata(self.state())) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        };
+        if same {
+            self.discard();
+        }
+    }
 }
 
 /// An exclusive lock on one template, held while it is checked and built.
@@ -584,6 +596,21 @@ mod tests {
         assert!(id.problem().unwrap().contains("other inputs"));
         write(meta(&id.key, 200));
         assert!(id.problem().unwrap().contains("200 were saved"));
+
+        // A restore QEMU refused throws away only the state it read, not a newer one.
+        let refused = std::fs::File::open(id.state()).unwrap();
+        std::fs::remove_file(id.state()).unwrap();
+        std::fs::write(id.state(), vec![7u8; 100]).unwrap();
+        id.discard_refused(&refused);
+        assert!(
+            id.state().exists(),
+            "a template made meanwhile was thrown away"
+        );
+        let refused = std::fs::File::open(id.state()).unwrap();
+        id.discard_refused(&refused);
+        assert!(!id.dir.exists());
+        std::fs::create_dir_all(&id.dir).unwrap();
+        std::fs::write(id.state(), vec![7u8; 100]).unwrap();
 
         // Its kernel changes on disk: removed when another template is made beside it.
         write(meta(&id.key, 100));
