@@ -90,6 +90,28 @@ impl std::fmt::Debug for Sandbox {
     }
 }
 
+/// One agent call while the pod boots, bounded by `limit` (`agent.call_timeout_ms`); a
+/// failure carries the console's tail, since the guest may be what broke.
+async fn boot_call<T>(
+    vm: &dyn Vmm,
+    call: &'static str,
+    limit: Duration,
+    fut: impl std::future::Future<Output = ttrpc::Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ttrpc::Error::Others(format!(
+                "no answer within {limit:?} (agent.call_timeout_ms)"
+            )))
+        })
+        .map_err(|source| Error::Agent {
+            call,
+            source,
+            console_tail: vmm_driver::tail_lines(&vm.console_log(), 20),
+        })
+}
+
 impl Sandbox {
     /// Boots the VM and waits until its agent answers.
     pub async fn boot(cfg: &Config, spec: &VmSpec) -> Result<Sandbox> {
@@ -145,21 +167,13 @@ impl Sandbox {
         let connected = t0.elapsed();
         let agent = AgentServiceClient::new(Client::new(Socket::new(stream)));
         let limit = cfg.agent.call_timeout();
-        let check = tokio::time::timeout(
+        let check = boot_call(
+            vm,
+            "Check",
             limit,
             agent.check(context::with_duration(limit), &CheckRequest::new()),
         )
-        .await
-        .unwrap_or_else(|_| {
-            Err(ttrpc::Error::Others(format!(
-                "no answer within {limit:?} (agent.call_timeout_ms)"
-            )))
-        })
-        .map_err(|source| Error::Agent {
-            call: "Check",
-            source,
-            console_tail: vmm_driver::tail_lines(&vm.console_log(), 20),
-        })?;
+        .await?;
         if check.api_version != API_VERSION {
             return Err(Error::ApiMismatch {
                 agent: check.api_version,
@@ -186,19 +200,8 @@ impl Sandbox {
             entropy,
             ..Default::default()
         };
-        tokio::time::timeout(limit, agent.refresh(context::with_duration(limit), &req))
-            .await
-            .unwrap_or_else(|_| {
-                Err(ttrpc::Error::Others(format!(
-                    "no answer within {limit:?} (agent.call_timeout_ms)"
-                )))
-            })
-            .map_err(|source| Error::Agent {
-                call: "Refresh",
-                source,
-                console_tail: vmm_driver::tail_lines(&vm.console_log(), 20),
-            })?;
-        Ok(())
+        let refresh = agent.refresh(context::with_duration(limit), &req);
+        boot_call(vm, "Refresh", limit, refresh).await.map(drop)
     }
 
     /// Why the VM is gone, if its VMM exited (crash, kill, guest poweroff).

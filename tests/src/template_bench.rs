@@ -50,7 +50,8 @@ fn run(c: &Containerd, runtime: &str, id: &str, detach: bool, cmd: &[&str]) -> b
     out.status.success()
 }
 
-fn remove(c: &Containerd, id: &str) {
+/// Kills and removes container `id`, whatever state it is in.
+pub fn remove(c: &Containerd, id: &str) {
     let _ = c.ctr(&["task", "kill", "-s", "SIGKILL", id]);
     for _ in 0..100 {
         if c.ctr(&["task", "delete", id]).status.success() {

@@ -35,6 +35,15 @@ fn configure(c: &Containerd, templates: &Path, mode: &str, extra: &str) {
     .unwrap();
 }
 
+/// A private containerd whose shims keep their templates in its own temp dir, with `mode`.
+fn start(mode: &str) -> (Containerd, PathBuf) {
+    let c = Containerd::start();
+    c.import_test_image();
+    let templates = c.dir.path().join("templates");
+    configure(&c, &templates, mode, "");
+    (c, templates)
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -107,10 +116,7 @@ async fn pods_from_one_template_have_their_own_randomness_and_the_hosts_clock() 
     let Some(_gate) = gate(&[Need::selected_guest()]).await else {
         return;
     };
-    let c = Containerd::start();
-    c.import_test_image();
-    let templates = c.dir.path().join("templates");
-    configure(&c, &templates, "auto", "");
+    let (c, templates) = start("auto");
 
     let first = run_pod(&c, "tpl-a");
     let made = templates_in(&templates);
@@ -145,10 +151,7 @@ async fn a_template_of_other_inputs_is_not_used_and_a_broken_one_is_made_again()
     let Some(_gate) = gate(&[Need::selected_guest()]).await else {
         return;
     };
-    let c = Containerd::start();
-    c.import_test_image();
-    let templates = c.dir.path().join("templates");
-    configure(&c, &templates, "auto", "");
+    let (c, templates) = start("auto");
     run_pod(&c, "inputs-a");
     let first = templates_in(&templates);
     assert_eq!(first.len(), 1);
@@ -203,10 +206,7 @@ async fn with_the_template_off_pods_boot_the_kernel() {
     let Some(_gate) = gate(&[Need::selected_guest()]).await else {
         return;
     };
-    let c = Containerd::start();
-    c.import_test_image();
-    let templates = c.dir.path().join("templates");
-    configure(&c, &templates, "off", "");
+    let (c, templates) = start("off");
     let r = run_pod(&c, "off-a");
     assert!(r.clock + 1 >= r.host_before && r.clock <= r.host_after + 1);
     let log = c.log();

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use cocoon_tests::containerd::{Containerd, IMAGE, RUNTIME};
 use cocoon_tests::stats::summary;
+use cocoon_tests::template_bench::remove;
 use serde_json::{json, Value};
 
 #[derive(Debug, Clone)]
@@ -114,17 +115,6 @@ fn exec_latency(c: &Containerd, rt: &Runtime, runs: usize) -> Vec<f64> {
         .collect();
     remove(c, &id);
     v
-}
-
-fn remove(c: &Containerd, id: &str) {
-    let _ = c.ctr(&["task", "kill", "-s", "SIGKILL", id]);
-    for _ in 0..100 {
-        if c.ctr(&["task", "delete", id]).status.success() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = c.ctr(&["containers", "delete", id]);
 }
 
 /// MB/s of 256 MiB from `dd` in the container to the host through ctr's stdout.
