@@ -38,7 +38,7 @@ use qmp::Qmp;
 const FIRST_NIC_FD: i32 = 3;
 
 /// How long QEMU may take to open its QMP socket.
-pub(crate) const QMP_READY: Duration = Duration::from_secs(10);
+const QMP_READY: Duration = Duration::from_secs(10);
 /// Context id of the guest behind a per-VM vhost-device-vsock; each VM has its own daemon.
 const HYBRID_GUEST_CID: u32 = 3;
 
@@ -229,12 +229,6 @@ impl QemuVm {
         )?);
         let launch = QemuLaunch {
             name: format!("cocoon-{}", spec.id),
-            accel,
-            vcpus: spec.vcpus,
-            memory_mib: spec.memory_mib,
-            kernel: cfg.kernel.clone(),
-            initramfs: cfg.initramfs.clone(),
-            cmdline: kernel_cmdline(cfg, spec),
             console_socket,
             qmp_socket: self.dir.path("qmp.sock"),
             vsock: match &self.endpoint.transport {
@@ -242,11 +236,8 @@ impl QemuVm {
                 VsockTransport::Kernel { cid } => VsockDevice::Kernel { cid: *cid },
             },
             virtiofs_socket: fs_sock,
-            virtiofs_tag: VIRTIOFS_TAG.into(),
-            nics: vec![],
-            hotplug_slots: spec.hotplug_nics,
             run_as: Some(unprivileged_id()?).map(|id| (id, id)),
-            template: None,
+            ..shaped(cfg, spec, accel)
         };
         if from_template {
             return self.restore(cfg, spec, bins, launch).await;
@@ -309,24 +300,66 @@ impl QemuVm {
     }
 
     async fn connect_qmp(&mut self, sock: &Path, limit: Duration) -> Result<Qmp<UnixStream>> {
-        let start = tokio::time::Instant::now();
-        loop {
-            if let Some(status) = self.qemu.as_mut().and_then(Daemon::try_exited) {
-                return Err(self.dir.vm_exited("qemu.log", status.to_string()));
-            }
-            if sock.exists() {
-                if let Ok(q) = Qmp::connect(sock, limit).await {
-                    return Ok(q);
-                }
-            }
-            if start.elapsed() > QMP_READY {
-                return Err(Error::Qmp(format!(
-                    "QEMU did not open {} within {QMP_READY:?}",
-                    sock.display()
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        let Some(qemu) = self.qemu.as_mut() else {
+            return Err(Error::Qmp("QEMU is not running".into()));
+        };
+        let dir = &self.dir;
+        wait_for_qmp(qemu, sock, limit, |_, status| {
+            dir.vm_exited("qemu.log", status.to_string())
+        })
+        .await
+    }
+}
+
+/// The kernel-boot launch of a VM shaped by `cfg` and `spec`, with placeholders for what each
+/// VM has of its own (name, sockets, uid): the one place the machine's shape is set, so that
+/// a pod and `check` name the same template.
+fn shaped(cfg: &Config, spec: &VmSpec, accel: Chosen) -> QemuLaunch {
+    QemuLaunch {
+        name: String::new(),
+        accel,
+        vcpus: spec.vcpus,
+        memory_mib: spec.memory_mib,
+        kernel: cfg.kernel.clone(),
+        initramfs: cfg.initramfs.clone(),
+        cmdline: kernel_cmdline(cfg, spec),
+        console_socket: "/console".into(),
+        qmp_socket: "/qmp".into(),
+        vsock: VsockDevice::VhostUser("/vsock".into()),
+        virtiofs_socket: "/fs".into(),
+        virtiofs_tag: VIRTIOFS_TAG.into(),
+        nics: vec![],
+        hotplug_slots: spec.hotplug_nics,
+        run_as: None,
+        template: None,
+    }
+}
+
+/// Connects to `qemu`'s QMP socket once it exists; if QEMU exits first, the error is what
+/// `exited` makes of it and its status.
+pub(crate) async fn wait_for_qmp(
+    qemu: &mut Daemon,
+    sock: &Path,
+    limit: Duration,
+    exited: impl FnOnce(&Daemon, std::process::ExitStatus) -> Error,
+) -> Result<Qmp<UnixStream>> {
+    let start = tokio::time::Instant::now();
+    loop {
+        if let Some(status) = qemu.try_exited() {
+            return Err(exited(qemu, status));
         }
+        if sock.exists() {
+            if let Ok(q) = Qmp::connect(sock, limit).await {
+                return Ok(q);
+            }
+        }
+        if start.elapsed() > QMP_READY {
+            return Err(Error::Qmp(format!(
+                "QEMU did not open {} within {QMP_READY:?}",
+                sock.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

@@ -34,24 +34,7 @@ pub fn default_identity(cfg: &Config) -> Result<template::Identity> {
     let qemu = crate::daemon::resolve_binary("qemu-system-x86_64", "qemu", &cfg.paths.qemu)?;
     let spec = VmSpec::from_config(cfg, "check");
     let (accel, _) = crate::accel::choose(cfg.accel, &crate::accel::HostFacts::probe())?;
-    let cold = QemuLaunch {
-        name: String::new(),
-        accel,
-        vcpus: spec.vcpus,
-        memory_mib: spec.memory_mib,
-        kernel: cfg.kernel.clone(),
-        initramfs: cfg.initramfs.clone(),
-        cmdline: crate::boot::kernel_cmdline(cfg, &spec),
-        console_socket: "/console".into(),
-        qmp_socket: "/qmp".into(),
-        vsock: cmdline::VsockDevice::VhostUser("/vsock".into()),
-        virtiofs_socket: "/fs".into(),
-        virtiofs_tag: crate::virtiofsd::VIRTIOFS_TAG.into(),
-        nics: vec![],
-        hotplug_slots: 0,
-        run_as: None,
-        template: None,
-    };
+    let cold = super::shaped(cfg, &spec, accel);
     Ok(template::identity(
         &cfg.template_dir,
         &qemu,

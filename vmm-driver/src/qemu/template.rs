@@ -32,11 +32,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use tokio::net::UnixStream;
 use tokio::process::Command;
 
 use super::cmdline::{qemu_args, QemuLaunch, TemplateRole};
-use super::qmp::Qmp;
 use crate::console::{ConsoleRelay, CONSOLE_CAP};
 use crate::daemon::{tail_lines, Daemon, STOP_GRACE};
 use crate::error::{Error, Result};
@@ -412,7 +410,14 @@ async fn save(
     wait_ready: Duration,
     api_limit: Duration,
 ) -> Result<u64> {
-    let mut qmp = connect_qmp(vm, &l.qmp_socket, api_limit).await?;
+    let mut qmp = super::wait_for_qmp(vm, &l.qmp_socket, api_limit, |vm, status| {
+        Error::DaemonExited {
+            name: vm.name,
+            status: status.to_string(),
+            log_tail: vm.log_tail(10),
+        }
+    })
+    .await?;
     // The agent prints the marker once it waits for its devices (agent/src/init.rs).
     let start = Instant::now();
     loop {
@@ -478,37 +483,6 @@ async fn save(
     std::fs::metadata(&path)
         .map(|m| m.len())
         .map_err(|e| Error::Template(format!("stat {}: {e}", path.display())))
-}
-
-/// Connects to a QEMU's QMP socket once it exists, failing at once if QEMU exited.
-pub(crate) async fn connect_qmp(
-    vm: &mut Daemon,
-    sock: &Path,
-    limit: Duration,
-) -> Result<Qmp<UnixStream>> {
-    let start = tokio::time::Instant::now();
-    loop {
-        if let Some(status) = vm.try_exited() {
-            return Err(Error::DaemonExited {
-                name: vm.name,
-                status: status.to_string(),
-                log_tail: vm.log_tail(10),
-            });
-        }
-        if sock.exists() {
-            if let Ok(q) = Qmp::connect(sock, limit).await {
-                return Ok(q);
-            }
-        }
-        if start.elapsed() > super::QMP_READY {
-            return Err(Error::Qmp(format!(
-                "QEMU did not open {} within {:?}",
-                sock.display(),
-                super::QMP_READY
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 #[cfg(test)]

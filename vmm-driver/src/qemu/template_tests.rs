@@ -25,13 +25,19 @@ fn launch(dir: &Path) -> QemuLaunch {
     }
 }
 
-#[test]
-fn the_template_follows_the_machine_and_its_files_not_the_pod() {
+/// A kernel, initramfs and QEMU binary in a temp dir; returns the dir and the QEMU path.
+fn inputs() -> (tempfile::TempDir, PathBuf) {
     let d = tempfile::tempdir().unwrap();
-    let qemu = d.path().join("qemu");
     for f in ["vmlinuz", "initramfs.img", "qemu"] {
         std::fs::write(d.path().join(f), f).unwrap();
     }
+    let qemu = d.path().join("qemu");
+    (d, qemu)
+}
+
+#[test]
+fn the_template_follows_the_machine_and_its_files_not_the_pod() {
+    let (d, qemu) = inputs();
     let l = launch(d.path());
     let base = identity(d.path(), &qemu, &l).dir;
 
@@ -59,11 +65,7 @@ fn the_template_follows_the_machine_and_its_files_not_the_pod() {
 
 #[test]
 fn a_saved_template_is_used_only_whole_and_from_the_same_inputs() {
-    let d = tempfile::tempdir().unwrap();
-    let qemu = d.path().join("qemu");
-    for f in ["vmlinuz", "initramfs.img", "qemu"] {
-        std::fs::write(d.path().join(f), f).unwrap();
-    }
+    let (d, qemu) = inputs();
     let id = identity(&d.path().join("t"), &qemu, &launch(d.path()));
     assert!(id.problem().unwrap().contains("no "), "nothing saved yet");
     std::fs::create_dir_all(&id.dir).unwrap();
