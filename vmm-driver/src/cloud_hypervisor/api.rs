@@ -75,6 +75,9 @@ pub struct SerialConfig {
     pub mode: ConsoleMode,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<PathBuf>,
+    /// For `Socket` mode: the path CH listens on for one reader of the port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
 }
 
 /// The virtio console; Cocoon turns it off (CH's default would take over the shim's tty).

@@ -14,6 +14,7 @@ use tokio::process::Command;
 use crate::accel::HostFacts;
 use crate::boot::{check_image, kernel_cmdline};
 use crate::config::{Accel, Config, VsockMode};
+use crate::console::{ConsoleRelay, CONSOLE_CAP};
 use crate::daemon::{
     exited_within, resolve_binary, tail_lines, wait_for_socket, Daemon, DAEMON_READY, STOP_GRACE,
 };
@@ -67,6 +68,8 @@ pub struct ChVm {
     virtiofsd: Option<Daemon>,
     /// Stops the VM when virtiofsd dies (`supervise.rs`).
     supervisor: Option<crate::supervise::Supervisor>,
+    /// Reads the serial port from CH's console socket into `console.log`, capped.
+    console: Option<ConsoleRelay>,
 }
 
 impl ChVm {
@@ -87,6 +90,13 @@ impl ChVm {
         };
         match booted.await {
             Ok(()) => {
+                // CH bound the console socket at vm.boot and buffers until a reader comes.
+                vm.console = Some(ConsoleRelay::connect(
+                    &vm.dir.path("console.sock"),
+                    &vm.dir.console_log(),
+                    CONSOLE_CAP,
+                    DAEMON_READY,
+                ));
                 // CH made the hybrid vsock socket at vm.create.
                 if let Some(uds) = vm.endpoint.hybrid_socket() {
                     if let Err(e) = crate::daemon::make_private(uds) {
@@ -139,6 +149,7 @@ impl ChVm {
             vmm: None,
             virtiofsd: None,
             supervisor: None,
+            console: None,
         };
         match vm.spawn(cfg, &ch_bin, &fs_bin, spec.netns.as_deref()).await {
             Ok(()) => Ok(vm),
@@ -194,7 +205,8 @@ impl ChVm {
     }
 
     /// The `vm.create` body for this VM: the same image, sizes and kernel command line the QEMU
-    /// backend boots, with this VM's sockets and console file.
+    /// backend boots, with this VM's sockets. The serial port goes to a socket, not a file:
+    /// CH would let a file grow without bound (`console.rs`).
     pub fn vm_config(&self, cfg: &Config, spec: &VmSpec) -> VmConfig {
         let size = u64::from(spec.memory_mib) * MIB;
         let max = u64::from(cfg.vm.max_memory_mib.max(spec.memory_mib)) * MIB;
@@ -214,8 +226,9 @@ impl ChVm {
                 shared: true,
             }),
             serial: Some(SerialConfig {
-                mode: ConsoleMode::File,
-                file: Some(self.dir.console_log()),
+                mode: ConsoleMode::Socket,
+                file: None,
+                socket: Some(self.dir.path("console.sock")),
             }),
             console: Some(ConsoleConfig {
                 mode: ConsoleMode::Off,
@@ -310,6 +323,10 @@ impl Vmm for ChVm {
             if let Err(e) = vmm.stop(STOP_GRACE).await {
                 first.get_or_insert(e);
             }
+        }
+        // CH is gone: the relay reads what is left and ends.
+        if let Some(c) = self.console.take() {
+            c.finish(STOP_GRACE).await;
         }
         if let Some(mut d) = self.virtiofsd.take() {
             if let Err(e) = d.stop(STOP_GRACE).await {

@@ -88,6 +88,7 @@ fn test_vm(dir: &std::path::Path) -> (ChVm, Config, VmSpec) {
         vmm: None,
         virtiofsd: None,
         supervisor: None,
+        console: None,
     };
     (vm, cfg, spec)
 }
@@ -125,11 +126,13 @@ fn vm_create_body_matches_the_schema_and_the_sandbox() {
         json["fs"][0]["socket"],
         run.join("virtiofsd.sock").to_str().unwrap()
     );
-    assert_eq!(json["serial"]["mode"], "File");
+    // A socket the driver reads with its cap, never a file CH grows without bound.
+    assert_eq!(json["serial"]["mode"], "Socket");
     assert_eq!(
-        json["serial"]["file"],
-        run.join("console.log").to_str().unwrap()
+        json["serial"]["socket"],
+        run.join("console.sock").to_str().unwrap()
     );
+    assert!(json["serial"].get("file").is_none());
     assert_eq!(json["console"]["mode"], "Off");
     assert_eq!(json["rng"]["src"], "/dev/urandom");
     assert_eq!(json["payload"]["kernel"], cfg.kernel.to_str().unwrap());
