@@ -142,10 +142,21 @@ pub fn mount_shared() -> Result<()> {
     )
 }
 
-/// A template guest's share: tells the host the guest is ready to be saved, then waits for
+/// A template guest's share: zeroes free memory (`scrub.rs`, a smaller template), tells the
+/// host the guest is ready to be saved, then waits for
 /// the virtio-fs device, which is hot-plugged into each pod restored from the template. The
 /// kernel refuses the mount (EINVAL, "tag not found") until the device is there.
 pub fn wait_for_share() -> Result<()> {
+    let t = crate::logger::uptime_ms();
+    match crate::scrub::zero_free_memory() {
+        Ok(n) => log::info!(
+            "zeroed {} MiB of free memory in {} ms",
+            n >> 20,
+            crate::logger::uptime_ms() - t
+        ),
+        // Only the template's size depends on it.
+        Err(e) => log::warn!("free memory not zeroed: {e:#}"),
+    }
     let t = crate::logger::uptime_ms();
     // Straight to the console whatever the log level: the host waits for this line.
     eprintln!("{}", cocoon_protocol::TEMPLATE_READY);

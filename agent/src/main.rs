@@ -10,6 +10,7 @@ mod network;
 mod reaper;
 mod refresh;
 mod runner;
+mod scrub;
 mod server;
 mod spec;
 mod stdio;

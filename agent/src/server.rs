@@ -93,14 +93,7 @@ impl Agent {
 }
 
 fn mem_total_kib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
+    crate::scrub::meminfo_kib("MemTotal").unwrap_or(0)
 }
 
 #[async_trait]
