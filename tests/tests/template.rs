@@ -128,6 +128,8 @@ async fn pods_from_one_template_have_their_own_randomness_and_the_hosts_clock() 
     let log = c.log();
     assert_eq!(count(&log, "made VM template"), 1, "{log}");
     assert_eq!(count(&log, "restored from template"), 2, "{log}");
+    // Both pods ran from a state without guest RAM's zero pages (`zero_pages.rs`).
+    assert_eq!(count(&log, "zero pages of guest RAM dropped"), 1, "{log}");
     assert!(!log.contains("booting the kernel instead"), "{log}");
 
     assert_ne!(first.random, second.random, "same /dev/urandom bytes");

@@ -6,6 +6,7 @@ pub mod qmp;
 mod restore;
 pub mod template;
 mod vsockd;
+mod zero_pages;
 
 pub use restore::default_identity;
 

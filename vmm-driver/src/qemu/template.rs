@@ -34,7 +34,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::process::Command;
 
-use super::cmdline::{qemu_args, QemuLaunch, TemplateRole};
+use super::cmdline::{qemu_args, QemuLaunch, TemplateRole, RAM_BACKEND};
 use crate::console::{ConsoleRelay, CONSOLE_CAP};
 use crate::daemon::{tail_lines, Daemon, STOP_GRACE};
 use crate::error::{Error, Result};
@@ -399,7 +399,47 @@ async fn build(
         let _ = std::fs::remove_file(f);
     }
     let _ = std::fs::remove_file(dir.path("qemu-template.log"));
-    saved
+    saved?;
+    let state = out.join("state");
+    tokio::task::spawn_blocking(move || drop_zero_pages(&state))
+        .await
+        .map_err(|e| Error::Template(format!("dropping zero pages: {e}")))?
+}
+
+/// Rewrites the saved state without guest RAM's zero pages (`zero_pages.rs`: a restore then
+/// touches only the pages with data); a stream it does not know is kept as it is.
+fn drop_zero_pages(state: &Path) -> Result<u64> {
+    let io =
+        |what: &str, e: std::io::Error| Error::Template(format!("{what} {}: {e}", state.display()));
+    let stream = std::fs::read(state).map_err(|e| io("read", e))?;
+    let stripped = match super::zero_pages::strip_zero_pages(&stream, RAM_BACKEND) {
+        Ok(s) => s,
+        Err(why) => {
+            log::warn!(
+                "VM template state kept whole ({why}): each restore reads every page of guest RAM"
+            );
+            return Ok(stream.len() as u64);
+        }
+    };
+    let tmp = state.with_extension("stripped");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| io("create", e))?;
+    std::io::Write::write_all(&mut f, &stripped.stream)
+        .and_then(|()| f.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, state))
+        .map_err(|e| io("rewrite", e))?;
+    log::info!(
+        "VM template state: {} zero pages of guest RAM dropped ({} -> {} MiB)",
+        stripped.dropped_pages,
+        stream.len() >> 20,
+        stripped.stream.len() >> 20
+    );
+    Ok(stripped.stream.len() as u64)
 }
 
 async fn save(
