@@ -42,8 +42,9 @@ use crate::run_dir::RunDir;
 
 /// Root ports a template VM keeps free for NICs: a pod with more NICs boots cold.
 pub const NIC_PORTS: u8 = 4;
-/// Bumped whenever what a template holds changes in a way its command line does not show.
-const FORMAT: u32 = 1;
+/// Bumped whenever what a template holds changes in a way its command line does not show
+/// (2: the state is saved without guest RAM's zero pages).
+const FORMAT: u32 = 2;
 /// How long a pod waits for another pod's build of the same template before it boots cold.
 const BUILD_WAIT: Duration = Duration::from_secs(90);
 /// How long saving the stopped template may take (~100 MB into a file).
