@@ -130,6 +130,12 @@ impl RunDir {
         self.root.join("console.log")
     }
 
+    /// The guest's serial port: QEMU connects to it, Cloud Hypervisor listens on it
+    /// (`console.rs` relays either into `console.log`).
+    pub(crate) fn console_socket(&self) -> PathBuf {
+        self.root.join("console.sock")
+    }
+
     /// The VMM exited on its own: its own output first (bad flags, KVM errors, unreadable
     /// files), then the guest console.
     pub(crate) fn vm_exited(&self, vmm_log: &str, status: String) -> Error {

@@ -92,7 +92,7 @@ impl ChVm {
             Ok(()) => {
                 // CH bound the console socket at vm.boot and buffers until a reader comes.
                 vm.console = Some(ConsoleRelay::connect(
-                    &vm.dir.path("console.sock"),
+                    &vm.dir.console_socket(),
                     &vm.dir.console_log(),
                     CONSOLE_CAP,
                     DAEMON_READY,
@@ -228,7 +228,7 @@ impl ChVm {
             serial: Some(SerialConfig {
                 mode: ConsoleMode::Socket,
                 file: None,
-                socket: Some(self.dir.path("console.sock")),
+                socket: Some(self.dir.console_socket()),
             }),
             console: Some(ConsoleConfig {
                 mode: ConsoleMode::Off,

@@ -222,7 +222,7 @@ impl QemuVm {
             }
         }
 
-        let console_socket = self.dir.path("console.sock");
+        let console_socket = self.dir.console_socket();
         self.console = Some(ConsoleRelay::start(
             &console_socket,
             &self.dir.console_log(),
