@@ -5,8 +5,6 @@ use std::collections::BTreeMap;
 use cocoon_shim::phase::{Phase, PhaseLine};
 use serde_json::Value;
 
-use crate::stats::summary;
-
 /// Cocoon's phases per cold run, from the shim's phase lines in containerd's log (the shim
 /// writes them with `cocoon_shim::phase::PhaseLine`, and this reads them back with the same
 /// type) and containerd's timestamps; the runs are the containers `<prefix>-0..runs`.
@@ -75,8 +73,5 @@ pub fn phases(log: &str, prefix: &str, runs: usize) -> Value {
             .or_default()
             .push(d - e);
     }
-    cols.into_iter()
-        .map(|(k, v)| (k.to_owned(), summary(&v)))
-        .collect::<serde_json::Map<_, _>>()
-        .into()
+    crate::stats::summaries(cols)
 }

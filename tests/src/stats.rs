@@ -13,6 +13,14 @@ pub fn summary(samples: &[f64]) -> Value {
     json!({"median": pick(0.5), "p90": pick(0.9), "min": s[0], "n": s.len()})
 }
 
+/// One [`summary`] per named column, as a JSON object keyed by the names.
+pub fn summaries(cols: std::collections::BTreeMap<&str, Vec<f64>>) -> Value {
+    cols.into_iter()
+        .map(|(k, v)| (k.to_owned(), summary(&v)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

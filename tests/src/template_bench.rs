@@ -197,10 +197,7 @@ pub fn restore_parts(log: &str, prefix: &str) -> Value {
             }
         }
     }
-    cols.into_iter()
-        .map(|(k, v)| (k.to_owned(), summary(&v)))
-        .collect::<serde_json::Map<_, _>>()
-        .into()
+    crate::stats::summaries(cols)
 }
 
 /// Every template figure; leaves `vm.template` as it found it.

@@ -423,13 +423,7 @@ fn drop_zero_pages(state: &Path) -> Result<u64> {
         }
     };
     let tmp = state.with_extension("stripped");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| io("create", e))?;
+    let mut f = crate::daemon::private_file(&tmp)?;
     std::io::Write::write_all(&mut f, &stripped.stream)
         .and_then(|()| f.sync_all())
         .and_then(|()| std::fs::rename(&tmp, state))
