@@ -355,6 +355,10 @@ impl AgentService for Agent {
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<Empty> {
         log::info!("shutdown requested; powering off");
+        // Whatever the guest wrote is on its way to the host before the reply: the host stops
+        // the VM as soon as it has the answer, without waiting for the guest's own power-off
+        // (which costs ~85 ms of kernel shutdown under TCG).
+        let _ = tokio::task::spawn_blocking(nix::unistd::sync).await;
         // Reply first; the reply needs a moment on the wire before the guest disappears.
         tokio::spawn(async {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;

@@ -54,7 +54,7 @@ pub fn to_status(e: Error) -> sttrpc::Error {
         Error::Boot(_) | Error::Vmm(_) | Error::ApiMismatch { .. } => Code::UNAVAILABLE,
         Error::Netns { .. } => Code::INVALID_ARGUMENT,
         Error::Timeout { .. } => Code::DEADLINE_EXCEEDED,
-        Error::ShutdownTimeout(_) | Error::Io { .. } | Error::Network(_) => Code::INTERNAL,
+        Error::Io { .. } | Error::Network(_) => Code::INTERNAL,
     };
     ttrpc_status(code, e)
 }

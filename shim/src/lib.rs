@@ -59,9 +59,6 @@ pub enum Error {
     #[error("the guest agent speaks API {agent}, this shim speaks {shim}: rebuild the guest image with `make image`")]
     ApiMismatch { agent: u32, shim: u32 },
 
-    #[error("the VM did not power off within {0:?} after Shutdown; it was stopped forcibly")]
-    ShutdownTimeout(Duration),
-
     /// The cocoon config could not be read: nothing can boot until it is fixed.
     #[error("cocoon config: {0}")]
     Config(#[source] vmm_driver::Error),
