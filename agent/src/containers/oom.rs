@@ -84,12 +84,14 @@ pub(super) async fn watch_oom(id: String, tx: mpsc::UnboundedSender<String>) {
                 }
             }
         }
-        let changed = match &mut changes {
-            Some(c) => c.next().await,
-            None => false,
-        };
-        if !changed {
-            tokio::time::sleep(OOM_POLL).await;
+        match &mut changes {
+            Some(c) => {
+                if !c.next().await {
+                    // A watch that failed is not polled again: the file is, from now on.
+                    changes = None;
+                }
+            }
+            None => tokio::time::sleep(OOM_POLL).await,
         }
     }
 }
