@@ -12,7 +12,8 @@ use vmm_driver::config::Hypervisor;
 
 use crate::config::{test_hypervisor, write_cocoon_toml};
 use crate::leaks::{
-    leftovers, mounts_mentioning, processes_mentioning, shim_sockets, SHIM_SOCKETS,
+    dead_new_sockets, leftovers, mounts_mentioning, processes_mentioning, shim_sockets,
+    SHIM_SOCKETS,
 };
 use crate::oci::busybox_rootfs;
 use crate::paths::shim_dir;
@@ -258,10 +259,13 @@ impl Containerd {
         );
         let files = leftovers(&self.cocoon_state);
         assert!(files.is_empty(), "files left behind: {files:#?}");
-        let sockets: Vec<PathBuf> = shim_sockets()
-            .difference(&self.sockets_before)
-            .cloned()
-            .collect();
+        // A shim that is just going away has closed its listener a moment before it unlinks
+        // the socket file.
+        let dead = || dead_new_sockets(Path::new(SHIM_SOCKETS), &self.sockets_before);
+        while t0.elapsed() < Duration::from_secs(15) && !dead().is_empty() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let sockets = dead();
         assert!(
             sockets.is_empty(),
             "shim sockets left in {SHIM_SOCKETS}: {sockets:#?}\ncontainerd log:\n{}",

@@ -107,6 +107,24 @@ pub fn shim_sockets() -> BTreeSet<PathBuf> {
         .collect()
 }
 
+/// The shim sockets in `dir` that are not in `before` and that nothing listens on: files a
+/// dead shim left. A socket a process still serves belongs to a live shim. A live shim of the
+/// containerd under test is already a leak the process check reports (its command line names
+/// the test's directory); one of a test running beside it (a runc pod takes no VM turn) is
+/// not this containerd's leak, and counting it made such a test fail at random.
+pub fn dead_new_sockets(dir: &Path, before: &BTreeSet<PathBuf>) -> Vec<PathBuf> {
+    let now: BTreeSet<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    now.difference(before)
+        .filter(|p| std::os::unix::net::UnixStream::connect(p).is_err())
+        .cloned()
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,5 +173,21 @@ mod tests {
         );
         assert!(processes_mentioning(dir.path()).is_empty());
         assert!(mounts_mentioning(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn a_new_socket_counts_as_left_only_when_nothing_serves_it() {
+        let dir = tempfile::tempdir().unwrap();
+        // Dead but there before the run: not this run's.
+        let old = dir.path().join("old");
+        drop(std::os::unix::net::UnixListener::bind(&old).unwrap());
+        let before = BTreeSet::from([old.clone()]);
+        let live = dir.path().join("live");
+        let _serving = std::os::unix::net::UnixListener::bind(&live).unwrap();
+        let dead = dir.path().join("dead");
+        drop(std::os::unix::net::UnixListener::bind(&dead).unwrap());
+        assert_eq!(dead_new_sockets(dir.path(), &before), vec![dead.clone()]);
+        std::fs::remove_file(&dead).unwrap();
+        assert!(dead_new_sockets(dir.path(), &before).is_empty());
     }
 }
