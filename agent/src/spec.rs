@@ -1,9 +1,10 @@
 //! Turning the OCI spec containerd wrote for the host into one that makes sense in the guest.
 //!
 //! Host-only pieces are dropped: namespace paths (they name host /proc entries), the network
-//! namespace (containers share the guest's for now), host device nodes, hooks (host binaries)
-//! and bind mounts of host paths that do not exist in the guest. The cgroup moves under the
-//! guest's `/cocoon/<id>`. Everything that constrains the process stays.
+//! namespace (containers share the guest's for now), host device nodes, hooks (host binaries),
+//! bind mounts of host paths that do not exist in the guest and the AppArmor profile (a
+//! profile loaded into the host's kernel). The cgroup moves under the guest's `/cocoon/<id>`.
+//! Everything else that constrains the process stays.
 
 use std::path::Path;
 
@@ -63,6 +64,7 @@ pub fn adapt(
             "the OCI spec has no process.args: nothing to run".into(),
         ));
     }
+    drop_host_profile(&mut v["process"], id);
     let readonly = v["root"]["readonly"].as_bool().unwrap_or(false);
     v["root"] = serde_json::json!({ "path": rootfs, "readonly": readonly });
     if let Some(o) = v.as_object_mut() {
@@ -209,9 +211,24 @@ pub fn sysctl_path(key: &str) -> std::path::PathBuf {
     Path::new("/proc/sys").join(key.replace('.', "/"))
 }
 
-/// Checks an exec's process object (spec.process) before it is handed to the runner.
-pub fn check_process(process_json: &[u8]) -> Result<Value, SpecError> {
-    let v: Value = serde_json::from_slice(process_json)
+/// Takes the AppArmor profile out of a process object. Docker and CRI name one whenever the
+/// host runs AppArmor (`docker-default`, `cri-containerd.apparmor.d`), and runc has the host's
+/// kernel apply it. It is a host profile: the guest's kernel has AppArmor but no profiles, so
+/// libcontainer's attempt fails the container ("failed apparmor"), and the VM around the
+/// container is the boundary the profile stood for on the host. Kata's agent ignores it too.
+fn drop_host_profile(process: &mut Value, id: &str) {
+    if let Some(p) = process
+        .as_object_mut()
+        .and_then(|o| o.remove("apparmorProfile"))
+    {
+        log::info!("{id}: AppArmor profile {p} is the host's; not applied in the guest");
+    }
+}
+
+/// Checks an exec's process object (spec.process) of container `id` before it is handed to
+/// the runner, without the host's AppArmor profile.
+pub fn check_process(process_json: &[u8], id: &str) -> Result<Value, SpecError> {
+    let mut v: Value = serde_json::from_slice(process_json)
         .map_err(|e| SpecError(format!("the exec process is not valid JSON: {e}")))?;
     if v["args"].as_array().is_none_or(|a| a.is_empty()) {
         return Err(SpecError(
@@ -220,6 +237,7 @@ pub fn check_process(process_json: &[u8]) -> Result<Value, SpecError> {
     }
     serde_json::from_value::<oci_spec::runtime::Process>(v.clone())
         .map_err(|e| SpecError(format!("the exec process is not valid: {e}")))?;
+    drop_host_profile(&mut v, id);
     Ok(v)
 }
 
@@ -462,10 +480,30 @@ mod tests {
 
     #[test]
     fn exec_process_is_checked() {
-        assert!(check_process(br#"{"args":["ls"],"cwd":"/","user":{"uid":0,"gid":0}}"#).is_ok());
-        assert!(check_process(br#"{"args":[],"cwd":"/"}"#)
+        let ok = br#"{"args":["ls"],"cwd":"/","user":{"uid":0,"gid":0}}"#;
+        assert!(check_process(ok, "c/e").is_ok());
+        assert!(check_process(br#"{"args":[],"cwd":"/"}"#, "c/e")
             .unwrap_err()
             .0
             .contains("no args"));
+    }
+
+    #[test]
+    fn the_hosts_apparmor_profile_is_dropped_and_the_rest_of_the_process_kept() {
+        let spec = json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["true"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+                        "apparmorProfile": "docker-default", "noNewPrivileges": true},
+            "root": {"path": "rootfs"},
+        });
+        let raw = serde_json::to_vec(&spec).unwrap();
+        let v = adapt(&raw, "c1", Path::new("/r"), None, |_| true).unwrap();
+        assert!(v["process"].get("apparmorProfile").is_none(), "{v}");
+        assert_eq!(v["process"]["noNewPrivileges"], true);
+        let exec = br#"{"args":["ls"],"cwd":"/","user":{"uid":0,"gid":0},
+                        "apparmorProfile":"cri-containerd.apparmor.d"}"#;
+        let p = check_process(exec, "c1/e").unwrap();
+        assert!(p.get("apparmorProfile").is_none(), "{p}");
+        assert_eq!(p["args"], json!(["ls"]));
     }
 }

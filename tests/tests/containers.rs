@@ -575,5 +575,41 @@ async fn process_settings_apply_and_close_stdin_ends_input() {
     drop(stdin);
     remove(&pod, "reader").await;
 
+    // Docker and CRI on a host with AppArmor name a host profile (`docker-default`,
+    // `cri-containerd.apparmor.d`) for the container and each exec; runc loads it into the
+    // host's kernel. The guest's kernel has no such profile, and the VM is the boundary: the
+    // container and its exec run.
+    let mut spec = oci_spec(&["sleep", "1000"], false);
+    spec["process"]["apparmorProfile"] = "docker-default".into();
+    let mut io = run(&pod, "confined", spec, streams(false, true, true, false)).await;
+    let mut process = oci_spec(&["true"], false)["process"].clone();
+    process["apparmorProfile"] = "docker-default".into();
+    let stdio = streams(false, true, true, false);
+    let mut eio = pod.io("confined", "e", &stdio).await;
+    let req = ExecProcessRequest {
+        container_id: "confined".into(),
+        exec_id: "e".into(),
+        process_json: serde_json::to_vec(&process).unwrap(),
+        stdio: Some(stdio).into(),
+        ..Default::default()
+    };
+    pod.sb.agent().exec_process(ctx(), &req).await.unwrap();
+    let (_, err) = eio.output().await;
+    assert_eq!(
+        wait(&pod, "confined", "e").await,
+        0,
+        "{}",
+        String::from_utf8_lossy(&err)
+    );
+    let sig = SignalProcessRequest {
+        container_id: "confined".into(),
+        signal: 9,
+        ..Default::default()
+    };
+    pod.sb.agent().signal_process(ctx(), &sig).await.unwrap();
+    io.output().await;
+    assert_eq!(wait(&pod, "confined", "").await, 137);
+    remove(&pod, "confined").await;
+
     pod.shutdown().await;
 }

@@ -28,7 +28,8 @@ impl Manager {
                 "exec {exec_id:?} already exists in container {id:?}"
             )));
         }
-        let process = spec::check_process(process_json).map_err(|e| Failure::Invalid(e.0))?;
+        let process = spec::check_process(process_json, &format!("{id}/{exec_id}"))
+            .map_err(|e| Failure::Invalid(e.0))?;
         let path = c.bundle.join(format!("exec-{exec_id}.json"));
         std::fs::write(&path, process.to_string()).map_err(failed("write the exec process"))?;
         let job = Job::Exec {
