@@ -99,7 +99,12 @@ pub const SHIM_SOCKETS: &str = "/run/containerd/s";
 
 /// The shim sockets that exist now: compare a set taken before a run with one taken after.
 pub fn shim_sockets() -> BTreeSet<PathBuf> {
-    std::fs::read_dir(SHIM_SOCKETS)
+    entries(Path::new(SHIM_SOCKETS))
+}
+
+/// What `dir` holds now (nothing if it can't be read).
+fn entries(dir: &Path) -> BTreeSet<PathBuf> {
+    std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
@@ -113,13 +118,8 @@ pub fn shim_sockets() -> BTreeSet<PathBuf> {
 /// the test's directory); one of a test running beside it (a runc pod takes no VM turn) is
 /// not this containerd's leak, and counting it made such a test fail at random.
 pub fn dead_new_sockets(dir: &Path, before: &BTreeSet<PathBuf>) -> Vec<PathBuf> {
-    let now: BTreeSet<PathBuf> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    now.difference(before)
+    entries(dir)
+        .difference(before)
         .filter(|p| std::os::unix::net::UnixStream::connect(p).is_err())
         .cloned()
         .collect()
@@ -186,6 +186,14 @@ mod tests {
         let _serving = std::os::unix::net::UnixListener::bind(&live).unwrap();
         let dead = dir.path().join("dead");
         drop(std::os::unix::net::UnixListener::bind(&dead).unwrap());
+        // A child another test forks at this moment holds a copy of the closed listener until
+        // it execs (close-on-exec), and the socket still accepts meanwhile: poll briefly.
+        let t0 = std::time::Instant::now();
+        while dead_new_sockets(dir.path(), &before).is_empty()
+            && t0.elapsed() < std::time::Duration::from_secs(2)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         assert_eq!(dead_new_sockets(dir.path(), &before), vec![dead.clone()]);
         std::fs::remove_file(&dead).unwrap();
         assert!(dead_new_sockets(dir.path(), &before).is_empty());

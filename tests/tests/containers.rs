@@ -50,6 +50,16 @@ async fn wait(pod: &Pod, cid: &str, eid: &str) -> i32 {
         .status
 }
 
+/// SIGKILLs the init of `cid`.
+async fn kill(pod: &Pod, cid: &str) {
+    let sig = SignalProcessRequest {
+        container_id: cid.into(),
+        signal: 9,
+        ..Default::default()
+    };
+    pod.sb.agent().signal_process(ctx(), &sig).await.unwrap();
+}
+
 async fn remove(pod: &Pod, cid: &str) {
     let req = RemoveContainerRequest {
         container_id: cid.into(),
@@ -96,12 +106,7 @@ async fn exit_codes_and_output() {
         streams(false, true, true, false),
     )
     .await;
-    let sig = SignalProcessRequest {
-        container_id: "killed".into(),
-        signal: 9,
-        ..Default::default()
-    };
-    pod.sb.agent().signal_process(ctx(), &sig).await.unwrap();
+    kill(&pod, "killed").await;
     io.output().await;
     assert_eq!(wait(&pod, "killed", "").await, 137);
     remove(&pod, "killed").await;
@@ -164,16 +169,24 @@ async fn stdin_round_trips_and_streams_stay_separate() {
     pod.shutdown().await;
 }
 
-fn process_json(args: &[&str], terminal: bool) -> Vec<u8> {
-    serde_json::to_vec(&oci_spec(args, terminal)["process"]).unwrap()
+async fn exec(pod: &Pod, cid: &str, eid: &str, args: &[&str], stdio: StdioStreams) -> Io {
+    let process = oci_spec(args, stdio.terminal)["process"].clone();
+    exec_process(pod, cid, eid, process, stdio).await
 }
 
-async fn exec(pod: &Pod, cid: &str, eid: &str, args: &[&str], stdio: StdioStreams) -> Io {
+/// Starts exec `eid` of `process` (an OCI process object) in `cid`.
+async fn exec_process(
+    pod: &Pod,
+    cid: &str,
+    eid: &str,
+    process: serde_json::Value,
+    stdio: StdioStreams,
+) -> Io {
     let io = pod.io(cid, eid, &stdio).await;
     let req = ExecProcessRequest {
         container_id: cid.into(),
         exec_id: eid.into(),
-        process_json: process_json(args, stdio.terminal),
+        process_json: serde_json::to_vec(&process).unwrap(),
         stdio: Some(stdio).into(),
         ..Default::default()
     };
@@ -585,15 +598,7 @@ async fn process_settings_apply_and_close_stdin_ends_input() {
     let mut process = oci_spec(&["true"], false)["process"].clone();
     process["apparmorProfile"] = "docker-default".into();
     let stdio = streams(false, true, true, false);
-    let mut eio = pod.io("confined", "e", &stdio).await;
-    let req = ExecProcessRequest {
-        container_id: "confined".into(),
-        exec_id: "e".into(),
-        process_json: serde_json::to_vec(&process).unwrap(),
-        stdio: Some(stdio).into(),
-        ..Default::default()
-    };
-    pod.sb.agent().exec_process(ctx(), &req).await.unwrap();
+    let mut eio = exec_process(&pod, "confined", "e", process, stdio).await;
     let (_, err) = eio.output().await;
     assert_eq!(
         wait(&pod, "confined", "e").await,
@@ -601,12 +606,7 @@ async fn process_settings_apply_and_close_stdin_ends_input() {
         "{}",
         String::from_utf8_lossy(&err)
     );
-    let sig = SignalProcessRequest {
-        container_id: "confined".into(),
-        signal: 9,
-        ..Default::default()
-    };
-    pod.sb.agent().signal_process(ctx(), &sig).await.unwrap();
+    kill(&pod, "confined").await;
     io.output().await;
     assert_eq!(wait(&pod, "confined", "").await, 137);
     remove(&pod, "confined").await;
