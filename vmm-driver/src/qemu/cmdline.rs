@@ -33,6 +33,10 @@ pub struct QemuLaunch {
     pub run_as: Option<(u32, u32)>,
     /// This launch's part in a VM template (`template.rs`); None boots the kernel.
     pub template: Option<TemplateRole>,
+    /// Guest RAM in this file (`memory-backend-file`, shared) instead of an anonymous memfd: a
+    /// template's RAM is kept in its directory, and a restored pod's is a memfd the driver
+    /// filled from it, named `/proc/self/fd/<n>`. Shared either way: vhost-user daemons map it.
+    pub ram_file: Option<PathBuf>,
 }
 
 /// How a launch relates to a VM template. Both roles make the same machine: migration needs
@@ -108,11 +112,16 @@ pub fn qemu_args(l: &QemuLaunch) -> Vec<String> {
     push(&["-cpu", cpu]);
     push(&["-smp", &l.vcpus.to_string()]);
     push(&["-m", &mem]);
-    // vhost-user devices need guest memory the daemons can map: shared memfd.
-    push(&[
-        "-object",
-        &format!("memory-backend-memfd,id={RAM_BACKEND},size={mem},share=on"),
-    ]);
+    // vhost-user devices need guest memory the daemons can map: shared, and backed by a file
+    // descriptor QEMU can hand them.
+    let backend = match &l.ram_file {
+        Some(f) => format!(
+            "memory-backend-file,id={RAM_BACKEND},size={mem},mem-path={},share=on",
+            p(f)
+        ),
+        None => format!("memory-backend-memfd,id={RAM_BACKEND},size={mem},share=on"),
+    };
+    push(&["-object", &backend]);
     push(&["-numa", &format!("node,memdev={RAM_BACKEND}")]);
     push(&[
         "-kernel",
@@ -262,6 +271,7 @@ mod tests {
             hotplug_slots: 0,
             run_as: Some((1_879_048_200, 1_879_048_200)),
             template: None,
+            ram_file: None,
         }
     }
 
@@ -298,6 +308,12 @@ mod tests {
             ]
         );
         assert_eq!(values(&restore, "-incoming"), ["defer"]);
+        // A template's guest RAM is a file the driver keeps or fills, still shared.
+        l.ram_file = Some("/proc/self/fd/3".into());
+        assert_eq!(
+            values(&qemu_args(&l), "-object"),
+            ["memory-backend-file,id=mem,size=256M,mem-path=/proc/self/fd/3,share=on"]
+        );
         assert!(restore.iter().any(|a| a == "-S"));
     }
 

@@ -5,8 +5,8 @@ mod hotplug;
 pub mod qmp;
 mod restore;
 pub mod template;
+mod template_ram;
 mod vsockd;
-mod zero_pages;
 
 pub use restore::default_identity;
 
@@ -333,6 +333,7 @@ fn shaped(cfg: &Config, spec: &VmSpec, accel: Chosen) -> QemuLaunch {
         hotplug_slots: spec.hotplug_nics,
         run_as: None,
         template: None,
+        ram_file: None,
     }
 }
 

@@ -4,18 +4,22 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Instant;
 
+use command_fds::{CommandFdExt, FdMapping};
 use serde_json::json;
 use tokio::process::Command;
 
 use super::cmdline::{
     self, QemuLaunch, TemplateRole, FS_CHARDEV, FS_PORT, VSOCK_CHARDEV, VSOCK_PORT,
 };
-use super::{hotplug, template, Binaries, QemuVm};
+use super::{hotplug, template, template_ram, Binaries, QemuVm};
 use crate::config::Config;
 use crate::daemon::{tail_lines, Daemon};
 use crate::error::{Error, Result};
 use crate::{NicHotplug, VmSpec};
 
+/// The fd a restoring QEMU finds the pod's guest RAM memfd on. A restore plugs its NICs over
+/// QMP, so no tap fd is passed at start.
+const RAM_FD: i32 = 3;
 /// How long a QEMU whose QMP session broke during the restore gets to exit.
 const STATE_REFUSED_EXIT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -68,16 +72,34 @@ impl QemuVm {
         .await?;
         let t_template = t0.elapsed();
 
+        // The pod's RAM: a memfd QEMU maps as a file, filled from the template's RAM while
+        // QEMU starts (`template_ram.rs`).
+        let ram = template_ram::memfd(u64::from(tl.memory_mib) << 20)?;
+        let for_qemu = ram
+            .try_clone()
+            .map_err(|e| Error::Template(format!("dup the guest RAM memfd: {e}")))?;
+        let ram_file = id.ram();
+        let filling = tokio::task::spawn_blocking(move || template_ram::fill(&ram_file, &ram));
         let mut rl = tl;
         rl.template = Some(TemplateRole::Restore);
         rl.cmdline = cold.cmdline.clone();
+        rl.ram_file = Some(format!("/proc/self/fd/{RAM_FD}").into());
         let mut q = Command::new(&bins.qemu);
+        q.fd_mappings(vec![FdMapping {
+            parent_fd: for_qemu,
+            child_fd: RAM_FD,
+        }])
+        .map_err(|e| Error::io("hand QEMU the guest RAM", std::io::Error::other(e)))?;
         q.args(cmdline::qemu_args(&rl));
         log::debug!("VM {}: {:?}", spec.id, q.as_std());
         self.qemu = Some(self.dir.spawn("qemu", q, spec.netns.as_deref())?);
         let mut qmp = self
             .connect_qmp(&rl.qmp_socket, cfg.vmm.api_timeout())
             .await?;
+        let copied = filling
+            .await
+            .map_err(|e| Error::Template(format!("filling the guest RAM: {e}")))??;
+        template::set_ignore_shared(&mut qmp).await?;
         let file = std::fs::File::open(&state)
             .map_err(|e| Error::Template(format!("open {}: {e}", state.display())))?;
         qmp.getfd("template", file.as_fd()).await?;
@@ -142,12 +164,13 @@ impl QemuVm {
         self.hotplug = Some(hp);
         self.qmp = Some(qmp);
         log::info!(
-            "VM {}: restored from template {} (template {} ms, state loaded {} ms, devices in {} ms)",
+            "VM {}: restored from template {} (template {} ms, state loaded {} ms, devices in {} ms; {} MiB of RAM copied)",
             spec.id,
             id.dir.display(),
             t_template.as_millis(),
             (t_restored - t_template).as_millis(),
-            (t0.elapsed() - t_restored).as_millis()
+            (t0.elapsed() - t_restored).as_millis(),
+            copied >> 20
         );
         Ok(())
     }

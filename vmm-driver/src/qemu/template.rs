@@ -11,11 +11,13 @@
 //! clock and kernel RNG are refreshed by the host right after the agent answers (the agent's
 //! `Refresh` call), since they are the template's at restore.
 //!
-//! Saving is a plain migration of the stopped template into a file (`migrate fd:`) and a
-//! restore is `-incoming defer` + `migrate-incoming fd:`: both go through fds the driver opens,
-//! so the unprivileged, seccomp-confined QEMU (`-runas`, `spawn=deny`) needs neither a path
-//! nor a shell. The restored RAM is the pod's own shared memfd, as on a cold boot: the vhost-user
-//! daemons must map it.
+//! Saving is a migration of the stopped template into a file (`migrate fd:`) and a restore is
+//! `-incoming defer` + `migrate-incoming fd:`: both go through fds the driver opens, so the
+//! unprivileged, seccomp-confined QEMU (`-runas`, `spawn=deny`) needs neither a path nor a
+//! shell. Both sides set `x-ignore-shared`, so the saved state is the devices' alone; guest RAM
+//! is a file of its own beside it, copied into each pod's own shared memfd
+//! (`template_ram.rs`): the vhost-user daemons must map a pod's RAM, so it can't be the
+//! template's pages shared copy-on-write.
 //!
 //! A template lives in `<template_dir>/<hash>/` (root only). The hash covers everything the
 //! saved state depends on: the QEMU command line of the template (shape, kernel command line,
@@ -34,7 +36,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::process::Command;
 
-use super::cmdline::{qemu_args, QemuLaunch, TemplateRole, RAM_BACKEND};
+use super::cmdline::{qemu_args, QemuLaunch, TemplateRole};
 use crate::console::{ConsoleRelay, CONSOLE_CAP};
 use crate::daemon::{tail_lines, Daemon, STOP_GRACE};
 use crate::error::{Error, Result};
@@ -43,8 +45,8 @@ use crate::run_dir::RunDir;
 /// Root ports a template VM keeps free for NICs: a pod with more NICs boots cold.
 pub const NIC_PORTS: u8 = 4;
 /// Bumped whenever what a template holds changes in a way its command line does not show
-/// (2: the state is saved without guest RAM's zero pages).
-const FORMAT: u32 = 2;
+/// (2: the state is saved without guest RAM's zero pages; 3: guest RAM in its own file).
+const FORMAT: u32 = 3;
 /// How long a pod waits for another pod's build of the same template before it boots cold.
 const BUILD_WAIT: Duration = Duration::from_secs(90);
 /// How long saving the stopped template may take (~100 MB into a file).
@@ -72,6 +74,8 @@ struct Meta {
     key: String,
     inputs: Vec<(PathBuf, String)>,
     state_bytes: u64,
+    /// The RAM file's length: the VM's memory.
+    ram_bytes: u64,
     build_ms: u64,
     built_unix: u64,
 }
@@ -112,6 +116,7 @@ pub fn identity(template_dir: &Path, qemu: &Path, launch: &QemuLaunch) -> Identi
     l.virtiofs_socket = "/fs".into();
     l.run_as = None;
     l.template = Some(TemplateRole::Build);
+    l.ram_file = Some("/ram".into());
     let inputs: Vec<(PathBuf, String)> = [qemu, &launch.kernel, &launch.initramfs]
         .into_iter()
         .map(|p| (p.to_owned(), fingerprint(p)))
@@ -135,6 +140,11 @@ impl Identity {
         self.dir.join("state")
     }
 
+    /// The guest's RAM, with its zero pages as holes (`template_ram.rs`).
+    pub fn ram(&self) -> PathBuf {
+        self.dir.join("ram")
+    }
+
     fn meta_path(&self) -> PathBuf {
         self.dir.join("meta.json")
     }
@@ -152,26 +162,36 @@ impl Identity {
         if meta.key != self.key {
             return Some("it was made from other inputs".into());
         }
-        match std::fs::metadata(self.state()) {
-            Ok(m) if m.len() == meta.state_bytes => None,
-            Ok(m) => Some(format!(
-                "its state is {} bytes, {} were saved",
-                m.len(),
-                meta.state_bytes
-            )),
-            Err(e) => Some(format!("no state ({e})")),
+        for (what, path, saved) in [
+            ("state", self.state(), meta.state_bytes),
+            ("RAM", self.ram(), meta.ram_bytes),
+        ] {
+            match std::fs::metadata(&path) {
+                Ok(m) if m.len() == saved => {}
+                Ok(m) => {
+                    return Some(format!(
+                        "its {what} is {} bytes, {saved} were saved",
+                        m.len()
+                    ))
+                }
+                Err(e) => return Some(format!("no {what} ({e})")),
+            }
         }
+        None
     }
 
     /// One line for `containerd-shim-cocoon-v2 check`.
     pub fn describe(&self) -> String {
         match self.problem() {
             None => {
-                let size = std::fs::metadata(self.state()).map_or(0, |m| m.len());
+                let state = std::fs::metadata(self.state()).map_or(0, |m| m.len());
+                // Zero pages are holes: what a restore copies is what the file occupies.
+                let ram = std::fs::metadata(self.ram()).map_or(0, |m| m.blocks() * 512);
                 format!(
-                    "ready at {} ({} MiB)",
+                    "ready at {} (device state {} KiB, {} MiB of guest RAM with data)",
                     self.dir.display(),
-                    size / (1024 * 1024)
+                    state / 1024,
+                    ram / (1024 * 1024)
                 )
             }
             Some(why) => format!(
@@ -287,7 +307,7 @@ pub(crate) async fn ensure(
             Error::Template(_) => e,
             other => Error::Template(format!("making {}: {other}", id.dir.display())),
         });
-    let state_bytes = match built {
+    let (state_bytes, ram_bytes) = match built {
         Ok(n) => n,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&building);
@@ -299,6 +319,7 @@ pub(crate) async fn ensure(
         key: id.key.clone(),
         inputs: id.inputs.clone(),
         state_bytes,
+        ram_bytes,
         build_ms: u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
         built_unix: unix_now(),
     };
@@ -307,10 +328,10 @@ pub(crate) async fn ensure(
         .and_then(|()| std::fs::rename(&building, &id.dir))
         .map_err(|e| Error::Template(format!("keep {}: {e}", id.dir.display())))?;
     log::info!(
-        "made VM template {} in {} ms ({} MiB)",
+        "made VM template {} in {} ms (device state {} KiB)",
         id.dir.display(),
         meta.build_ms,
-        state_bytes / (1024 * 1024)
+        state_bytes / 1024
     );
     Ok(id.state())
 }
@@ -366,8 +387,8 @@ fn prune_stale(parent: &Path, keep: &Path) {
     }
 }
 
-/// Boots the template guest, waits for its agent to say it is ready, and saves it into
-/// `<out>/state`; returns the state's size.
+/// Boots the template guest on `<out>/ram`, waits for its agent to say it is ready, and saves
+/// its devices into `<out>/state`; returns the sizes of both.
 async fn build(
     out: &Path,
     qemu: &Path,
@@ -375,10 +396,16 @@ async fn build(
     dir: &RunDir,
     wait_ready: Duration,
     api_limit: Duration,
-) -> Result<u64> {
+) -> Result<(u64, u64)> {
     let console_log = out.join("console.log");
     let mut l = launch.clone();
     l.template = Some(TemplateRole::Build);
+    let ram = out.join("ram");
+    let ram_bytes = u64::from(l.memory_mib) << 20;
+    crate::daemon::private_file(&ram)?
+        .set_len(ram_bytes)
+        .map_err(|e| Error::Template(format!("size {}: {e}", ram.display())))?;
+    l.ram_file = Some(ram.clone());
     // Short names: a socket path must fit in sun_path (108 bytes) below a run dir that
     // already holds a 64-character pod id.
     l.console_socket = dir.path("tcons.sock");
@@ -400,41 +427,18 @@ async fn build(
         let _ = std::fs::remove_file(f);
     }
     let _ = std::fs::remove_file(dir.path("qemu-template.log"));
-    saved?;
-    let state = out.join("state");
-    tokio::task::spawn_blocking(move || drop_zero_pages(&state))
+    let state_bytes = saved?;
+    // QEMU has exited: nothing writes the RAM any more.
+    let punched = ram.clone();
+    let data = tokio::task::spawn_blocking(move || super::template_ram::punch_zero_pages(&punched))
         .await
-        .map_err(|e| Error::Template(format!("dropping zero pages: {e}")))?
-}
-
-/// Rewrites the saved state without guest RAM's zero pages (`zero_pages.rs`: a restore then
-/// touches only the pages with data); a stream it does not know is kept as it is.
-fn drop_zero_pages(state: &Path) -> Result<u64> {
-    let io =
-        |what: &str, e: std::io::Error| Error::Template(format!("{what} {}: {e}", state.display()));
-    let stream = std::fs::read(state).map_err(|e| io("read", e))?;
-    let stripped = match super::zero_pages::strip_zero_pages(&stream, RAM_BACKEND) {
-        Ok(s) => s,
-        Err(why) => {
-            log::warn!(
-                "VM template state kept whole ({why}): each restore reads every page of guest RAM"
-            );
-            return Ok(stream.len() as u64);
-        }
-    };
-    let tmp = state.with_extension("stripped");
-    let mut f = crate::daemon::private_file(&tmp)?;
-    std::io::Write::write_all(&mut f, &stripped.stream)
-        .and_then(|()| f.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, state))
-        .map_err(|e| io("rewrite", e))?;
+        .map_err(|e| Error::Template(format!("punching zero pages: {e}")))??;
     log::info!(
-        "VM template state: {} zero pages of guest RAM dropped ({} -> {} MiB)",
-        stripped.dropped_pages,
-        stream.len() >> 20,
-        stripped.stream.len() >> 20
+        "VM template RAM: {} of {} MiB hold data; the zero pages are holes",
+        data >> 20,
+        ram_bytes >> 20
     );
-    Ok(stripped.stream.len() as u64)
+    Ok((state_bytes, ram_bytes))
 }
 
 async fn save(
@@ -475,6 +479,7 @@ async fn save(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     qmp.execute("stop", None).await?;
+    set_ignore_shared(&mut qmp).await?;
     qmp.execute(
         "migrate-set-parameters",
         Some(json!({"max-bandwidth": UNCAPPED_BYTES_PER_S})),
@@ -518,6 +523,19 @@ async fn save(
     std::fs::metadata(&path)
         .map(|m| m.len())
         .map_err(|e| Error::Template(format!("stat {}: {e}", path.display())))
+}
+
+/// Leaves shared RAM (a template's, a restored pod's) out of the migration stream.
+pub(crate) async fn set_ignore_shared<S>(qmp: &mut super::qmp::Qmp<S>) -> Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})),
+    )
+    .await?;
+    Ok(())
 }
 
 #[cfg(test)]

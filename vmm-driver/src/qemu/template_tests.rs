@@ -22,6 +22,7 @@ fn launch(dir: &Path) -> QemuLaunch {
         hotplug_slots: NIC_PORTS,
         run_as: Some((1, 1)),
         template: Some(TemplateRole::Build),
+        ram_file: None,
     }
 }
 
@@ -70,10 +71,12 @@ fn a_saved_template_is_used_only_whole_and_from_the_same_inputs() {
     assert!(id.problem().unwrap().contains("no "), "nothing saved yet");
     std::fs::create_dir_all(&id.dir).unwrap();
     std::fs::write(id.state(), vec![7u8; 100]).unwrap();
+    std::fs::write(id.ram(), vec![0u8; 4096]).unwrap();
     let meta = |key: &str, bytes: u64| Meta {
         key: key.into(),
         inputs: id.inputs.clone(),
         state_bytes: bytes,
+        ram_bytes: 4096,
         build_ms: 1,
         built_unix: 1,
     };
@@ -85,6 +88,13 @@ fn a_saved_template_is_used_only_whole_and_from_the_same_inputs() {
     assert!(id.problem().unwrap().contains("other inputs"));
     write(meta(&id.key, 200));
     assert!(id.problem().unwrap().contains("200 were saved"));
+    // Its RAM must be whole too.
+    write(meta(&id.key, 100));
+    std::fs::write(id.ram(), vec![0u8; 100]).unwrap();
+    assert!(id.problem().unwrap().contains("its RAM is 100 bytes"));
+    std::fs::remove_file(id.ram()).unwrap();
+    assert!(id.problem().unwrap().contains("no RAM"));
+    std::fs::write(id.ram(), vec![0u8; 4096]).unwrap();
 
     // A restore QEMU refused throws away only the state it read, not a newer one.
     let refused = std::fs::File::open(id.state()).unwrap();
