@@ -33,7 +33,8 @@ fn fail(what: &str, path: &Path, e: impl std::fmt::Display) -> Error {
 }
 
 /// Punches the all-zero pages out of `ram`, so that they take no disk and a restore skips
-/// them; syncs it and returns the bytes that still hold data.
+/// them; syncs it and returns the bytes that still hold data. On a filesystem that can't punch
+/// holes the file stays whole: each restore then copies all of it, which is slower but right.
 pub(crate) fn punch_zero_pages(ram: &Path) -> Result<u64> {
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -55,7 +56,10 @@ pub(crate) fn punch_zero_pages(ram: &Path) -> Result<u64> {
             match (page == &ZERO_PAGE[..page.len()], run) {
                 (true, None) => run = Some(at),
                 (false, Some(from)) => {
-                    punched += punch(&f, ram, from, at)?;
+                    match punch(&f, ram, from, at)? {
+                        Some(n) => punched += n,
+                        None => return whole(&f, ram, len),
+                    }
                     run = None;
                 }
                 _ => {}
@@ -64,21 +68,36 @@ pub(crate) fn punch_zero_pages(ram: &Path) -> Result<u64> {
         off += want as u64;
     }
     if let Some(from) = run {
-        punched += punch(&f, ram, from, len)?;
+        match punch(&f, ram, from, len)? {
+            Some(n) => punched += n,
+            None => return whole(&f, ram, len),
+        }
     }
     f.sync_all().map_err(|e| fail("sync", ram, e))?;
     Ok(len - punched)
 }
 
-fn punch(f: &File, path: &Path, from: u64, to: u64) -> Result<u64> {
-    rustix::fs::fallocate(
+/// The bytes punched out, or None where the filesystem can't.
+fn punch(f: &File, path: &Path, from: u64, to: u64) -> Result<Option<u64>> {
+    match rustix::fs::fallocate(
         f,
         FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
         from,
         to - from,
-    )
-    .map_err(|e| fail("punch zero pages out of", path, e))?;
-    Ok(to - from)
+    ) {
+        Ok(()) => Ok(Some(to - from)),
+        Err(rustix::io::Errno::OPNOTSUPP) => Ok(None),
+        Err(e) => Err(fail("punch zero pages out of", path, e)),
+    }
+}
+
+fn whole(f: &File, path: &Path, len: u64) -> Result<u64> {
+    log::warn!(
+        "{}: its filesystem can't punch holes, so every restore copies all of the template's RAM",
+        path.display()
+    );
+    f.sync_all().map_err(|e| fail("sync", path, e))?;
+    Ok(len)
 }
 
 /// A new, empty memfd of `size` bytes for a pod's guest RAM.
