@@ -5,6 +5,7 @@
 //! bench switches `vm.template` by rewriting it between runs.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -103,7 +104,38 @@ fn pss_kib(pid: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Host PSS of every Cocoon process of `c` (shim, qemu, virtiofsd, vhost-device-vsock), by kind.
+/// KiB of the guest RAM memfds QEMU `pid` maps that no page of its maps: PSS counts mapped
+/// pages only, and a restored pod's RAM is copied into its memfd without being mapped
+/// (`vmm-driver`'s `template_ram.rs`), so the pages its guest has not touched since are in
+/// no process's PSS but are the pod's memory all the same.
+fn unmapped_guest_ram_kib(pid: &str) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut total = 0;
+    // The allocated KiB of the memfd the mapping being read is of.
+    let mut memfd: Option<u64> = None;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if !first.ends_with(':') {
+            memfd = line
+                .contains("/memfd:")
+                .then(|| std::fs::metadata(format!("/proc/{pid}/map_files/{first}")).ok())
+                .flatten()
+                .filter(|m| seen.insert((m.dev(), m.ino())))
+                .map(|m| m.blocks() / 2);
+        } else if first == "Rss:" {
+            if let Some(allocated) = memfd.take() {
+                let rss: u64 = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+                total += allocated.saturating_sub(rss);
+            }
+        }
+    }
+    total
+}
+
+/// Host memory of every Cocoon process of `c` (shim, qemu, virtiofsd, vhost-device-vsock), by
+/// kind: each one's PSS, plus the guest RAM its QEMU's memfds hold unmapped.
 pub fn cocoon_pss(c: &Containerd) -> BTreeMap<&'static str, u64> {
     let mut by = BTreeMap::new();
     for p in crate::processes_mentioning(c.dir.path()) {
@@ -120,6 +152,9 @@ pub fn cocoon_pss(c: &Containerd) -> BTreeMap<&'static str, u64> {
             continue;
         };
         *by.entry(kind).or_default() += pss_kib(pid);
+        if kind == "qemu" {
+            *by.entry("guest RAM not mapped").or_default() += unmapped_guest_ram_kib(pid);
+        }
     }
     by
 }
@@ -303,7 +338,7 @@ pub fn markdown(r: &Value) -> String {
     for (k, v) in r["ten_at_once"].as_object().into_iter().flatten() {
         s += &format!("| {k} | {} | {} |\n", f(&v["all_ready_ms"]), v["succeeded"]);
     }
-    s += "\n| idle pods | PSS per pod, 1 pod (MiB) | of which QEMU | PSS per pod, 10 pods | of which QEMU |\n|---|---|---|---|---|\n";
+    s += "\n| idle pods (PSS, plus guest RAM in memory that no process maps) | per pod, 1 pod (MiB) | of which QEMU's PSS | per pod, 10 pods | of which QEMU's PSS |\n|---|---|---|---|---|\n";
     for (k, v) in r["idle_pss"].as_object().into_iter().flatten() {
         s += &format!(
             "| {k} | {:.1} | {:.1} | {:.1} | {:.1} |\n",

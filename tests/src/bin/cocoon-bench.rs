@@ -525,7 +525,7 @@ fn markdown(r: &Value) -> String {
     s += &cocoon_tests::cri_bench::markdown(&r["cri"]);
     s += &cocoon_tests::volume_bench::markdown(&r["volumes"]);
     s += &cocoon_tests::docker_bench::markdown(&r["docker"]);
-    s += "\n| Cocoon idle pods | guest memory (MiB) | PSS per pod (MiB) | by process (MiB per pod) | shim RSS (MiB) |\n|---|---|---|---|---|\n";
+    s += "\n| Cocoon idle pods | guest memory (MiB) | PSS per pod, plus guest RAM no process maps (MiB) | by process (MiB per pod) | shim RSS (MiB) |\n|---|---|---|---|---|\n";
     for v in r["idle_pod_memory"].as_array().into_iter().flatten() {
         let by: Vec<String> = v["pss_by_process_mib_per_pod"]
             .as_object()
