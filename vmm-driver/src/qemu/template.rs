@@ -49,11 +49,11 @@ pub const NIC_PORTS: u8 = 4;
 const FORMAT: u32 = 3;
 /// How long a pod waits for another pod's build of the same template before it boots cold.
 const BUILD_WAIT: Duration = Duration::from_secs(90);
-/// How long saving the stopped template may take (~100 MB into a file).
+/// How long saving the stopped template may take (its devices' state: ~400 KB).
 const SAVE_LIMIT: Duration = Duration::from_secs(60);
 /// How long loading the state into a new QEMU may take.
 pub(crate) const RESTORE_LIMIT: Duration = Duration::from_secs(30);
-/// No migration bandwidth cap: QEMU's default (32 MiB/s) would make saving take seconds.
+/// No migration bandwidth cap: QEMU's default (32 MiB/s) throttles even a small state.
 const UNCAPPED_BYTES_PER_S: u64 = 1 << 40;
 
 /// Which template a launch uses, and what it was derived from.
