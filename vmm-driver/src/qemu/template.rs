@@ -356,21 +356,31 @@ fn record_failure(id: &Identity, e: &Error) {
     }
 }
 
-/// Removes the templates beside `keep` whose kernel, initramfs or QEMU changed on disk since
-/// they were made: nothing can use them again.
+/// Removes the templates beside `keep` that nothing can use again: those whose kernel,
+/// initramfs or QEMU changed on disk since they were made, and those of another template
+/// format (a Cocoon upgrade names new ones).
 fn prune_stale(parent: &Path, keep: &Path) {
     let Ok(entries) = std::fs::read_dir(parent) else {
         return;
     };
+    let this_format = format!("format {FORMAT}\n");
     for e in entries.flatten() {
         let dir = e.path();
         if dir == keep || !dir.is_dir() {
             continue;
         }
         let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
-        let inputs = read("meta.json")
-            .and_then(|t| serde_json::from_str::<Meta>(&t).ok())
-            .map(|m| m.inputs)
+        // Read loosely: another format's meta.json need not have this one's fields.
+        let meta =
+            read("meta.json").and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+        let other_format = meta
+            .as_ref()
+            .and_then(|m| m["key"].as_str())
+            .is_some_and(|key| !key.starts_with(&this_format));
+        let inputs = meta
+            .and_then(|m| {
+                serde_json::from_value::<Vec<(PathBuf, String)>>(m["inputs"].clone()).ok()
+            })
             .or_else(|| {
                 read("failed.json")
                     .and_then(|t| serde_json::from_str::<Failed>(&t).ok())
@@ -379,7 +389,7 @@ fn prune_stale(parent: &Path, keep: &Path) {
         let Some(inputs) = inputs else {
             continue;
         };
-        if inputs.iter().any(|(p, f)| fingerprint(p) != *f) {
+        if other_format || inputs.iter().any(|(p, f)| fingerprint(p) != *f) {
             log::info!("removing stale VM template {}", dir.display());
             let _ = std::fs::remove_dir_all(&dir);
             let _ = std::fs::remove_file(dir.with_extension("lock"));

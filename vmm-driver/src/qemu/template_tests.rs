@@ -111,6 +111,17 @@ fn a_saved_template_is_used_only_whole_and_from_the_same_inputs() {
     std::fs::create_dir_all(&id.dir).unwrap();
     std::fs::write(id.state(), vec![7u8; 100]).unwrap();
 
+    // One of another template format, from the same files: removed too; this one stays.
+    let older = d.path().join("t/older");
+    std::fs::create_dir_all(&older).unwrap();
+    let mut m = serde_json::to_value(meta("format 2\nthe rest", 100)).unwrap();
+    m.as_object_mut().unwrap().remove("ram_bytes");
+    std::fs::write(older.join("meta.json"), m.to_string()).unwrap();
+    write(meta(&id.key, 100));
+    prune_stale(&d.path().join("t"), &d.path().join("t/other"));
+    assert!(!older.exists(), "a template of another format was kept");
+    assert!(id.dir.exists(), "a usable template was removed");
+
     // Its kernel changes on disk: removed when another template is made beside it.
     write(meta(&id.key, 100));
     std::fs::write(d.path().join("vmlinuz"), "a new kernel").unwrap();
