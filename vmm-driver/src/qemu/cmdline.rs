@@ -39,6 +39,13 @@ pub struct QemuLaunch {
     pub ram_file: Option<PathBuf>,
 }
 
+impl QemuLaunch {
+    /// Guest RAM in bytes: the size of the memfd or file behind `-m`.
+    pub fn memory_bytes(&self) -> u64 {
+        u64::from(self.memory_mib) << 20
+    }
+}
+
 /// How a launch relates to a VM template. Both roles make the same machine: migration needs
 /// the restoring QEMU's devices to be the saved one's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -74,7 +74,7 @@ impl QemuVm {
 
         // The pod's RAM: a memfd QEMU maps as a file, filled from the template's RAM while
         // QEMU starts (`template_ram.rs`).
-        let ram = template_ram::memfd(u64::from(tl.memory_mib) << 20)?;
+        let ram = template_ram::memfd(tl.memory_bytes())?;
         let for_qemu = ram
             .try_clone()
             .map_err(|e| Error::Template(format!("dup the guest RAM memfd: {e}")))?;

@@ -411,7 +411,7 @@ async fn build(
     let mut l = launch.clone();
     l.template = Some(TemplateRole::Build);
     let ram = out.join("ram");
-    let ram_bytes = u64::from(l.memory_mib) << 20;
+    let ram_bytes = l.memory_bytes();
     crate::daemon::private_file(&ram)?
         .set_len(ram_bytes)
         .map_err(|e| Error::Template(format!("size {}: {e}", ram.display())))?;
