@@ -12,13 +12,13 @@ ROOTFS_BIN   := target/release/cocoon-rootfs
 
 APT_PACKAGES := qemu-system-x86 kmod cpio busybox-static dpkg containerd runc runsc bc fonts-dejavu-core \
                 libseccomp-dev libcap-ng-dev pkg-config ca-certificates \
-                containernetworking-plugins protobuf-compiler iproute2
+                containernetworking-plugins protobuf-compiler iproute2 gcc libc6-dev
 # Helper daemons from crates.io, pinned to the versions checked on these machines.
 HELPERS      := virtiofsd@1.14.0 vhost-device-vsock@0.3.0
 
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: setup deps helpers build agent image install test test-cloud-hypervisor test-template-off bench soak demo clean
+.PHONY: setup deps helpers build agent image install test test-containerd2 test-cloud-hypervisor test-template-off bench soak demo clean
 
 setup: deps helpers build image install
 
@@ -61,8 +61,21 @@ install: build
 	install -D -m 0644 config/containerd-cocoon.toml /etc/containerd/conf.d/cocoon.toml
 	scripts/containerd-imports.sh
 
+# containerd 2.x beside the system's 1.6: Debian sid's, fetched into a private prefix (nothing
+# installed system-wide). `make test` runs the restart suite against it too.
+CONTAINERD2_PREFIX ?= /var/tmp/cocoon-containerd2
+
 test: build image
 	$(CARGO) test --release --workspace
+	scripts/fetch-containerd.sh $(CONTAINERD2_PREFIX)
+	COCOON_TEST_CONTAINERD_BIN=$(CONTAINERD2_PREFIX)/usr/bin $(CARGO) test --release -p cocoon-tests \
+	  --test restart
+
+# The ctr, restart and CRI suites against containerd 2.x.
+test-containerd2: build image
+	scripts/fetch-containerd.sh $(CONTAINERD2_PREFIX)
+	COCOON_TEST_CONTAINERD_BIN=$(CONTAINERD2_PREFIX)/usr/bin $(CARGO) test --release -p cocoon-tests \
+	  --test ctr --test restart --test cri --test cri_host_ns
 
 # The shim's end-to-end suites with Cloud Hypervisor (on PATH; not installed by setup). Each
 # case prints why it skipped where CH can't boot a guest (no usable KVM).

@@ -1,72 +1,13 @@
 #!/usr/bin/env bash
 # Fetches a dockerd that can name a shim v2 runtime (>= 23) for the Docker tests and the
 # bench, without installing anything system-wide: Debian 13's docker.io, docker-cli and tini
-# (they run on Debian 12: libc6 >= 2.34, containerd, runc), downloaded with a private apt
-# configuration whose source list is derived from this system's own Debian sources with the
-# suite changed, then unpacked with `dpkg -x` into PREFIX. A PREFIX that has dockerd is kept.
+# (they run on Debian 12: libc6 >= 2.34, containerd, runc), unpacked into PREFIX by
+# fetch-debian.sh. A PREFIX that has dockerd is kept.
 #
 #   scripts/fetch-docker.sh PREFIX        (DOCKER_SUITE overrides the suite, default trixie)
 set -euo pipefail
 
 prefix=${1:?usage: fetch-docker.sh PREFIX}
-suite=${DOCKER_SUITE:-trixie}
-if [ -x "$prefix/usr/sbin/dockerd" ]; then
-  exit 0
-fi
-
-. /etc/os-release
-codename=${VERSION_CODENAME:?no VERSION_CODENAME in /etc/os-release}
-
-# The first archive URI (and its key) that serves this release's main suite, from the deb822
-# sources or the one-line list. No mirror is named here: it is whatever this system uses.
-read -r uri keyring < <(
-  {
-    cat /etc/apt/sources.list.d/*.sources 2>/dev/null
-    echo
-  } | awk -v c="$codename" '
-      /^[[:space:]]*$/ { if (u != "" && s ~ "(^| )" c "( |$)") { print u, (k == "" ? "-" : k); exit }
-                         u = ""; s = ""; k = ""; next }
-      /^URIs:/      { u = $2 }
-      /^Suites:/    { $1 = ""; s = $0 " " }
-      /^Signed-By:/ { k = $2 }'
-  if [ -f /etc/apt/sources.list ]; then
-    awk -v c="$codename" '$1 == "deb" && $0 !~ /\[/ && $3 == c { print $2, "-"; exit }' \
-      /etc/apt/sources.list
-  fi
-)
-if [ -z "${uri:-}" ]; then
-  echo "fetch-docker: no Debian source for $codename in /etc/apt" >&2
-  exit 1
-fi
-
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-mkdir -p "$work/sources" "$work/lists/partial" "$work/cache/archives/partial" "$work/debs"
-{
-  echo "Types: deb"
-  echo "URIs: $uri"
-  echo "Suites: $suite"
-  echo "Components: main"
-  if [ "$keyring" != "-" ]; then echo "Signed-By: $keyring"; fi
-} >"$work/sources/docker.sources"
-cat >"$work/apt.conf" <<EOF
-Dir::Etc::SourceList "/dev/null";
-Dir::Etc::SourceParts "$work/sources";
-Dir::State::Lists "$work/lists";
-Dir::Cache "$work/cache";
-APT::Sandbox::User "root";
-EOF
-export APT_CONFIG="$work/apt.conf"
-apt-get update -q >&2
-(cd "$work/debs" && apt-get download -q docker.io docker-cli tini >&2)
-
-staging="$prefix.partial"
-rm -rf "$staging"
-mkdir -p "$staging"
-for deb in "$work"/debs/*.deb; do
-  dpkg -x "$deb" "$staging"
-done
-test -x "$staging/usr/sbin/dockerd"
-rm -rf "$prefix"
-mv "$staging" "$prefix"
-echo "fetch-docker: $("$prefix/usr/sbin/dockerd" --version) in $prefix" >&2
+"$(dirname "$0")/fetch-debian.sh" "${DOCKER_SUITE:-trixie}" "$prefix" usr/sbin/dockerd \
+  docker.io docker-cli tini
+"$prefix/usr/sbin/dockerd" --version >&2

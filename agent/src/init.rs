@@ -137,7 +137,10 @@ pub fn mount_shared() -> Result<()> {
         SHARED_TAG,
         SHARED_MOUNT,
         "virtiofs",
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        // Not nosuid: container roots live on the share, and a setuid program in an image
+        // must work as under runc (the guest is the boundary; the host's side of every
+        // rootfs and volume is nosuid on the host).
+        MsFlags::MS_NODEV,
         None,
     )
 }
@@ -233,6 +236,17 @@ pub fn switch_root() -> Result<()> {
         .context("move the new root onto /")?;
     nix::unistd::chroot(".").context("chroot")?;
     nix::unistd::chdir("/").context("chdir /")?;
+    // Shared, as systemd makes a host's root: a container that asks for `rslave`/`rshared`
+    // propagation then receives (and, with rshared, sends) mounts as under runc on a host, and
+    // the default (slave) sees what the agent mounts later. Mounts made after this are shared too.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_SHARED,
+        None::<&str>,
+    )
+    .context("make the root shared")?;
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 mod auth;
 mod containers;
 mod dns;
+mod exec_seccomp;
 mod forward;
 mod init;
 mod logger;

@@ -10,7 +10,11 @@
 use std::path::{Path, PathBuf};
 
 use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::Container;
+use libcontainer::oci_spec::runtime::Spec;
 use libcontainer::syscall::syscall::SyscallType;
+
+use crate::exec_seccomp::SeccompExecutor;
 
 /// Where libcontainer keeps container state in the guest.
 pub const STATE_ROOT: &str = "/run/cocoon/containers";
@@ -119,7 +123,7 @@ fn run(inv: &Invocation) -> Result<i32, String> {
     let id = match &inv.job {
         Job::Create { id, .. } | Job::Exec { id, .. } => id.clone(),
     };
-    let builder = ContainerBuilder::new(id, SyscallType::default())
+    let builder = ContainerBuilder::new(id.clone(), SyscallType::default())
         .with_root_path(STATE_ROOT)
         .map_err(|e| e.to_string())?
         .with_console_socket(inv.console_socket.as_deref());
@@ -136,7 +140,7 @@ fn run(inv: &Invocation) -> Result<i32, String> {
                 .map(|p| p.as_raw())
                 .ok_or_else(|| "the container has no init pid".to_owned())
         }
-        Job::Exec { process, .. } => builder
+        Job::Exec { process, .. } => with_seccomp(builder, &id)?
             .as_tenant()
             .with_process(Some(process))
             .with_detach(true)
@@ -144,6 +148,18 @@ fn run(inv: &Invocation) -> Result<i32, String> {
             .map(|p| p.as_raw())
             .map_err(|e| describe(&e)),
     }
+}
+
+/// The builder of an exec into container `id`, with the container's seccomp filter applied to
+/// the process ([`crate::exec_seccomp`]: libcontainer drops it for execs).
+fn with_seccomp(builder: ContainerBuilder, id: &str) -> Result<ContainerBuilder, String> {
+    let container = Container::load(Path::new(STATE_ROOT).join(id)).map_err(|e| describe(&e))?;
+    let config = container.bundle().join("config.json");
+    let spec = Spec::load(&config).map_err(|e| format!("read {}: {e}", config.display()))?;
+    Ok(match SeccompExecutor::for_container(&spec)? {
+        Some(ex) => builder.with_executor(ex),
+        None => builder,
+    })
 }
 
 /// libcontainer's error with its causes, which is where "executable not found" lives.

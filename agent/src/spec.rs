@@ -113,6 +113,7 @@ pub fn adapt(
         }
     }
     linux["cgroupsPath"] = Value::String(cgroup_path(id));
+    root_propagation(linux);
     if let Some(o) = linux.as_object_mut() {
         o.remove("devices");
     }
@@ -134,6 +135,21 @@ pub fn adapt(
     serde_json::from_value::<oci_spec::runtime::Spec>(v.clone())
         .map_err(|e| SpecError(format!("the OCI spec is not valid: {e}")))?;
     Ok(v)
+}
+
+/// `linux.rootfsPropagation` in the words libcontainer takes. runc accepts mount(8)'s
+/// recursive names too (CRI writes `rshared`/`rslave` for Bidirectional/HostToContainer
+/// mounts, Docker `rslave` for a bind that holds its own root); libcontainer refuses them but
+/// always applies the propagation to the root recursively, so the plain name means the same.
+fn root_propagation(linux: &mut Value) {
+    let plain = match linux["rootfsPropagation"].as_str() {
+        Some("rshared") => "shared",
+        Some("rslave") => "slave",
+        Some("rprivate") => "private",
+        Some("runbindable") => "unbindable",
+        _ => return,
+    };
+    linux["rootfsPropagation"] = Value::String(plain.into());
 }
 
 /// Whether a spec mount is a bind (by type, or by a `bind`/`rbind` option as `ctr` writes it).
@@ -505,5 +521,23 @@ mod tests {
         let p = check_process(exec, "c1/e").unwrap();
         assert!(p.get("apparmorProfile").is_none(), "{p}");
         assert_eq!(p["args"], json!(["ls"]));
+    }
+
+    #[test]
+    fn recursive_root_propagation_names_become_libcontainers() {
+        for (given, taken) in [
+            ("rshared", "shared"),
+            ("rslave", "slave"),
+            ("rprivate", "private"),
+            ("runbindable", "unbindable"),
+            ("slave", "slave"),
+        ] {
+            let mut linux = serde_json::json!({"rootfsPropagation": given});
+            root_propagation(&mut linux);
+            assert_eq!(linux["rootfsPropagation"], taken);
+        }
+        let mut none = serde_json::json!({});
+        root_propagation(&mut none);
+        assert!(none["rootfsPropagation"].is_null());
     }
 }

@@ -14,7 +14,7 @@ use crate::events::exited_at;
 use crate::pod::{CreateRequest, ProcessState};
 use crate::process::{Status, StdioPaths};
 use crate::rootfs::RootfsSource;
-use crate::{annotations, Error, Result};
+use crate::{annotations, host_ns, Error, Result};
 
 pub fn status(s: Status) -> api::Status {
     match s {
@@ -77,6 +77,7 @@ pub fn create_request(req: &api::CreateTaskRequest) -> Result<CreateRequest> {
     let spec: serde_json::Value = serde_json::from_slice(&spec_json)
         .map_err(|e| Error::InvalidArgument(format!("config.json: {e}")))?;
     annotations::check(&spec).map_err(Error::InvalidArgument)?;
+    host_ns::check(&spec).map_err(Error::InvalidArgument)?;
     let root = spec["root"]["path"].as_str().unwrap_or("rootfs");
     Ok(CreateRequest {
         id: req.id.clone(),

@@ -6,14 +6,17 @@
 
 use async_trait::async_trait;
 use cocoon_protocol::ProcessRef;
-use containerd_shim::publisher::RemotePublisher;
 use containerd_shim_protos::api;
 use containerd_shim_protos::events::task as ev;
 use containerd_shim_protos::protobuf::{MessageDyn, MessageField};
 use containerd_shim_protos::topics;
 
 use crate::process::{Exit, StdioPaths};
+use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim_protos::shim::event::Envelope;
+
+use crate::forwarder::Forwarder;
 
 /// containerd's time type for a Unix time in nanoseconds.
 pub fn timestamp(unix_nanos: u64) -> Timestamp {
@@ -183,16 +186,17 @@ pub trait EventSink: Send + Sync + std::fmt::Debug {
     async fn publish(&self, event: Event);
 }
 
-/// containerd's event publisher, for one namespace.
+/// containerd's side: each event as an envelope, queued on the [`Forwarder`], which holds it
+/// until containerd takes it (also across a containerd restart).
 pub struct RemoteSink {
-    publisher: RemotePublisher,
+    forwarder: Forwarder,
     namespace: String,
 }
 
 impl RemoteSink {
-    pub fn new(publisher: RemotePublisher, namespace: String) -> RemoteSink {
+    pub fn new(forwarder: Forwarder, namespace: String) -> RemoteSink {
         RemoteSink {
-            publisher,
+            forwarder,
             namespace,
         }
     }
@@ -210,14 +214,24 @@ impl std::fmt::Debug for RemoteSink {
 impl EventSink for RemoteSink {
     async fn publish(&self, event: Event) {
         let topic = event.topic();
-        let ctx = containerd_shim_protos::ttrpc::context::Context::default();
-        if let Err(e) = self
-            .publisher
-            .publish(ctx, topic, &self.namespace, event.into_message())
-            .await
-        {
-            log::warn!("publishing {topic}: {e}");
+        let message = event.into_message();
+        let mut payload = Vec::new();
+        if let Err(e) = message.write_to_vec_dyn(&mut payload) {
+            log::error!("encoding event {topic}: {e}");
+            return;
         }
+        let envelope = Envelope {
+            timestamp: MessageField::some(timestamp(crate::process::now_nanos())),
+            namespace: self.namespace.clone(),
+            topic: topic.to_owned(),
+            event: MessageField::some(Any {
+                type_url: message.descriptor_dyn().full_name().to_owned(),
+                value: payload,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        self.forwarder.send(envelope);
     }
 }
 

@@ -16,8 +16,10 @@
 pub mod annotations;
 pub mod convert;
 pub mod events;
+pub mod forwarder;
 pub mod guest;
 pub mod hooks;
+pub mod host_ns;
 pub mod io;
 pub mod network;
 pub mod phase;

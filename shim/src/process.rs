@@ -122,6 +122,14 @@ impl Process {
         self.exit_tx.take()
     }
 
+    /// Ends a process that never ran (its start failed) with exit status 255, the status of a
+    /// process the shim could not run; no watcher will report anything for it.
+    pub fn fail_to_start(&mut self) {
+        if let Some(tx) = self.exit_tx.take() {
+            let _ = tx.send(Some(Exit::now(255)));
+        }
+    }
+
     /// The exit, once there is one.
     pub fn exit(&self) -> Option<Exit> {
         *self.exit.borrow()

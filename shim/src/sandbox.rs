@@ -19,7 +19,7 @@ use vmm_driver::{Config, VmSpec, Vmm};
 
 use crate::network::{self, NetnsRequest, PodNetwork};
 use crate::pod::{BootTimes, GuestLink, PodVm, StdioDialer, VmFactory};
-use crate::{annotations, Error, Result};
+use crate::{annotations, host_ns, Error, Result};
 
 /// The deadline of the Shutdown call: a guest that does not answer at once is stopped.
 const SHUTDOWN_CALL: Duration = Duration::from_secs(2);
@@ -390,13 +390,11 @@ impl VmFactory for SandboxFactory {
         vm.vcpus = size.vcpus;
         vm.memory_mib = size.memory_mib;
         let (network, own_netns) = match network::netns_request(spec) {
+            // Refused earlier, at Create (`host_ns`); kept for a spec that reaches here
+            // another way.
             NetnsRequest::Host => {
                 return Err(Error::InvalidArgument(
-                    "the container asks for the host's network namespace (docker run \
-                     --network host, ctr run --net-host, a hostNetwork pod): a pod VM has its \
-                     own network stack and can't share the host's interfaces; use a bridge \
-                     network with published ports instead"
-                        .into(),
+                    host_ns::check(spec).err().unwrap_or_default(),
                 ))
             }
             NetnsRequest::At(netns) => {

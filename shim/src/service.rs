@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use containerd_shim::asynchronous::util::write_str_to_file;
 use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Config, Error, Flags, StartOpts};
@@ -13,6 +14,7 @@ use containerd_shim_protos::protobuf::MessageField;
 
 use crate::annotations::{bundle_spec, grouping_id};
 use crate::events::RemoteSink;
+use crate::forwarder::Forwarder;
 use crate::pod::Pod;
 use crate::rootfs::HostMounter;
 use crate::sandbox::SandboxFactory;
@@ -50,9 +52,8 @@ fn cleanup_sandbox(sandbox: &str) {
 }
 
 /// Removes a shim socket that nothing listens on any more; says whether a live shim still
-/// serves it (then it stays). The containerd-shim library only removes it at exit if it finds
-/// an `address` file in its working directory, which this shim's bundles don't have, and never
-/// after a crash.
+/// serves it (then it stays). The containerd-shim library removes it at exit only through the
+/// `address` file of the bundle it was started in, and never after a crash.
 pub fn remove_dead_socket(address: &str) -> bool {
     let path = socket_file(address);
     if address.is_empty() || !path.exists() {
@@ -95,7 +96,13 @@ impl Shim for CocoonShim {
     async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
         let cwd = std::env::current_dir().unwrap_or_default();
         let grouping = grouping_id(&opts.id, &bundle_spec(&cwd));
-        spawn(opts, &grouping, Vec::new()).await
+        let address = spawn(opts, &grouping, Vec::new()).await?;
+        // containerd 1.6 and 1.7 find a running task's shim after they restart by this file in
+        // the bundle (2.x by its own bootstrap.json, and by this one for shims started under
+        // 1.x); without it they take the shim for dead and its pod is orphaned. The library
+        // writes it only when the socket already existed.
+        write_str_to_file("address", &address).await?;
+        Ok(address)
     }
 
     async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
@@ -147,7 +154,10 @@ impl Shim for CocoonShim {
             sandbox,
             Box::new(SandboxFactory),
             Box::new(HostMounter),
-            Box::new(RemoteSink::new(publisher, self.namespace.clone())),
+            Box::new(RemoteSink::new(
+                Forwarder::spawn(&publisher.address),
+                self.namespace.clone(),
+            )),
         );
         on_stop_signal(pod.clone(), self.exit.clone());
         TaskService::new(pod, self.exit.clone())

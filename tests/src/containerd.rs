@@ -114,6 +114,37 @@ pub struct Containerd {
     /// Shim sockets that existed before this instance started (other runs' leftovers).
     sockets_before: BTreeSet<PathBuf>,
     child: Child,
+    /// The config file and PATH the daemon runs with, to start it again ([`Self::restart`]).
+    cfg: PathBuf,
+    path_env: String,
+}
+
+/// The directory of the `containerd` and `ctr` under test: `COCOON_TEST_CONTAINERD_BIN`
+/// (e.g. a fetched containerd 2.x, `scripts/fetch-containerd.sh`), else PATH's.
+fn containerd_bin(name: &str) -> PathBuf {
+    match std::env::var_os("COCOON_TEST_CONTAINERD_BIN") {
+        Some(dir) if !dir.is_empty() => Path::new(&dir).join(name),
+        _ => PathBuf::from(name),
+    }
+}
+
+/// Starts the daemon with `cfg`, logging to `log` (appended: a restart keeps the first log).
+fn spawn_containerd(cfg: &Path, path_env: &str, cocoon_config: &Path, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(containerd_bin("containerd"))
+        .arg("--config")
+        .arg(cfg)
+        .env("PATH", path_env)
+        .env("COCOON_CONFIG", cocoon_config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("containerd is missing: run `make setup`")
 }
 
 impl Containerd {
@@ -153,22 +184,18 @@ impl Containerd {
         let cocoon_state = d.join("cocoon");
         let cocoon_config = d.join("cocoon.toml");
         write_cocoon_toml(&cocoon_config, hypervisor, &cocoon_state);
+        // The containerd under test finds its own runc shim first.
+        let release = containerd_bin("containerd")
+            .parent()
+            .map(|d| format!("{}:", d.display()))
+            .filter(|d| d != ":")
+            .unwrap_or_default();
         let path = format!(
-            "{}:{}",
+            "{}:{release}{}",
             shim_dir().display(),
             std::env::var("PATH").unwrap_or_default()
         );
-        let log = std::fs::File::create(d.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&cfg)
-            .env("PATH", path)
-            .env("COCOON_CONFIG", &cocoon_config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("containerd is missing: run `make setup`");
+        let child = spawn_containerd(&cfg, &path, &cocoon_config, &d.join("containerd.log"));
         let c = Containerd {
             dir,
             address,
@@ -176,17 +203,44 @@ impl Containerd {
             cocoon_state,
             sockets_before: shim_sockets(),
             child,
+            cfg,
+            path_env: path,
         };
+        c.wait_serving();
+        c
+    }
+
+    fn wait_serving(&self) {
         let t0 = Instant::now();
-        while !c.ctr(&["version"]).status.success() {
+        while !self.ctr(&["version"]).status.success() {
             assert!(
                 t0.elapsed() < Duration::from_secs(20),
                 "containerd did not start: {}",
-                c.log()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        c
+    }
+
+    /// Stops the daemon as an upgrade or a service restart does (SIGTERM), leaving its shims
+    /// running; [`Self::start_again`] brings it back on the same root, state and sockets.
+    pub fn stop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+
+    /// Starts the daemon again after [`Self::stop`] and waits until it serves.
+    pub fn start_again(&mut self) {
+        self.child = spawn_containerd(
+            &self.cfg,
+            &self.path_env,
+            &self.cocoon_config,
+            &self.dir.path().join("containerd.log"),
+        );
+        self.wait_serving();
     }
 
     pub fn log(&self) -> String {
@@ -200,7 +254,7 @@ impl Containerd {
 
     /// `ctr` against the containerd at `address`, for a thread that can't borrow `self`.
     pub fn ctr_at(address: &Path, args: &[&str]) -> Output {
-        Command::new("ctr")
+        Command::new(containerd_bin("ctr"))
             .arg("--address")
             .arg(address)
             .args(args)
@@ -212,7 +266,7 @@ impl Containerd {
     /// Runs `ctr` with `input` on its stdin.
     pub fn ctr_with_input(&self, args: &[&str], input: &[u8]) -> Output {
         use std::io::Write;
-        let mut child = Command::new("ctr")
+        let mut child = Command::new(containerd_bin("ctr"))
             .arg("--address")
             .arg(&self.address)
             .args(args)

@@ -207,7 +207,7 @@ impl Cri {
         self.try_run_pod_with(config, handler).await
     }
 
-    async fn try_run_pod_with(
+    pub async fn try_run_pod_with(
         &mut self,
         config: cri::PodSandboxConfig,
         handler: &str,

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support: a panic is the failure report
 
+pub mod agent_calls;
 pub mod bench_chart;
 pub mod config;
 pub mod containerd;

@@ -25,6 +25,7 @@ pub fn busybox_rootfs(root: &Path) {
     {
         let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
     }
+    euid_probe(&bin.join("euid"));
     std::fs::write(
         root.join("etc/passwd"),
         "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n",
@@ -38,6 +39,34 @@ pub fn busybox_rootfs(root: &Path) {
     if std::fs::symlink_metadata(&escape).is_err() {
         std::os::unix::fs::symlink("../../../../../../..", &escape).unwrap();
     }
+}
+
+/// `/bin/euid`: prints its effective uid, setuid root (mode 4755). busybox drops a setuid
+/// bit itself for nearly every applet, so whether the kernel honoured one (a `nosuid` mount,
+/// `no_new_privs`) needs a program of its own: a static C one-liner, built here with the
+/// system's C compiler (which Rust's linker needs anyway).
+fn euid_probe(out: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("euid.c");
+    std::fs::write(
+        &src,
+        "#include <stdio.h>\n#include <unistd.h>\n\
+         int main(void) { printf(\"%d\\n\", (int)geteuid()); return 0; }\n",
+    )
+    .unwrap();
+    let built = std::process::Command::new("cc")
+        .args(["-static", "-Os", "-s", "-o"])
+        .arg(out)
+        .arg(&src)
+        .output()
+        .expect("cc is missing: run `make setup`");
+    assert!(
+        built.status.success(),
+        "cc euid.c: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o4755)).unwrap();
 }
 
 /// The spec `runc spec` writes, with `args` to run: the shape containerd hands a runtime.

@@ -3,70 +3,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
-use cocoon_protocol::agent::{
-    CreateContainerRequest, ExecProcessRequest, RemoveContainerRequest, SignalProcessRequest,
-    StartContainerRequest, StdioStreams, WaitProcessRequest,
-};
+use cocoon_protocol::agent::{CreateContainerRequest, StartContainerRequest};
 use cocoon_shim::sandbox::StdioKind;
-use cocoon_tests::{ctx, gate, oci_spec, streams, Io, Need, Pod};
+use cocoon_tests::agent_calls::{
+    create_start, exec, exec_output, exec_process, kill, remove, run, wait,
+};
+use cocoon_tests::{ctx, gate, oci_spec, streams, Need, Pod};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// Creates and starts `cid` running `args`; returns the host ends of its stdio.
-async fn run(pod: &Pod, cid: &str, spec: serde_json::Value, stdio: StdioStreams) -> Io {
-    let io = pod.io(cid, "", &stdio).await;
-    create_start(pod, cid, spec, stdio).await;
-    io
-}
-
-/// Creates and starts `cid`; its stdio streams must already be open.
-async fn create_start(pod: &Pod, cid: &str, spec: serde_json::Value, stdio: StdioStreams) {
-    let rootfs = pod.rootfs(cid);
-    let req = CreateContainerRequest {
-        container_id: cid.into(),
-        oci_spec_json: serde_json::to_vec(&spec).unwrap(),
-        rootfs,
-        stdio: Some(stdio).into(),
-        ..Default::default()
-    };
-    pod.sb.agent().create_container(ctx(), &req).await.unwrap();
-    let start = StartContainerRequest {
-        container_id: cid.into(),
-        ..Default::default()
-    };
-    pod.sb.agent().start_container(ctx(), &start).await.unwrap();
-}
-
-async fn wait(pod: &Pod, cid: &str, eid: &str) -> i32 {
-    let req = WaitProcessRequest {
-        container_id: cid.into(),
-        exec_id: eid.into(),
-        ..Default::default()
-    };
-    pod.sb
-        .agent()
-        .wait_process(ctx(), &req)
-        .await
-        .unwrap()
-        .status
-}
-
-/// SIGKILLs the init of `cid`.
-async fn kill(pod: &Pod, cid: &str) {
-    let sig = SignalProcessRequest {
-        container_id: cid.into(),
-        signal: 9,
-        ..Default::default()
-    };
-    pod.sb.agent().signal_process(ctx(), &sig).await.unwrap();
-}
-
-async fn remove(pod: &Pod, cid: &str) {
-    let req = RemoveContainerRequest {
-        container_id: cid.into(),
-        ..Default::default()
-    };
-    pod.sb.agent().remove_container(ctx(), &req).await.unwrap();
-}
 
 #[tokio::test]
 async fn exit_codes_and_output() {
@@ -169,31 +112,6 @@ async fn stdin_round_trips_and_streams_stay_separate() {
     pod.shutdown().await;
 }
 
-async fn exec(pod: &Pod, cid: &str, eid: &str, args: &[&str], stdio: StdioStreams) -> Io {
-    let process = oci_spec(args, stdio.terminal)["process"].clone();
-    exec_process(pod, cid, eid, process, stdio).await
-}
-
-/// Starts exec `eid` of `process` (an OCI process object) in `cid`.
-async fn exec_process(
-    pod: &Pod,
-    cid: &str,
-    eid: &str,
-    process: serde_json::Value,
-    stdio: StdioStreams,
-) -> Io {
-    let io = pod.io(cid, eid, &stdio).await;
-    let req = ExecProcessRequest {
-        container_id: cid.into(),
-        exec_id: eid.into(),
-        process_json: serde_json::to_vec(&process).unwrap(),
-        stdio: Some(stdio).into(),
-        ..Default::default()
-    };
-    pod.sb.agent().exec_process(ctx(), &req).await.unwrap();
-    io
-}
-
 #[tokio::test]
 async fn exec_sees_the_container_and_ttys_resize() {
     let Some(pass) = gate(&[Need::selected_guest()]).await else {
@@ -268,25 +186,6 @@ async fn exec_sees_the_container_and_ttys_resize() {
 
     remove(&pod, "box").await;
     pod.shutdown().await;
-}
-
-async fn exec_output(pod: &Pod, cid: &str, eid: &str, script: &str) -> String {
-    let mut io = exec(
-        pod,
-        cid,
-        eid,
-        &["sh", "-c", script],
-        streams(false, true, true, false),
-    )
-    .await;
-    let (out, err) = io.output().await;
-    assert_eq!(
-        wait(pod, cid, eid).await,
-        0,
-        "exec {script:?} failed: {}",
-        String::from_utf8_lossy(&err)
-    );
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[tokio::test]

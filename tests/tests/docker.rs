@@ -150,6 +150,23 @@ async fn run_options_exit_codes_and_volumes_match_runc() {
     assert!(!out.status.success());
     let err = text(&out.stderr);
     assert!(err.contains("host's network namespace"), "{err}");
+    // Nor its IPC namespace: refused at create, naming the field.
+    let out = d.docker(&[
+        "run",
+        "--rm",
+        "--runtime",
+        ALIAS,
+        "--ipc",
+        "host",
+        DOCKER_IMAGE,
+        "true",
+    ]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("linux.namespaces has no \"ipc\" entry") && err.contains("host's ipc"),
+        "{err}"
+    );
     d.assert_clean();
 }
 

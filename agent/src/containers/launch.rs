@@ -70,7 +70,7 @@ impl Manager {
             .stderr(Stdio::null());
         let wiring = if stdio.terminal {
             Wiring::Terminal {
-                console: ConsoleSocket::bind(&p.container_id, tag)?,
+                console: ConsoleSocket::bind(&format!("{}/{tag}", p.container_id))?,
                 stdin: streams.stdin,
                 stdout: streams.stdout,
             }

@@ -6,6 +6,7 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use cocoon_protocol::ProcessRef;
 use tokio::sync::oneshot;
@@ -17,6 +18,10 @@ use crate::stdio::into_blocking_fd;
 
 /// Console sockets for terminal processes.
 const TTY_DIR: &str = "/run/cocoon/tty";
+
+/// Names the console sockets. A socket path must fit `sun_path` (108 bytes), and CRI ids are
+/// 64 characters each, so the name is a number, not the ids (the log line says whose it is).
+static NEXT_SOCKET: AtomicU64 = AtomicU64::new(0);
 
 impl Manager {
     pub fn resize(&self, p: &ProcessRef, rows: u32, cols: u32) -> Res<()> {
@@ -44,12 +49,18 @@ pub(super) struct ConsoleSocket {
 }
 
 impl ConsoleSocket {
-    /// Binds `<TTY_DIR>/<container>-<tag>.sock`, replacing a stale one.
-    pub(super) fn bind(container_id: &str, tag: &str) -> Res<ConsoleSocket> {
-        std::fs::create_dir_all(TTY_DIR).map_err(failed("create the tty dir"))?;
-        let path = Path::new(TTY_DIR).join(format!("{container_id}-{tag}.sock"));
+    /// Binds `<TTY_DIR>/<n>.sock` for the process `who`, replacing a stale one.
+    pub(super) fn bind(who: &str) -> Res<ConsoleSocket> {
+        Self::bind_in(Path::new(TTY_DIR), who)
+    }
+
+    fn bind_in(dir: &Path, who: &str) -> Res<ConsoleSocket> {
+        std::fs::create_dir_all(dir).map_err(failed("create the tty dir"))?;
+        let n = NEXT_SOCKET.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(format!("{n}.sock"));
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).map_err(failed("bind the console socket"))?;
+        log::debug!("{who}: console socket {}", path.display());
         Ok(ConsoleSocket { listener, path })
     }
 
@@ -71,7 +82,6 @@ impl ConsoleSocket {
             .listener
             .accept()
             .map_err(failed("accept on the console socket"))?;
-        let _ = std::fs::remove_file(&self.path);
         let master = recv_master(&conn).map_err(failed("receive the pty master"))?;
         let mut relays = Relays::default();
         if let Some(s) = stdout {
@@ -87,6 +97,13 @@ impl ConsoleSocket {
         }
         relays.tty = Some(master);
         Ok(relays)
+    }
+}
+
+/// The socket file goes with the listener, also when the runner failed and nothing connected.
+impl Drop for ConsoleSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -129,5 +146,26 @@ fn relay_thread(name: &str, mut from: File, mut to: File, done: Option<oneshot::
         });
     if let Err(e) = spawned {
         log::error!("cannot start the {name} relay: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_paths_fit_sun_path_for_cri_ids_and_go_with_the_socket() {
+        let d = tempfile::tempdir().unwrap();
+        let cri_id = "f".repeat(64);
+        let s = ConsoleSocket::bind_in(d.path(), &format!("{cri_id}/{cri_id}")).unwrap();
+        let path = s.path().to_owned();
+        assert!(path.exists());
+        // The guest's own directory is what counts: `<TTY_DIR>/<n>.sock` stays far below 108.
+        let in_guest = Path::new(TTY_DIR).join(path.file_name().unwrap());
+        assert!(in_guest.as_os_str().len() < 40, "{}", in_guest.display());
+        let other = ConsoleSocket::bind_in(d.path(), "c/e").unwrap();
+        assert_ne!(other.path(), path);
+        drop(s);
+        assert!(!path.exists(), "the socket file is left behind");
     }
 }

@@ -129,6 +129,9 @@ impl AgentService for FakeAgent {
             "agent exec {}/{} {json}",
             r.container_id, r.exec_id
         ));
+        if r.exec_id.starts_with("bad") {
+            return Err(refuse(ttrpc::Code::INVALID_ARGUMENT, "no such executable"));
+        }
         Ok(ag::ExecProcessResponse {
             pid: self.pid(),
             ..Default::default()

@@ -60,6 +60,21 @@ impl Pod {
     }
 
     async fn start_exec(&self, p: &ProcessRef) -> Result<u32> {
+        let started = self.run_exec(p).await;
+        if started.is_err() {
+            // As runc's shim does for an exec it could not start: the process is over before it
+            // began, so a Wait on it (containerd's clean-up of a failed exec) returns at once.
+            self.with_state(|s| {
+                if let Ok(proc) = s.process_mut(p) {
+                    proc.fail_to_start();
+                }
+            })
+            .await;
+        }
+        started
+    }
+
+    async fn run_exec(&self, p: &ProcessRef) -> Result<u32> {
         let (guest, stdio, spec_json) = self
             .with_state(|s| {
                 let proc = s.process(p)?;

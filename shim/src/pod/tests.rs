@@ -117,6 +117,35 @@ async fn an_exec_runs_reports_its_exit_and_is_forgotten_on_delete() {
 }
 
 #[tokio::test]
+async fn an_exec_that_fails_to_start_ends_so_that_its_wait_returns() {
+    let rig = Rig::new();
+    rig.pod.create(rig.create_request("c1")).await.unwrap();
+    rig.pod.start(&init("c1")).await.unwrap();
+    let bad = ProcessRef::exec("c1", "bad1");
+    rig.pod
+        .add_exec(
+            &bad,
+            StdioPaths::default(),
+            br#"{"args":["nope"]}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    assert!(rig.pod.start(&bad).await.is_err());
+    // containerd's clean-up of a failed exec waits on it, then deletes it.
+    let exit = tokio::time::timeout(Duration::from_secs(5), rig.pod.wait(&bad))
+        .await
+        .expect("Wait on an exec that never started must return")
+        .unwrap();
+    assert_eq!(exit.status, 255);
+    assert_eq!(rig.pod.state(&bad).await.unwrap().status, Status::Stopped);
+    rig.pod.delete(&bad).await.unwrap();
+    assert_eq!(
+        rig.pod.state(&init("c1")).await.unwrap().status,
+        Status::Running
+    );
+}
+
+#[tokio::test]
 async fn a_second_container_joins_the_vm_and_the_vm_outlives_the_first() {
     let rig = Rig::new();
     rig.pod.create(rig.create_request("c1")).await.unwrap();

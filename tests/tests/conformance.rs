@@ -1,0 +1,181 @@
+//! What the CRI validation suite (critest) checks of a runtime, at the agent, in a real guest
+//! (issue #28): each case failed under Cocoon while runc passed it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+use cocoon_tests::agent_calls::{create_start, exec_output, exec_process, kill, remove, run, wait};
+use cocoon_tests::{gate, oci_spec, streams, Need, Pod};
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+
+/// A profile that lets everything through but `sethostname`, like critest's "profile that
+/// blocks sethostname".
+fn blocks_sethostname() -> serde_json::Value {
+    json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["sethostname"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+    })
+}
+
+fn with_caps(mut process: serde_json::Value, caps: &[&str]) -> serde_json::Value {
+    for set in ["bounding", "effective", "permitted"] {
+        let list = process["capabilities"][set].as_array_mut().unwrap();
+        list.extend(caps.iter().map(|c| json!(c)));
+    }
+    process
+}
+
+#[tokio::test]
+async fn execs_get_the_containers_seccomp_filter() {
+    let Some(pass) = gate(&[Need::selected_guest()]).await else {
+        return;
+    };
+    let pod = Pod::boot(pass, "seccomp").await;
+    let mut spec = oci_spec(&["sleep", "1000"], false);
+    spec["process"] = with_caps(spec["process"].clone(), &["CAP_SYS_ADMIN"]);
+    spec["linux"]["seccomp"] = blocks_sethostname();
+    let mut init = run(&pod, "box", spec, streams(false, true, true, false)).await;
+
+    let probe = "grep Seccomp: /proc/self/status; hostname changed 2>/dev/null || echo refused";
+    // With CAP_SYS_ADMIN the exec could set the hostname but for the filter; without it, the
+    // filter needs no_new_privs to be loaded at all. Both must be filtered, as under runc.
+    for (eid, caps) in [("admin", &["CAP_SYS_ADMIN"][..]), ("plain", &[][..])] {
+        let process = with_caps(
+            oci_spec(&["sh", "-c", probe], false)["process"].clone(),
+            caps,
+        );
+        let mut io =
+            exec_process(&pod, "box", eid, process, streams(false, true, true, false)).await;
+        let (out, err) = io.output().await;
+        assert_eq!(
+            wait(&pod, "box", eid).await,
+            0,
+            "{}",
+            String::from_utf8_lossy(&err)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "Seccomp:\t2\nrefused\n",
+            "exec {eid} escaped the container's seccomp profile"
+        );
+    }
+    assert_eq!(
+        exec_output(&pod, "box", "name", "hostname").await,
+        "cocoon-test\n"
+    );
+    kill(&pod, "box").await;
+    init.output().await;
+    wait(&pod, "box", "").await;
+    remove(&pod, "box").await;
+    pod.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_terminal_exec_works_with_cri_length_ids() {
+    let Some(pass) = gate(&[Need::selected_guest()]).await else {
+        return;
+    };
+    let pod = Pod::boot(pass, "tty-ids").await;
+    // CRI's ids: 64 hex characters each, as `kubectl exec -it` makes them.
+    let cid = "c".repeat(64);
+    let eid = "e".repeat(64);
+    let mut init = run(
+        &pod,
+        &cid,
+        oci_spec(&["sleep", "1000"], false),
+        streams(false, true, true, false),
+    )
+    .await;
+    let process = oci_spec(
+        &[
+            "sh",
+            "-c",
+            "[ -t 0 ] && echo is-a-tty; read line; echo got-$line",
+        ],
+        true,
+    )["process"]
+        .clone();
+    let mut io = exec_process(&pod, &cid, &eid, process, streams(true, true, false, true)).await;
+    let mut stdin = io.stdin.take().unwrap();
+    stdin.write_all(b"hello\n").await.unwrap();
+    let (out, _) = io.output().await;
+    assert_eq!(wait(&pod, &cid, &eid).await, 0);
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.contains("is-a-tty") && out.contains("got-hello"),
+        "{out:?}"
+    );
+    kill(&pod, &cid).await;
+    init.output().await;
+    wait(&pod, &cid, "").await;
+    remove(&pod, &cid).await;
+    pod.shutdown().await;
+}
+
+#[tokio::test]
+async fn setuid_programs_raise_privileges_unless_no_new_privileges() {
+    let Some(pass) = gate(&[Need::selected_guest()]).await else {
+        return;
+    };
+    let pod = Pod::boot(pass, "setuid").await;
+    // `/bin/euid` is setuid root in the test image; the process runs as uid 1000.
+    for (cid, nnp, euid) in [("esc", false, "0\n"), ("nnp", true, "1000\n")] {
+        let mut spec = oci_spec(&["/bin/euid"], false);
+        spec["process"]["user"] = json!({"uid": 1000, "gid": 1000});
+        spec["process"]["noNewPrivileges"] = json!(nnp);
+        let mut io = run(&pod, cid, spec, streams(false, true, true, false)).await;
+        let (out, err) = io.output().await;
+        assert_eq!(
+            wait(&pod, cid, "").await,
+            0,
+            "{}",
+            String::from_utf8_lossy(&err)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            euid,
+            "noNewPrivileges {nnp}: the effective uid after a setuid-root program"
+        );
+        remove(&pod, cid).await;
+    }
+    pod.shutdown().await;
+}
+
+#[tokio::test]
+async fn recursive_root_propagation_is_accepted() {
+    let Some(pass) = gate(&[Need::selected_guest()]).await else {
+        return;
+    };
+    let pod = Pod::boot(pass, "propagation").await;
+    // CRI asks for rshared/rslave when a mount is Bidirectional/HostToContainer, and Docker for
+    // rslave when a bind holds its own root; runc takes every mount(8) propagation name.
+    for (cid, prop, tag) in [
+        ("rshared", "rshared", "shared:"),
+        ("rslave", "rslave", "master:"),
+        ("rprivate", "rprivate", ""),
+    ] {
+        let mut spec = oci_spec(&["sh", "-c", "grep ' / / ' /proc/self/mountinfo"], false);
+        spec["linux"]["rootfsPropagation"] = json!(prop);
+        let mut io = pod.io(cid, "", &streams(false, true, true, false)).await;
+        create_start(&pod, cid, spec, streams(false, true, true, false)).await;
+        let (out, err) = io.output().await;
+        assert_eq!(
+            wait(&pod, cid, "").await,
+            0,
+            "{}",
+            String::from_utf8_lossy(&err)
+        );
+        let line = String::from_utf8_lossy(&out);
+        if tag.is_empty() {
+            assert!(
+                !line.contains("shared:") && !line.contains("master:"),
+                "{prop}: {line}"
+            );
+        } else {
+            assert!(line.contains(tag), "{prop}: the root is not {tag} {line}");
+        }
+        remove(&pod, cid).await;
+    }
+    pod.shutdown().await;
+}

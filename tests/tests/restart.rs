@@ -1,0 +1,131 @@
+//! A containerd restarted under running pods (an upgrade, a crash) finds every Cocoon task
+//! again, and an exit that happened while it was away is not lost (issue #28). Runs against
+//! the containerd under test: PATH's, or `COCOON_TEST_CONTAINERD_BIN` (e.g. containerd 2.x).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+use std::time::{Duration, Instant};
+
+use cocoon_tests::containerd::{Containerd, IMAGE, RUNTIME};
+use cocoon_tests::{gate, Need};
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// `ctr task ls`'s line for `id`: `TASK PID STATUS`.
+fn task_line(c: &Containerd, id: &str) -> Option<(u32, String)> {
+    let ls = c.ctr(&["task", "ls"]);
+    text(&ls.stdout).lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.first() == Some(&id)).then(|| (f[1].parse().unwrap_or(0), f[2].to_owned()))
+    })
+}
+
+fn wait_until(what: &str, c: &Containerd, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}\ncontainerd log:\n{}",
+            c.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test]
+async fn pods_survive_a_containerd_restart_and_an_exit_meanwhile_is_delivered() {
+    let Some(_gate) = gate(&[Need::selected_guest()]).await else {
+        return;
+    };
+    // Debug level: containerd logs each event a shim forwards ("event forwarded").
+    let mut c = Containerd::start_configured(cocoon_tests::test_hypervisor(), |_| {
+        "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[debug]\n  level = \"debug\"\n"
+            .to_owned()
+    });
+    c.import_test_image();
+    let run = |id: &str, cmd: &[&str]| {
+        let mut a = vec!["run", "-d", "--runtime", RUNTIME, IMAGE, id];
+        a.extend_from_slice(cmd);
+        let out = c.ctr(&a);
+        assert!(out.status.success(), "run {id}: {}", text(&out.stderr));
+    };
+    run("keep", &["sleep", "1000"]);
+    let (keep_pid, status) = task_line(&c, "keep").expect("keep is listed");
+    assert_eq!(status, "RUNNING");
+    run("brief", &["sleep", "3"]);
+
+    c.stop();
+    let logged_before = c.log().len();
+    // "brief" exits while containerd is away: its TaskExit can't be delivered now.
+    std::thread::sleep(Duration::from_secs(6));
+    c.start_again();
+
+    let (pid, status) = task_line(&c, "keep").unwrap_or_else(|| {
+        panic!(
+            "the running task is lost after the restart\ncontainerd log:\n{}",
+            c.log()
+        )
+    });
+    assert_eq!((pid, status.as_str()), (keep_pid, "RUNNING"));
+    wait_until("brief to show as stopped", &c, || {
+        task_line(&c, "brief").is_some_and(|(_, s)| s == "STOPPED")
+    });
+    wait_until(
+        "the exit held during the restart to be forwarded",
+        &c,
+        || {
+            c.log()[logged_before..]
+                .lines()
+                .any(|l| l.contains("event forwarded") && l.contains("topic=/tasks/exit"))
+        },
+    );
+
+    // Every call still reaches the pod.
+    let out = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        "keep",
+        "echo",
+        "still-here",
+    ]);
+    assert_eq!(
+        text(&out.stdout),
+        "still-here\n",
+        "exec: {}",
+        text(&out.stderr)
+    );
+    let metrics = c.ctr(&["task", "metrics", "keep"]);
+    assert!(
+        metrics.status.success(),
+        "metrics: {}",
+        text(&metrics.stderr)
+    );
+    let ps = c.ctr(&["task", "ps", "keep"]);
+    assert!(ps.status.success(), "ps: {}", text(&ps.stderr));
+    assert!(c
+        .ctr(&["task", "kill", "-s", "SIGKILL", "keep"])
+        .status
+        .success());
+    wait_until("keep to stop", &c, || {
+        task_line(&c, "keep").is_some_and(|(_, s)| s == "STOPPED")
+    });
+    for id in ["keep", "brief"] {
+        let del = c.ctr(&["task", "delete", id]);
+        assert!(
+            del.status.success(),
+            "task delete {id}: {}",
+            text(&del.stderr)
+        );
+        let del = c.ctr(&["containers", "delete", id]);
+        assert!(
+            del.status.success(),
+            "containers delete {id}: {}",
+            text(&del.stderr)
+        );
+    }
+    c.assert_clean();
+}
