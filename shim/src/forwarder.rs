@@ -9,6 +9,8 @@
 //! lives; only a full queue ([`QUEUE`] events, far more than a pod makes while containerd
 //! restarts) loses one, and says so.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use containerd_shim_protos::protobuf::MessageField;
@@ -30,6 +32,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct Forwarder {
     tx: mpsc::Sender<Envelope>,
+    /// Events queued and not yet taken by containerd, for [`Forwarder::flush`].
+    pending: Arc<AtomicUsize>,
 }
 
 impl Forwarder {
@@ -41,13 +45,34 @@ impl Forwarder {
             .strip_prefix("unix://")
             .unwrap_or(address)
             .to_owned();
-        tokio::spawn(forward_all(path, rx));
-        Forwarder { tx }
+        let pending = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(forward_all(path, rx, pending.clone()));
+        Forwarder { tx, pending }
+    }
+
+    /// Waits up to `limit` for every queued event to reach containerd; says whether they did.
+    /// The shim calls it before it exits: containerd 2.x, starting again, may tell a shim to
+    /// go (a task that ended meanwhile) before its event socket answers.
+    pub async fn flush(&self, limit: Duration) -> bool {
+        let t0 = tokio::time::Instant::now();
+        while self.pending.load(Ordering::SeqCst) > 0 {
+            if t0.elapsed() >= limit {
+                log::warn!(
+                    "{} events not delivered to containerd within {limit:?} before the shim exits",
+                    self.pending.load(Ordering::SeqCst)
+                );
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
     }
 
     /// Queues `ev`; never waits for containerd.
     pub fn send(&self, ev: Envelope) {
+        self.pending.fetch_add(1, Ordering::SeqCst);
         if let Err(e) = self.tx.try_send(ev) {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
             log::error!(
                 "event {} lost: {QUEUE} events are already waiting for containerd",
                 match &e {
@@ -59,7 +84,7 @@ impl Forwarder {
     }
 }
 
-async fn forward_all(path: String, mut rx: mpsc::Receiver<Envelope>) {
+async fn forward_all(path: String, mut rx: mpsc::Receiver<Envelope>, pending: Arc<AtomicUsize>) {
     let mut client: Option<EventsClient> = None;
     while let Some(ev) = rx.recv().await {
         let mut backoff = Duration::from_millis(20);
@@ -92,6 +117,7 @@ async fn forward_all(path: String, mut rx: mpsc::Receiver<Envelope>) {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+        pending.fetch_sub(1, Ordering::SeqCst);
         if failures > 0 {
             log::info!(
                 "event {} delivered after {failures} failed attempts",
@@ -178,16 +204,17 @@ mod tests {
             *rec.0.lock().unwrap(),
             ["/tasks/start", "/tasks/exit", "/tasks/delete"]
         );
-        // containerd restarts: the next event reconnects.
+        assert!(fwd.flush(Duration::from_secs(1)).await);
+        // containerd restarts: the next event reconnects, and a flush waits for it.
         server.shutdown().await.unwrap();
         fwd.send(envelope("/tasks/oom"));
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !fwd.flush(Duration::from_millis(300)).await,
+            "nobody took it yet"
+        );
         let mut server = serve(&sock, &rec);
         server.start().await.unwrap();
-        let t0 = std::time::Instant::now();
-        while rec.0.lock().unwrap().len() < 4 && t0.elapsed() < Duration::from_secs(5) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        assert!(fwd.flush(Duration::from_secs(5)).await);
         assert_eq!(rec.0.lock().unwrap().last().unwrap(), "/tasks/oom");
         server.shutdown().await.unwrap();
     }

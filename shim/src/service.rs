@@ -31,7 +31,12 @@ pub struct CocoonShim {
     /// containerd's own socket (`-address`), from which shim socket names derive.
     containerd_address: String,
     exit: Arc<ExitSignal>,
+    /// The pod's events to containerd, flushed before the shim exits.
+    forwarder: Arc<std::sync::OnceLock<Forwarder>>,
 }
+
+/// How long an exiting shim waits for containerd to take the events it still holds.
+const FLUSH_ON_EXIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The file behind a shim socket address (`unix:///run/containerd/s/<hash>`).
 pub fn socket_file(address: &str) -> &Path {
@@ -90,6 +95,7 @@ impl Shim for CocoonShim {
             socket: args.socket.clone(),
             containerd_address: args.address.clone(),
             exit: Arc::new(ExitSignal::default()),
+            forwarder: Arc::default(),
         }
     }
 
@@ -143,6 +149,9 @@ impl Shim for CocoonShim {
     /// going away.
     async fn wait(&mut self) {
         self.exit.wait().await;
+        if let Some(f) = self.forwarder.get() {
+            f.flush(FLUSH_ON_EXIT).await;
+        }
         if let Err(e) = std::fs::remove_file(socket_file(&self.socket)) {
             log::debug!("removing {}: {e}", self.socket);
         }
@@ -155,7 +164,9 @@ impl Shim for CocoonShim {
             Box::new(SandboxFactory),
             Box::new(HostMounter),
             Box::new(RemoteSink::new(
-                Forwarder::spawn(&publisher.address),
+                self.forwarder
+                    .get_or_init(|| Forwarder::spawn(&publisher.address))
+                    .clone(),
                 self.namespace.clone(),
             )),
         );
