@@ -10,7 +10,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, watch, OnceCell};
 use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY};
 
-use crate::server::Booted;
+use crate::init::Booted;
 
 /// How long a new connection may take to send the key. The host sends it with the connect.
 const KEY_WAIT: Duration = Duration::from_secs(10);

@@ -8,7 +8,6 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use cocoon_protocol::FORWARD_PORT;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_vsock::VsockStream;
 
@@ -117,24 +116,8 @@ async fn relay(mut host: VsockStream) {
             return;
         }
     };
-    splice(host, local).await;
+    cocoon_protocol::forward::splice(host, local).await;
     log::debug!("forward to 127.0.0.1:{port} ended");
-}
-
-/// Copies both ways until either side ends, then closes both, as containerd's own forward
-/// does. Waiting for both directions instead would hang: a half-close does not cross hybrid
-/// vsock, so the host would never see the server's end of stream.
-async fn splice<A, B>(a: A, b: B)
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    let (mut ar, mut aw) = tokio::io::split(a);
-    let (mut br, mut bw) = tokio::io::split(b);
-    tokio::select! {
-        _ = tokio::io::copy(&mut ar, &mut bw) => { let _ = bw.shutdown().await; }
-        _ = tokio::io::copy(&mut br, &mut aw) => { let _ = aw.shutdown().await; }
-    }
 }
 
 #[cfg(test)]

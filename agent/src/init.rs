@@ -202,6 +202,14 @@ fn clear_tree(dir: &Path, keep: &Path) {
 /// The mounts that move from the initramfs to the new root (submounts move with them).
 const MOVED_MOUNTS: [&str; 5] = ["/proc", "/sys", "/dev", "/run", "/tmp"];
 
+/// The outcome of the background bring-up (modules, virtio-fs share).
+#[derive(Debug, Clone)]
+pub struct Booted {
+    pub loaded_modules: Vec<String>,
+    /// Ok once the share is mounted, else why not.
+    pub shared: Result<(), String>,
+}
+
 /// Moves the guest from the initramfs onto a tmpfs root, in place.
 ///
 /// `pivot_root(2)` refuses to work when the current root is the initramfs, and container

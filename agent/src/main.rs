@@ -115,7 +115,7 @@ fn run() -> anyhow::Result<()> {
 }
 
 /// Loads the modules and mounts the share; failures are kept for the calls that need them.
-fn bring_up(template: bool, on_module: impl FnMut(&str)) -> server::Booted {
+fn bring_up(template: bool, on_module: impl FnMut(&str)) -> init::Booted {
     let t0 = logger::uptime_ms();
     let modules = init::load_modules(Path::new(init::MODULE_ORDER), on_module);
     let t_modules = logger::uptime_ms();
@@ -144,7 +144,7 @@ fn bring_up(template: bool, on_module: impl FnMut(&str)) -> server::Booted {
         t_modules - t0,
         logger::uptime_ms() - t_modules
     );
-    server::Booted {
+    init::Booted {
         loaded_modules,
         shared,
     }

@@ -19,16 +19,8 @@ use cocoon_protocol::{ProcessRef, AGENT_PORT, API_VERSION};
 use ttrpc::r#async::{Server, TtrpcContext};
 
 use crate::containers::Manager;
-use crate::init;
+use crate::init::{self, Booted};
 use crate::network;
-
-/// The outcome of the background bring-up (modules, virtio-fs share).
-#[derive(Debug, Clone)]
-pub struct Booted {
-    pub loaded_modules: Vec<String>,
-    /// Ok once the share is mounted, else why not.
-    pub shared: Result<(), String>,
-}
 
 /// The agent's state.
 #[derive(Debug)]

@@ -17,6 +17,7 @@ mod generated {
 
 pub mod auth;
 pub mod dns;
+pub mod forward;
 pub mod process;
 
 pub use generated::agent;

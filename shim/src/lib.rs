@@ -31,6 +31,7 @@ pub mod sandbox;
 pub mod service;
 pub mod state;
 pub mod task;
+pub mod unmount;
 pub mod volumes;
 
 use std::time::Duration;

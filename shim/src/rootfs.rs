@@ -54,7 +54,7 @@ impl Mounter for HostMounter {
         }
         .await;
         // The staging mount goes in every case: the target holds its own reference.
-        unmount(staging);
+        crate::unmount::unmount(staging);
         let _ = std::fs::remove_dir(staging);
         placed
     }
@@ -69,7 +69,7 @@ impl Mounter for HostMounter {
     }
 
     fn unmount(&self, target: &Path) {
-        unmount(target);
+        crate::unmount::unmount(target);
     }
 }
 
@@ -137,13 +137,4 @@ fn bind(from: &Path, to: &Path) -> Result<()> {
             std::io::Error::from(e),
         )
     })
-}
-
-/// Detaches the mount at `target` without following a symlink there: the share is writable by
-/// the guest, which could otherwise point the path at a host mount.
-pub fn unmount(target: &Path) {
-    use nix::mount::MntFlags;
-    if let Err(e) = nix::mount::umount2(target, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
-        log::warn!("unmount {}: {e}", target.display());
-    }
 }

@@ -80,7 +80,7 @@ pub fn cleanup(run_dir: &Path) {
         }
     }
     for m in &st.mounts {
-        crate::rootfs::unmount(m);
+        crate::unmount::unmount(m);
     }
     if let Some(cg) = &st.cgroup {
         crate::placement::remove_leftover(cg);

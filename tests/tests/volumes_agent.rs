@@ -120,7 +120,7 @@ async fn binds_from_the_share_and_guest_tmpfs_volumes_reach_containers() {
     assert_eq!(out, "kept\n");
     assert!(!host.path().join("note").exists());
 
-    cocoon_shim::rootfs::unmount(&slot);
+    cocoon_shim::unmount::unmount(&slot);
     cocoon_shim::volumes::remove_target(&slot);
     let _ = std::fs::remove_dir(slot.parent().unwrap());
     pod.shutdown().await;

@@ -174,9 +174,9 @@ impl Daemon {
         self.pid
     }
 
-    /// What [`crate::supervise::Supervisor`] needs to watch this process.
-    pub(crate) fn watched(&self) -> crate::supervise::Watched {
-        crate::supervise::Watched {
+    /// What the supervisor (`supervise.rs`) needs to watch this process.
+    pub(crate) fn watched(&self) -> Watched {
+        Watched {
             name: self.name,
             pid: self.pid,
             log: self.log.clone(),
@@ -341,6 +341,14 @@ pub async fn exited_within(d: Option<&mut Daemon>, timeout: Duration) -> bool {
         Some(d) => tokio::time::timeout(timeout, d.wait()).await.is_ok(),
         None => true,
     }
+}
+
+/// A process to watch: its name, pid and log file.
+#[derive(Debug, Clone)]
+pub struct Watched {
+    pub name: &'static str,
+    pub pid: u32,
+    pub log: PathBuf,
 }
 
 /// How much of a file's end [`tail_lines`] reads: the guest writes the console, so its size

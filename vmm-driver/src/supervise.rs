@@ -6,24 +6,14 @@
 //! VM gone, as after any VMM death: its processes end and its cleanup runs as usual.
 
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
-
 use std::time::Duration;
 
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal};
 use tokio::task::JoinHandle;
 
-use crate::daemon::tail_lines;
+use crate::daemon::{tail_lines, Watched};
 use crate::error::{Error, Result};
-
-/// A process to watch: its name, pid and log file.
-#[derive(Debug, Clone)]
-pub struct Watched {
-    pub name: &'static str,
-    pub pid: u32,
-    pub log: PathBuf,
-}
 
 fn pidfd(pid: u32) -> Result<OwnedFd> {
     let raw = i32::try_from(pid).ok().and_then(Pid::from_raw);

@@ -17,7 +17,7 @@ use std::time::Duration;
 use cocoon_protocol::agent::ListenPortsRequest;
 use cocoon_protocol::agent_ttrpc::AgentServiceClient;
 use cocoon_protocol::FORWARD_PORT;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::task::JoinHandle;
 use vmm_driver::vsock::VsockEndpoint;
 
@@ -179,24 +179,8 @@ async fn relay(conn: tokio::net::TcpStream, port: u16, endpoint: VsockEndpoint) 
         log::warn!("port-forward {port}: {e}");
         return;
     }
-    splice(conn, guest).await;
+    cocoon_protocol::forward::splice(conn, guest).await;
     log::debug!("port-forward {port}: connection ended");
-}
-
-/// Copies both ways until either side ends, then closes both, as containerd's own forward
-/// does: a half-close does not cross hybrid vsock, so waiting for both directions could
-/// hold a finished connection open for good.
-async fn splice<A, B>(a: A, b: B)
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    let (mut ar, mut aw) = tokio::io::split(a);
-    let (mut br, mut bw) = tokio::io::split(b);
-    tokio::select! {
-        _ = tokio::io::copy(&mut ar, &mut bw) => { let _ = bw.shutdown().await; }
-        _ = tokio::io::copy(&mut br, &mut aw) => { let _ = aw.shutdown().await; }
-    }
 }
 
 #[cfg(test)]

@@ -160,7 +160,7 @@ pub fn bind(b: &Bind, staging: &Path, target: &Path) -> Result<()> {
         })
     })();
     // The staging mount goes in every case: the target holds its own reference.
-    crate::rootfs::unmount(staging);
+    crate::unmount::unmount(staging);
     remove_target(staging);
     if staged.is_err() {
         remove_target(target);
