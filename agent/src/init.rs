@@ -238,6 +238,7 @@ pub fn switch_root() -> Result<()> {
         )
         .with_context(|| format!("move {m} to the new root"))?;
     }
+    let kept = keep_on_demand_modules(new);
     clear_tree(Path::new("/"), new);
     nix::unistd::chdir(new).context("chdir /newroot")?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
@@ -255,7 +256,38 @@ pub fn switch_root() -> Result<()> {
         None::<&str>,
     )
     .context("make the root shared")?;
+    match kept {
+        Ok(0) => {}
+        Ok(n) => {
+            fs::write("/proc/sys/kernel/modprobe", crate::modprobe::HELPER)
+                .context("set the kernel's modprobe helper")?;
+            log::info!("{n} modules on demand (the agent is the kernel's modprobe)");
+        }
+        // Containers then miss those kernel features, as before; the pod still runs.
+        Err(e) => log::warn!("modules on demand not kept: {e:#}"),
+    }
     Ok(())
+}
+
+/// Copies the on-demand modules (`modprobe.rs`) and their index from the initramfs into the
+/// new root, at the same paths, before the initramfs is emptied; returns how many.
+fn keep_on_demand_modules(new: &Path) -> Result<usize> {
+    let index_path = Path::new(crate::modprobe::ON_DEMAND_INDEX);
+    let Ok(text) = fs::read_to_string(index_path) else {
+        return Ok(0); // an image without them
+    };
+    let index = crate::modprobe::Index::parse(&text);
+    let dir = index_path.parent().unwrap_or(Path::new("/"));
+    let files = index.files();
+    for rel in &files {
+        let (from, to) = (dir.join(rel), new.join(dir.strip_prefix("/")?).join(rel));
+        if let Some(parent) = to.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        fs::copy(&from, &to).with_context(|| format!("keep {}", from.display()))?;
+    }
+    fs::write(new.join(index_path.strip_prefix("/")?), text)?;
+    Ok(files.len())
 }
 
 /// Flushes and powers the VM off. Never returns on success.

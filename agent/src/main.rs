@@ -7,7 +7,9 @@ mod exec_seccomp;
 mod forward;
 mod init;
 mod logger;
+mod modprobe;
 mod network;
+mod propagation;
 mod reaper;
 mod refresh;
 mod runner;
@@ -24,6 +26,10 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("runner") {
         runner::main(&args[2..]);
+    }
+    // The kernel's modprobe helper is the agent itself (`modprobe.rs`).
+    if modprobe::is_helper_call(&args[1..]) {
+        modprobe::main(&args[3..]);
     }
     // Nothing may make PID 1 exit: the kernel would panic and the host would see only that.
     std::panic::set_hook(Box::new(|info| {

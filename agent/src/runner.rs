@@ -15,6 +15,7 @@ use libcontainer::oci_spec::runtime::Spec;
 use libcontainer::syscall::syscall::SyscallType;
 
 use crate::exec_seccomp::SeccompExecutor;
+use crate::propagation;
 
 /// Where libcontainer keeps container state in the guest.
 pub const STATE_ROOT: &str = "/run/cocoon/containers";
@@ -129,16 +130,26 @@ fn run(inv: &Invocation) -> Result<i32, String> {
         .with_console_socket(inv.console_socket.as_deref());
     match &inv.job {
         Job::Create { bundle, .. } => {
-            let container = builder
+            let config = bundle.join("config.json");
+            let spec =
+                Spec::load(&config).map_err(|e| format!("read {}: {e}", config.display()))?;
+            let mut container = builder
                 .as_init(bundle)
                 .with_systemd(false)
                 .with_detach(true)
                 .build()
                 .map_err(|e| describe(&e))?;
-            container
+            let pid = container
                 .pid()
                 .map(|p| p.as_raw())
-                .ok_or_else(|| "the container has no init pid".to_owned())
+                .ok_or_else(|| "the container has no init pid".to_owned())?;
+            // The mounts' own propagation, which libcontainer does not apply; a container that
+            // can't have it is not left half made.
+            if let Err(e) = propagation::apply(pid, &propagation::requested(&spec)) {
+                let _ = container.delete(true);
+                return Err(e);
+            }
+            Ok(pid)
         }
         Job::Exec { process, .. } => with_seccomp(builder, &id)?
             .as_tenant()

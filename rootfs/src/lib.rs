@@ -1,8 +1,9 @@
 //! Pieces of the guest image builder that are worth testing on their own: module dependency
-//! resolution and the initramfs writer. `main.rs` drives them with Debian's tools.
+//! resolution, the on-demand module set and the initramfs writer. `main.rs` drives them with Debian's tools.
 
 pub mod initramfs;
 pub mod modules;
+pub mod on_demand;
 
 /// The one error type of this crate.
 #[derive(Debug, thiserror::Error)]

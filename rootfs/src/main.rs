@@ -11,6 +11,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use cocoon_rootfs::initramfs::Initramfs;
 use cocoon_rootfs::modules::{module_name, strip_signature, ModulesDep};
+use cocoon_rootfs::on_demand::{plan as plan_on_demand, ON_DEMAND};
 use sha2::{Digest, Sha256};
 
 const META_PACKAGE: &str = "linux-image-cloud-amd64";
@@ -175,6 +176,17 @@ fn main() -> Result<()> {
         load_order.push_str(&format!("{release}/{rel}\n"));
     }
     img.file("lib/modules/load-order", 0o644, load_order.into_bytes())?;
+    // What the kernel may ask for later (agent/src/modprobe.rs).
+    let aliases = fs::read_to_string(moddir.join("modules.alias"))?;
+    let on_demand = plan_on_demand(&dep, &aliases, ON_DEMAND, &order, &format!("{release}/"))?;
+    let mut on_demand_bytes = 0;
+    for rel in &on_demand.files {
+        let data = fs::read(moddir.join(rel)).with_context(|| format!("read module {rel}"))?;
+        let data = strip_signature(&data).to_vec();
+        on_demand_bytes += data.len();
+        img.file(&format!("lib/modules/{release}/{rel}"), 0o644, data)?;
+    }
+    img.file("lib/modules/on-demand", 0o644, on_demand.index.into_bytes())?;
     let initramfs = img.write(Vec::new())?;
 
     let vmlinuz = fs::read(tree.join("boot").join(format!("vmlinuz-{release}")))?;
@@ -188,6 +200,8 @@ fn main() -> Result<()> {
         "initramfs_bytes": initramfs.len(),
         "agent_sha256": sha256(&agent),
         "modules": order.iter().map(|p| module_name(p)).collect::<Vec<_>>(),
+        "on_demand_modules": on_demand.files.iter().map(|p| module_name(p)).collect::<Vec<_>>(),
+        "on_demand_bytes": on_demand_bytes,
     });
     fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
     install(&args.out, "vmlinuz", &vmlinuz)?;
@@ -198,10 +212,12 @@ fn main() -> Result<()> {
         serde_json::to_string_pretty(&manifest)?.as_bytes(),
     )?;
     println!(
-        "installed guest image in {}: kernel {release} ({pkg} {version}), initramfs {} KiB, {} modules",
+        "installed guest image in {}: kernel {release} ({pkg} {version}), initramfs {} KiB, {} modules, {} more on demand ({} KiB)",
         args.out.display(),
         initramfs.len() / 1024,
-        order.len()
+        order.len(),
+        on_demand.files.len(),
+        on_demand_bytes / 1024
     );
     Ok(())
 }

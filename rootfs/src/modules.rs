@@ -45,6 +45,14 @@ impl ModulesDep {
             .ok_or_else(|| Error::UnknownModule(name.to_owned()))
     }
 
+    /// Whether the module at path `module` needs the one at `other`, directly or not
+    /// (modules.dep lists both kinds).
+    pub fn needs(&self, module: &str, other: &str) -> bool {
+        self.deps
+            .get(module)
+            .is_some_and(|d| d.iter().any(|x| x == other))
+    }
+
     /// The paths of `wanted` and everything they need, each after its dependencies.
     pub fn load_order(&self, wanted: &[&str]) -> Result<Vec<String>> {
         let mut order = vec![];

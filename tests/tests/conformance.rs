@@ -179,3 +179,123 @@ async fn recursive_root_propagation_is_accepted() {
     }
     pod.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_mounts_own_propagation_is_applied_as_under_runc() {
+    let Some(pass) = gate(&[Need::selected_guest()]).await else {
+        return;
+    };
+    let pod = Pod::boot(pass, "mount-propagation").await;
+    // One writable directory of the share that three containers bind, as a pod's volume (a
+    // bind onto itself under the read-only export, as the shim makes volumes).
+    let pvol = pod.sb.host_dir().join("pvol");
+    std::fs::create_dir_all(&pvol).unwrap();
+    let none: Option<&str> = None;
+    nix::mount::mount(Some(&pvol), &pvol, none, nix::mount::MsFlags::MS_BIND, none).unwrap();
+    let source = format!("{}/pvol", cocoon_protocol::GUEST_SHARE);
+    // CRI's words: Bidirectional is an `rshared` mount in an `rshared` root, HostToContainer
+    // an `rslave` one in an `rslave` root, None `rprivate`.
+    let with_volume = |args: &[&str], propagation: &str| {
+        let mut spec = oci_spec(args, false);
+        if propagation != "rprivate" {
+            spec["linux"]["rootfsPropagation"] = json!(propagation);
+        }
+        spec["mounts"].as_array_mut().unwrap().push(json!({
+            "destination": "/vol", "type": "bind", "source": source,
+            "options": ["rbind", "rw", propagation]
+        }));
+        spec
+    };
+    let sleep = ["sleep", "1000"];
+    let mut slave = run(
+        &pod,
+        "slave",
+        with_volume(&sleep, "rslave"),
+        streams(false, true, true, false),
+    )
+    .await;
+    let mut private = run(
+        &pod,
+        "private",
+        with_volume(&sleep, "rprivate"),
+        streams(false, true, true, false),
+    )
+    .await;
+    let mut spec = with_volume(
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /vol/m && mount -t tmpfs m /vol/m && echo mounted; sleep 1000",
+        ],
+        "rshared",
+    );
+    spec["process"] = with_caps(spec["process"].clone(), &["CAP_SYS_ADMIN"]);
+    let mut shared = run(&pod, "shared", spec, streams(false, true, true, false)).await;
+    let looks = std::sync::atomic::AtomicUsize::new(0);
+    let seen = |cid: &'static str| {
+        let (pod, n) = (
+            &pod,
+            looks.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        );
+        async move {
+            let script = "grep -c ' /vol/m ' /proc/self/mountinfo || true";
+            exec_output(pod, cid, &format!("look{n}"), script).await
+        }
+    };
+    let t0 = std::time::Instant::now();
+    while seen("shared").await.trim() != "1" {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "the shared container never mounted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        seen("slave").await.trim(),
+        "1",
+        "an rslave volume receives the pod's mounts"
+    );
+    assert_eq!(
+        seen("private").await.trim(),
+        "0",
+        "an rprivate volume shares nothing"
+    );
+    for (cid, io) in [
+        ("slave", &mut slave),
+        ("private", &mut private),
+        ("shared", &mut shared),
+    ] {
+        kill(&pod, cid).await;
+        io.output().await;
+        wait(&pod, cid, "").await;
+        remove(&pod, cid).await;
+    }
+    nix::mount::umount2(&pvol, nix::mount::MntFlags::MNT_DETACH).unwrap();
+    pod.shutdown().await;
+}
+
+#[tokio::test]
+async fn privileged_containers_get_kernel_modules_on_demand() {
+    let Some(pass) = gate(&[Need::selected_guest()]).await else {
+        return;
+    };
+    let pod = Pod::boot(pass, "modules").await;
+    // Each of these makes the guest kernel ask for a module the boot did not load (bridge,
+    // dummy, veth); under runc the host's modprobe loads it.
+    let script = "brctl addbr cbr0 && echo bridge-ok; brctl delbr cbr0; \
+                  ip link add cdummy0 type dummy && echo dummy-ok; ip link del cdummy0; \
+                  ip link add cveth0 type veth peer name cveth1 && echo veth-ok; ip link del cveth0";
+    let mut spec = oci_spec(&["sh", "-c", script], false);
+    spec["process"] = with_caps(spec["process"].clone(), &["CAP_NET_ADMIN"]);
+    let mut io = run(&pod, "netadmin", spec, streams(false, true, true, false)).await;
+    let (out, err) = io.output().await;
+    wait(&pod, "netadmin", "").await;
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "bridge-ok\ndummy-ok\nveth-ok\n",
+        "{}",
+        String::from_utf8_lossy(&err)
+    );
+    remove(&pod, "netadmin").await;
+    pod.shutdown().await;
+}
