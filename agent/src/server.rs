@@ -140,6 +140,7 @@ impl AgentService for Agent {
     ) -> ttrpc::Result<CreateContainerResponse> {
         self.need_share().await?;
         crate::containers::provide_ephemeral(&req.ephemeral_volumes)?;
+        crate::containers::reach_submounts(&req.submounts);
         let stdio = req.stdio.clone().unwrap_or_default();
         let pid = self
             .containers

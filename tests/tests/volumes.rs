@@ -108,6 +108,61 @@ async fn ctr_run_bind_mounts_of_files_and_directories_match_runc() {
     c.assert_clean();
 }
 
+/// A read-only bind of a directory that holds a mount of its own: `ro` is the top mount's
+/// (what CRI's non-recursive read-only mounts and `ctr --mount …:rbind:ro` ask), so the mount
+/// below stays writable, as under runc; and it is a mount in the container too.
+#[tokio::test]
+async fn read_only_stays_on_the_top_mount_of_a_recursive_bind_as_under_runc() {
+    let Some(_gate) = gate(&[Need::selected_guest()]).await else {
+        return;
+    };
+    let c = Containerd::start();
+    c.import_test_image();
+    let host = tempfile::tempdir().unwrap();
+    let vol = host.path().join("vol");
+    let sub = vol.join("sub");
+    std::fs::create_dir_all(&sub).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &sub,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m"),
+    )
+    .unwrap();
+    let script = "(touch /vol/top) 2>/dev/null && echo top-rw || echo top-ro; \
+                  (touch /vol/sub/f-$RT) 2>/dev/null && echo sub-rw || echo sub-ro; \
+                  grep -c ' /vol/sub ' /proc/self/mountinfo";
+    let mut seen = vec![];
+    for (rt, name) in [("io.containerd.runc.v2", "runc"), (RUNTIME, "cocoon")] {
+        let m = mount_arg(&vol, "/vol", "rbind:ro");
+        let env = format!("RT={name}");
+        let id = format!("nonrec-{name}");
+        let args = [
+            "run",
+            "--rm",
+            "--runtime",
+            rt,
+            "--env",
+            &env,
+            "--mount",
+            &m,
+            IMAGE,
+            &id,
+            "sh",
+            "-c",
+            script,
+        ];
+        let out = c.ctr(&args);
+        assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+        seen.push(text(&out.stdout));
+    }
+    assert_eq!(seen[1], seen[0], "cocoon against runc");
+    assert_eq!(seen[0].lines().next(), Some("top-ro"));
+    nix::mount::umount2(&sub, nix::mount::MntFlags::MNT_DETACH).unwrap();
+    c.assert_clean();
+}
+
 /// A kubelet-managed volume (configMap, secret, projected): files behind a `..data` symlink
 /// that kubelet swaps atomically on update.
 fn write_version(dir: &Path, version: &str) {

@@ -24,7 +24,10 @@ pub(crate) fn spawn_virtiofsd(cfg: &Config, dir: &RunDir, bin: &Path) -> Result<
     cmd.arg(format!("--socket-path={}", sock.display()))
         .arg(format!("--shared-dir={}", dir.shared().display()))
         .arg(format!("--cache={}", cfg.virtiofs_cache.as_arg()))
-        .arg(format!("--sandbox={}", cfg.virtiofsd_sandbox.as_arg()));
+        .arg(format!("--sandbox={}", cfg.virtiofsd_sandbox.as_arg()))
+        // A mount below an exported directory (a volume's own submount) is a mount in the
+        // guest too, with its own flags, instead of part of one filesystem.
+        .arg("--announce-submounts");
     let d = dir.spawn("virtiofsd", cmd, None)?;
     Ok((d, sock))
 }

@@ -158,6 +158,27 @@ pub fn provide_ephemeral(volumes: &[cocoon_protocol::agent::EphemeralVolume]) ->
     Ok(())
 }
 
+/// Reaches each host submount below a volume (`CreateContainerRequest.submounts`) on the
+/// share, so that virtio-fs mounts it here, with the share's flags and its own, before the
+/// container's bind of the volume copies it; reached first through that bind, it would take
+/// the bind's `ro`. Only paths on the share are touched; one that is gone is skipped.
+pub fn reach_submounts(paths: &[String]) {
+    for p in paths {
+        let path = Path::new(p);
+        let on_share = path.starts_with(crate::init::SHARED_MOUNT)
+            && !path
+                .components()
+                .any(|c| c == std::path::Component::ParentDir);
+        if !on_share {
+            log::warn!("not reaching {p}: not a path on the share");
+            continue;
+        }
+        if let Err(e) = std::fs::metadata(path) {
+            log::warn!("submount {p}: {e}");
+        }
+    }
+}
+
 /// Where a container's rootfs lives, refusing anything that leaves the share.
 fn resolve_rootfs(share: &Path, rel: &str) -> Res<PathBuf> {
     let p = Path::new(rel);

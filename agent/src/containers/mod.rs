@@ -7,7 +7,7 @@
 //! Exit statuses come from the [`Reaper`].
 
 mod create;
-pub use create::provide_ephemeral;
+pub use create::{provide_ephemeral, reach_submounts};
 mod delete;
 mod exec;
 mod launch;

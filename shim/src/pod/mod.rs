@@ -372,6 +372,7 @@ impl Pod {
                 },
                 rootfs: format!("{}/rootfs", req.id),
                 stdio: MessageField::some(req.stdio.streams()),
+                submounts: plan.submounts.clone(),
                 ephemeral_volumes: plan
                     .ephemeral
                     .iter()

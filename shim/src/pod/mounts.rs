@@ -30,6 +30,14 @@ impl Pod {
             }
             plan.spec["mounts"][b.mount]["source"] =
                 serde_json::Value::String(format!("{GUEST_SHARE}/{}", rel.display()));
+            if b.recursive {
+                let below = crate::volumes::mounts_below(&target);
+                plan.submounts.extend(
+                    below
+                        .iter()
+                        .map(|sub| format!("{GUEST_SHARE}/{}/{}", rel.display(), sub.display())),
+                );
+            }
             held.push(target);
         }
         Ok(held)

@@ -22,7 +22,7 @@
 mod plan;
 mod slots;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub use plan::{plan, Bind, Ephemeral, Plan, DEFAULT_SHM_SIZE};
 pub use slots::{Slots, SLOTS_DIR};
@@ -168,6 +168,45 @@ pub fn bind(b: &Bind, staging: &Path, target: &Path) -> Result<()> {
     staged
 }
 
+/// The mount points strictly below `dir` on the host, relative to it (from mountinfo, whose
+/// octal escapes are decoded), shallowest first.
+pub fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut below: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape(p)))
+        .filter_map(|p| p.strip_prefix(dir).ok().map(Path::to_path_buf))
+        .filter(|rel| !rel.as_os_str().is_empty())
+        .collect();
+    below.sort_by_key(|p| p.components().count());
+    below.dedup();
+    below
+}
+
+/// mountinfo's escapes (`\040` for a space, and so on) back to the bytes.
+fn unescape(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Removes a volume mount point after its unmount: never recursively (a failed unmount must
 /// not empty the source through it), and without following a symlink.
 pub fn remove_target(target: &Path) {
@@ -176,5 +215,20 @@ pub fn remove_target(target: &Path) {
         if is_file {
             let _ = std::fs::remove_file(target);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_decoded_and_mounts_below_a_dir_are_relative() {
+        assert_eq!(unescape("/a\\040b\\011c"), "/a b\tc");
+        assert_eq!(unescape("/plain\\"), "/plain\\");
+        // /proc is a mount point below /, and / itself is not "below".
+        let below = mounts_below(Path::new("/"));
+        assert!(below.contains(&PathBuf::from("proc")), "{below:?}");
+        assert!(below.iter().all(|p| p.is_relative()));
     }
 }

@@ -60,6 +60,9 @@ pub struct Plan {
     pub spec: Value,
     pub binds: Vec<Bind>,
     pub ephemeral: Vec<Ephemeral>,
+    /// Guest paths of host mounts below the recursive binds, once they are bound
+    /// (`Pod::bind_volumes`).
+    pub submounts: Vec<String>,
 }
 
 /// Host paths that are the host's own view of the system: the guest has its own.
@@ -106,6 +109,7 @@ pub fn plan(
             spec,
             binds,
             ephemeral,
+            submounts: vec![],
         });
     };
     let mut kept = Vec::with_capacity(mounts.len());
@@ -196,6 +200,7 @@ pub fn plan(
         spec,
         binds,
         ephemeral,
+        submounts: vec![],
     })
 }
 
