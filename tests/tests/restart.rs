@@ -145,3 +145,60 @@ async fn pods_survive_a_containerd_restart_and_an_exit_meanwhile_is_delivered() 
     }
     c.assert_clean();
 }
+
+/// The kubelet's view: containerd (with CRI) restarted under a running Cocoon pod. CRI
+/// recovers the pod from the shim (State, Wait), the container is still running, an exec
+/// reaches it, and the pod stops and is removed as usual.
+#[tokio::test]
+async fn a_cri_pod_survives_a_containerd_restart() {
+    use cocoon_tests::cri::{connect, ContainerSpec, Cri, HANDLER};
+    use k8s_cri::v1 as cri;
+    let Some(_gate) = gate(&[Need::selected_guest()]).await else {
+        return;
+    };
+    let mut c = Cri::start().await;
+    let (pod, config) = c.run_pod("survivor", HANDLER).await;
+    let app = ContainerSpec {
+        name: "app",
+        command: &["sleep", "1000"],
+    };
+    let id = c.start_container(&pod, &config, app).await;
+    assert_eq!(c.exec_sync(&id, &["echo", "before"]).await.1, "before\n");
+
+    c.containerd.stop();
+    c.containerd.start_again();
+    c.client = connect(&c.containerd.address).await;
+
+    let status = c
+        .client
+        .container_status(cri::ContainerStatusRequest {
+            container_id: id.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "ContainerStatus after the restart: {e}\n{}",
+                c.containerd.log()
+            )
+        })
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(status.state(), cri::ContainerState::ContainerRunning);
+    let pods = c
+        .client
+        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    let ours = pods
+        .iter()
+        .find(|p| p.id == pod)
+        .expect("the pod is listed");
+    assert_eq!(ours.state(), cri::PodSandboxState::SandboxReady);
+    assert_eq!(c.exec_sync(&id, &["echo", "after"]).await.1, "after\n");
+    c.stop_and_remove_pod(&pod).await;
+    c.containerd.assert_clean();
+}
