@@ -169,22 +169,32 @@ async fn a_cri_pod_survives_a_containerd_restart() {
     c.containerd.start_again();
     c.client = connect(&c.containerd.address).await;
 
-    let status = c
-        .client
-        .container_status(cri::ContainerStatusRequest {
+    // containerd answers before its CRI plugin has recovered; kubelet retries until it has.
+    let t0 = Instant::now();
+    let status = loop {
+        let req = cri::ContainerStatusRequest {
             container_id: id.clone(),
             verbose: false,
-        })
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
+        };
+        match c.client.container_status(req).await {
+            Ok(r) => break r,
+            Err(e) if e.message().contains("not initialized") => {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(30),
+                    "CRI did not come back: {e}\n{}",
+                    c.containerd.log()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!(
                 "ContainerStatus after the restart: {e}\n{}",
                 c.containerd.log()
-            )
-        })
-        .into_inner()
-        .status
-        .unwrap();
+            ),
+        }
+    }
+    .into_inner()
+    .status
+    .unwrap();
     assert_eq!(status.state(), cri::ContainerState::ContainerRunning);
     let pods = c
         .client
