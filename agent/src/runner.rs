@@ -130,9 +130,7 @@ fn run(inv: &Invocation) -> Result<i32, String> {
         .with_console_socket(inv.console_socket.as_deref());
     match &inv.job {
         Job::Create { bundle, .. } => {
-            let config = bundle.join("config.json");
-            let spec =
-                Spec::load(&config).map_err(|e| format!("read {}: {e}", config.display()))?;
+            let spec = bundle_spec(bundle)?;
             let mut container = builder
                 .as_init(bundle)
                 .with_systemd(false)
@@ -165,12 +163,17 @@ fn run(inv: &Invocation) -> Result<i32, String> {
 /// the process ([`crate::exec_seccomp`]: libcontainer drops it for execs).
 fn with_seccomp(builder: ContainerBuilder, id: &str) -> Result<ContainerBuilder, String> {
     let container = Container::load(Path::new(STATE_ROOT).join(id)).map_err(|e| describe(&e))?;
-    let config = container.bundle().join("config.json");
-    let spec = Spec::load(&config).map_err(|e| format!("read {}: {e}", config.display()))?;
+    let spec = bundle_spec(container.bundle())?;
     Ok(match SeccompExecutor::for_container(&spec)? {
         Some(ex) => builder.with_executor(ex),
         None => builder,
     })
+}
+
+/// The (guest) spec in `bundle`, as the agent wrote it there.
+fn bundle_spec(bundle: &Path) -> Result<Spec, String> {
+    let config = bundle.join("config.json");
+    Spec::load(&config).map_err(|e| format!("read {}: {e}", config.display()))
 }
 
 /// libcontainer's error with its causes, which is where "executable not found" lives.

@@ -6,17 +6,16 @@
 
 use async_trait::async_trait;
 use cocoon_protocol::ProcessRef;
+use containerd_shim::util::convert_to_any;
 use containerd_shim_protos::api;
 use containerd_shim_protos::events::task as ev;
+use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim_protos::protobuf::{MessageDyn, MessageField};
+use containerd_shim_protos::shim::event::Envelope;
 use containerd_shim_protos::topics;
 
-use crate::process::{Exit, StdioPaths};
-use containerd_shim_protos::protobuf::well_known_types::any::Any;
-use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
-use containerd_shim_protos::shim::event::Envelope;
-
 use crate::forwarder::Forwarder;
+use crate::process::{Exit, StdioPaths};
 
 /// containerd's time type for a Unix time in nanoseconds.
 pub fn timestamp(unix_nanos: u64) -> Timestamp {
@@ -214,21 +213,19 @@ impl std::fmt::Debug for RemoteSink {
 impl EventSink for RemoteSink {
     async fn publish(&self, event: Event) {
         let topic = event.topic();
-        let message = event.into_message();
-        let mut payload = Vec::new();
-        if let Err(e) = message.write_to_vec_dyn(&mut payload) {
-            log::error!("encoding event {topic}: {e}");
-            return;
-        }
+        // The same Any the containerd-shim crate's publisher makes.
+        let any = match convert_to_any(event.into_message()) {
+            Ok(any) => any,
+            Err(e) => {
+                log::error!("encoding event {topic}: {e}");
+                return;
+            }
+        };
         let envelope = Envelope {
             timestamp: MessageField::some(timestamp(crate::process::now_nanos())),
             namespace: self.namespace.clone(),
             topic: topic.to_owned(),
-            event: MessageField::some(Any {
-                type_url: message.descriptor_dyn().full_name().to_owned(),
-                value: payload,
-                ..Default::default()
-            }),
+            event: MessageField::some(any),
             ..Default::default()
         };
         self.forwarder.send(envelope);

@@ -47,6 +47,30 @@ pub async fn wait(pod: &Pod, cid: &str, eid: &str) -> i32 {
         .status
 }
 
+/// Runs `cid` to its end, which must be exit 0 (stderr in the failure), removes it, and
+/// returns its stdout.
+pub async fn run_output(pod: &Pod, cid: &str, spec: serde_json::Value) -> String {
+    let mut io = run(pod, cid, spec, streams(false, true, true, false)).await;
+    let (out, err) = io.output().await;
+    assert_eq!(
+        wait(pod, cid, "").await,
+        0,
+        "{cid} failed: {}",
+        String::from_utf8_lossy(&err)
+    );
+    remove(pod, cid).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// SIGKILLs the running `cid`, drains its output (`io`), removes it; returns its exit status.
+pub async fn kill_and_remove(pod: &Pod, cid: &str, io: &mut Io) -> i32 {
+    kill(pod, cid).await;
+    io.output().await;
+    let status = wait(pod, cid, "").await;
+    remove(pod, cid).await;
+    status
+}
+
 /// SIGKILLs the init of `cid`.
 pub async fn kill(pod: &Pod, cid: &str) {
     let sig = SignalProcessRequest {

@@ -3,7 +3,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
-use cocoon_tests::agent_calls::{create_start, exec_output, exec_process, kill, remove, run, wait};
+use cocoon_tests::agent_calls::{
+    exec_output, exec_process, kill_and_remove, remove, run, run_output, wait,
+};
 use cocoon_tests::{gate, oci_spec, streams, Need, Pod};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
@@ -64,10 +66,7 @@ async fn execs_get_the_containers_seccomp_filter() {
         exec_output(&pod, "box", "name", "hostname").await,
         "cocoon-test\n"
     );
-    kill(&pod, "box").await;
-    init.output().await;
-    wait(&pod, "box", "").await;
-    remove(&pod, "box").await;
+    kill_and_remove(&pod, "box", &mut init).await;
     pod.shutdown().await;
 }
 
@@ -106,10 +105,7 @@ async fn a_terminal_exec_works_with_cri_length_ids() {
         out.contains("is-a-tty") && out.contains("got-hello"),
         "{out:?}"
     );
-    kill(&pod, &cid).await;
-    init.output().await;
-    wait(&pod, &cid, "").await;
-    remove(&pod, &cid).await;
+    kill_and_remove(&pod, &cid, &mut init).await;
     pod.shutdown().await;
 }
 
@@ -124,20 +120,11 @@ async fn setuid_programs_raise_privileges_unless_no_new_privileges() {
         let mut spec = oci_spec(&["/bin/euid"], false);
         spec["process"]["user"] = json!({"uid": 1000, "gid": 1000});
         spec["process"]["noNewPrivileges"] = json!(nnp);
-        let mut io = run(&pod, cid, spec, streams(false, true, true, false)).await;
-        let (out, err) = io.output().await;
         assert_eq!(
-            wait(&pod, cid, "").await,
-            0,
-            "{}",
-            String::from_utf8_lossy(&err)
-        );
-        assert_eq!(
-            String::from_utf8_lossy(&out),
+            run_output(&pod, cid, spec).await,
             euid,
             "noNewPrivileges {nnp}: the effective uid after a setuid-root program"
         );
-        remove(&pod, cid).await;
     }
     pod.shutdown().await;
 }
@@ -157,16 +144,7 @@ async fn recursive_root_propagation_is_accepted() {
     ] {
         let mut spec = oci_spec(&["sh", "-c", "grep ' / / ' /proc/self/mountinfo"], false);
         spec["linux"]["rootfsPropagation"] = json!(prop);
-        let mut io = pod.io(cid, "", &streams(false, true, true, false)).await;
-        create_start(&pod, cid, spec, streams(false, true, true, false)).await;
-        let (out, err) = io.output().await;
-        assert_eq!(
-            wait(&pod, cid, "").await,
-            0,
-            "{}",
-            String::from_utf8_lossy(&err)
-        );
-        let line = String::from_utf8_lossy(&out);
+        let line = run_output(&pod, cid, spec).await;
         if tag.is_empty() {
             assert!(
                 !line.contains("shared:") && !line.contains("master:"),
@@ -175,7 +153,6 @@ async fn recursive_root_propagation_is_accepted() {
         } else {
             assert!(line.contains(tag), "{prop}: the root is not {tag} {line}");
         }
-        remove(&pod, cid).await;
     }
     pod.shutdown().await;
 }
@@ -265,10 +242,7 @@ async fn a_mounts_own_propagation_is_applied_as_under_runc() {
         ("private", &mut private),
         ("shared", &mut shared),
     ] {
-        kill(&pod, cid).await;
-        io.output().await;
-        wait(&pod, cid, "").await;
-        remove(&pod, cid).await;
+        kill_and_remove(&pod, cid, io).await;
     }
     nix::mount::umount2(&pvol, nix::mount::MntFlags::MNT_DETACH).unwrap();
     pod.shutdown().await;

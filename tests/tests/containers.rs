@@ -6,7 +6,7 @@
 use cocoon_protocol::agent::{CreateContainerRequest, StartContainerRequest};
 use cocoon_shim::sandbox::StdioKind;
 use cocoon_tests::agent_calls::{
-    create_start, exec, exec_output, exec_process, kill, remove, run, wait,
+    create_start, exec, exec_output, exec_process, kill_and_remove, remove, run, wait,
 };
 use cocoon_tests::{ctx, gate, oci_spec, streams, Need, Pod};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -49,10 +49,7 @@ async fn exit_codes_and_output() {
         streams(false, true, true, false),
     )
     .await;
-    kill(&pod, "killed").await;
-    io.output().await;
-    assert_eq!(wait(&pod, "killed", "").await, 137);
-    remove(&pod, "killed").await;
+    assert_eq!(kill_and_remove(&pod, "killed", &mut io).await, 137);
 
     pod.shutdown().await;
 }
@@ -505,10 +502,7 @@ async fn process_settings_apply_and_close_stdin_ends_input() {
         "{}",
         String::from_utf8_lossy(&err)
     );
-    kill(&pod, "confined").await;
-    io.output().await;
-    assert_eq!(wait(&pod, "confined", "").await, 137);
-    remove(&pod, "confined").await;
+    assert_eq!(kill_and_remove(&pod, "confined", &mut io).await, 137);
 
     pod.shutdown().await;
 }
