@@ -18,7 +18,7 @@ HELPERS      := virtiofsd@1.14.0 vhost-device-vsock@0.3.0
 
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: setup deps helpers build agent image install test test-containerd2 test-cloud-hypervisor test-template-off bench soak demo clean
+.PHONY: setup deps helpers build agent image install test test-containerd2 conformance test-cloud-hypervisor test-template-off bench soak demo clean
 
 setup: deps helpers build image install
 
@@ -76,6 +76,13 @@ test-containerd2: build image
 	scripts/fetch-containerd.sh $(CONTAINERD2_PREFIX)
 	COCOON_TEST_CONTAINERD_BIN=$(CONTAINERD2_PREFIX)/usr/bin $(CARGO) test --release -p cocoon-tests \
 	  --test ctr --test restart --test cri --test cri_host_ns
+
+# critest, the CRI validation suite, against runc and Cocoon side by side, offline (not part of
+# `make test`: critest comes from a cri-tools checkout CI can't fetch, and a run takes about an
+# hour here). CRI_TOOLS=<checkout>; results in target/conformance/, recorded in
+# docs/conformance.md.
+conformance: build image
+	scripts/conformance.sh
 
 # The shim's end-to-end suites with Cloud Hypervisor (on PATH; not installed by setup). Each
 # case prints why it skipped where CH can't boot a guest (no usable KVM).

@@ -48,15 +48,32 @@ pub fn build_docker_image(out: &Path, tag: &str) {
 fn build_archive(out: &Path, name: &str, cmd: &[&str], docker_tag: Option<&str>) {
     let root = tempfile::tempdir().unwrap();
     busybox_rootfs(root.path());
+    let config = json!({"Env": [DEFAULT_PATH], "Cmd": cmd, "WorkingDir": "/"});
+    write_image_layout(out, name, root.path(), config, docker_tag);
+}
+
+/// The `PATH` Docker's images default to.
+pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Writes `root` as a one-layer OCI image layout tarball named `name`, with `config` as the
+/// image config's `config` object (Cmd, Env, User, ExposedPorts, ...); with `docker_tag`, also
+/// Docker's `manifest.json`, for `docker load`.
+pub fn write_image_layout(
+    out: &Path,
+    name: &str,
+    root: &Path,
+    config: serde_json::Value,
+    docker_tag: Option<&str>,
+) {
     let mut layer = tar::Builder::new(Vec::new());
     layer.follow_symlinks(false);
-    layer.append_dir_all(".", root.path()).unwrap();
+    layer.append_dir_all(".", root).unwrap();
     let layer = layer.into_inner().unwrap();
     let layer_digest = format!("sha256:{}", sha256(&layer));
     let config = serde_json::to_vec(&json!({
         "architecture": "amd64",
         "os": "linux",
-        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": cmd, "WorkingDir": "/"},
+        "config": config,
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]}
     }))
     .unwrap();
@@ -121,7 +138,7 @@ pub struct Containerd {
 
 /// The directory of the `containerd` and `ctr` under test: `COCOON_TEST_CONTAINERD_BIN`
 /// (e.g. a fetched containerd 2.x, `scripts/fetch-containerd.sh`), else PATH's.
-fn containerd_bin(name: &str) -> PathBuf {
+pub fn containerd_bin(name: &str) -> PathBuf {
     match std::env::var_os("COCOON_TEST_CONTAINERD_BIN") {
         Some(dir) if !dir.is_empty() => Path::new(&dir).join(name),
         _ => PathBuf::from(name),

@@ -34,7 +34,7 @@ pub struct TestNet {
 }
 
 impl TestNet {
-    fn new() -> TestNet {
+    pub fn new() -> TestNet {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pid = std::process::id();
@@ -46,7 +46,7 @@ impl TestNet {
         }
     }
 
-    fn conflist(&self, ipam_dir: &Path) -> String {
+    pub fn conflist(&self, ipam_dir: &Path) -> String {
         serde_json::json!({
             "cniVersion": "1.0.0",
             "name": "cocoon-test",
@@ -67,6 +67,12 @@ impl TestNet {
     }
 }
 
+impl Default for TestNet {
+    fn default() -> Self {
+        TestNet::new()
+    }
+}
+
 impl Drop for TestNet {
     fn drop(&mut self) {
         let _ = std::process::Command::new("ip")
@@ -76,11 +82,11 @@ impl Drop for TestNet {
     }
 }
 
-/// The CRI part of a private containerd's config.
-fn cri_config(dir: &Path) -> String {
+/// The CRI part of a private containerd's config, with the pause image `sandbox_image`.
+pub fn cri_config(dir: &Path, sandbox_image: &str) -> String {
     format!(
         r#"[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{PAUSE_IMAGE}"
+  sandbox_image = "{sandbox_image}"
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   # Lowering oom_score_adj is refused on these machines (kubelet gives the sandbox -998),
@@ -131,7 +137,7 @@ impl Cri {
             let cni = d.join("cni");
             std::fs::create_dir_all(&cni).unwrap();
             std::fs::write(cni.join("10-cocoon-test.conflist"), conflist(d)).unwrap();
-            cri_config(d)
+            cri_config(d, PAUSE_IMAGE)
         });
         containerd.import_image(NAMESPACE, IMAGE, &["sh"]);
         containerd.import_image(NAMESPACE, PAUSE_IMAGE, &["sleep", "2147483647"]);

@@ -7,6 +7,7 @@
 pub mod agent_calls;
 pub mod bench_chart;
 pub mod config;
+pub mod conformance;
 pub mod containerd;
 pub mod cri;
 pub mod cri_bench;

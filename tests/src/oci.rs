@@ -46,15 +46,21 @@ pub fn busybox_rootfs(root: &Path) {
 /// `no_new_privs`) needs a program of its own: a static C one-liner, built here with the
 /// system's C compiler (which Rust's linker needs anyway).
 fn euid_probe(out: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("euid.c");
-    std::fs::write(
-        &src,
+    static_c(
+        out,
         "#include <stdio.h>\n#include <unistd.h>\n\
          int main(void) { printf(\"%d\\n\", (int)geteuid()); return 0; }\n",
-    )
-    .unwrap();
+        0o4755,
+    );
+}
+
+/// Compiles the C program `source` into a static binary at `out` with mode `mode`: for the
+/// few test programs busybox has no applet for.
+pub fn static_c(out: &Path, source: &str, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("prog.c");
+    std::fs::write(&src, source).unwrap();
     let built = std::process::Command::new("cc")
         .args(["-static", "-Os", "-s", "-o"])
         .arg(out)
@@ -63,10 +69,11 @@ fn euid_probe(out: &Path) {
         .expect("cc is missing: run `make setup`");
     assert!(
         built.status.success(),
-        "cc euid.c: {}",
+        "cc {}: {}",
+        out.display(),
         String::from_utf8_lossy(&built.stderr)
     );
-    std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    std::fs::set_permissions(out, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
 /// The spec `runc spec` writes, with `args` to run: the shape containerd hands a runtime.

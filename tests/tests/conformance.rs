@@ -130,6 +130,51 @@ async fn setuid_programs_raise_privileges_unless_no_new_privileges() {
 }
 
 #[tokio::test]
+async fn a_process_can_reopen_its_stdout_and_stderr_as_under_runc() {
+    let Some(pass) = gate(&[Need::selected_guest()]).await else {
+        return;
+    };
+    let pod = Pod::boot(pass, "reopen").await;
+    // nginx's image logs to /dev/stdout; `tee /dev/stderr` is common in scripts. Both reopen
+    // the fd through /proc/self/fd, which works on runc's pipes and fails (ENXIO) on a socket.
+    // The burst after it checks that the relay delivers everything written just before exit.
+    let script = "echo out > /dev/stdout && echo err > /dev/stderr && \
+                  [ -p /proc/self/fd/1 ] && echo fifo && head -c 300000 /dev/zero | tr '\\0' x";
+    let mut io = run(
+        &pod,
+        "box",
+        oci_spec(&["sh", "-c", script], false),
+        streams(false, true, true, false),
+    )
+    .await;
+    let (out, err) = io.output().await;
+    assert_eq!(
+        wait(&pod, "box", "").await,
+        0,
+        "{}",
+        String::from_utf8_lossy(&err)
+    );
+    assert_eq!(String::from_utf8_lossy(&err), "err\n");
+    assert_eq!(out.len(), "out\nfifo\n".len() + 300_000);
+    assert!(out.starts_with(b"out\nfifo\nxxx") && out.ends_with(b"xxx"));
+
+    let mut init = run(
+        &pod,
+        "sleeper",
+        oci_spec(&["sleep", "1000"], false),
+        streams(false, true, true, false),
+    )
+    .await;
+    assert_eq!(
+        exec_output(&pod, "sleeper", "reopen", "echo exec > /dev/stdout").await,
+        "exec\n"
+    );
+    kill_and_remove(&pod, "sleeper", &mut init).await;
+    remove(&pod, "box").await;
+    pod.shutdown().await;
+}
+
+#[tokio::test]
 async fn recursive_root_propagation_is_accepted() {
     let Some(pass) = gate(&[Need::selected_guest()]).await else {
         return;

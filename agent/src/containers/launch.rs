@@ -15,9 +15,8 @@ use tokio_vsock::VsockStream;
 
 use super::tty::ConsoleSocket;
 use super::wait::watch_exit;
-use super::{failed, stdin, Failure, Manager, Process, Relays, Res};
+use super::{failed, output, stdin, Failure, Manager, Process, Relays, Res};
 use crate::runner::{self, Invocation, Job};
-use crate::stdio::into_blocking_fd;
 
 /// How long the host may take to connect a process's stdio streams.
 const STREAM_WAIT: Duration = Duration::from_secs(10);
@@ -39,10 +38,13 @@ enum Wiring {
         stdin: Option<VsockStream>,
         stdout: Option<VsockStream>,
     },
-    /// stdout and stderr are the host's sockets themselves, so the agent copies nothing; stdin,
-    /// if any, is a pipe the agent feeds from the host's stream (kept here with its write end).
+    /// Each stream is a pipe on the process's side, relayed by the agent: stdin fed from the
+    /// host's stream (kept here with its write end), stdout and stderr copied to theirs (kept
+    /// with their read ends). Pipes, as under runc: a program may reopen `/dev/stdout`
+    /// (nginx's logs, `tee /dev/stderr`), which a socket refuses with ENXIO.
     Plain {
         stdin: Option<(VsockStream, OwnedFd)>,
+        outputs: Vec<(OwnedFd, VsockStream)>,
     },
 }
 
@@ -155,7 +157,8 @@ impl Manager {
 }
 
 impl Wiring {
-    /// Gives the helper the host's stdout/stderr sockets and, for stdin, the read end of a pipe.
+    /// Gives the helper a pipe end for each stream: the read end for stdin, the write ends for
+    /// stdout and stderr.
     fn plain(cmd: &mut Command, streams: HostStreams) -> Res<Wiring> {
         let mut stdin = None;
         if let Some(host) = streams.stdin {
@@ -163,17 +166,18 @@ impl Wiring {
             cmd.stdin(Stdio::from(r));
             stdin = Some((host, w));
         }
-        if let Some(s) = streams.stdout {
-            cmd.stdout(Stdio::from(
-                into_blocking_fd(s).map_err(failed("stdout stream"))?,
-            ));
+        let mut outputs = Vec::new();
+        if let Some(host) = streams.stdout {
+            let (r, w) = stdin::pipe()?;
+            cmd.stdout(Stdio::from(w));
+            outputs.push((r, host));
         }
-        if let Some(s) = streams.stderr {
-            cmd.stderr(Stdio::from(
-                into_blocking_fd(s).map_err(failed("stderr stream"))?,
-            ));
+        if let Some(host) = streams.stderr {
+            let (r, w) = stdin::pipe()?;
+            cmd.stderr(Stdio::from(w));
+            outputs.push((r, host));
         }
-        Ok(Wiring::Plain { stdin })
+        Ok(Wiring::Plain { stdin, outputs })
     }
 
     fn console_path(&self) -> Option<PathBuf> {
@@ -191,13 +195,17 @@ impl Wiring {
                 stdin,
                 stdout,
             } => console.attach(stdin, stdout),
-            Wiring::Plain {
-                stdin: Some((host, pipe)),
-            } => Ok(Relays {
-                stdin: Some(stdin::feed(host, pipe)?),
-                ..Relays::default()
-            }),
-            Wiring::Plain { stdin: None } => Ok(Relays::default()),
+            Wiring::Plain { stdin, outputs } => {
+                for (pipe, host) in outputs {
+                    output::drain(pipe, host)?;
+                }
+                Ok(Relays {
+                    stdin: stdin
+                        .map(|(host, pipe)| stdin::feed(host, pipe))
+                        .transpose()?,
+                    ..Relays::default()
+                })
+            }
         }
     }
 }

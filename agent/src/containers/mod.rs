@@ -12,6 +12,7 @@ mod delete;
 mod exec;
 mod launch;
 mod oom;
+mod output;
 mod pause;
 mod signal;
 mod start;
