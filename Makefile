@@ -62,14 +62,14 @@ install: build
 	scripts/containerd-imports.sh
 
 # containerd 2.x beside the system's 1.6: Debian sid's, fetched into a private prefix (nothing
-# installed system-wide). `make test` runs the restart suite against it too.
+# installed system-wide). `make test` runs the restart and ctr suites against it too.
 CONTAINERD2_PREFIX ?= /var/tmp/cocoon-containerd2
 
 test: build image
 	$(CARGO) test --release --workspace
 	scripts/fetch-containerd.sh $(CONTAINERD2_PREFIX)
 	COCOON_TEST_CONTAINERD_BIN=$(CONTAINERD2_PREFIX)/usr/bin $(CARGO) test --release -p cocoon-tests \
-	  --test restart
+	  --test restart --test ctr
 
 # The ctr, restart and CRI suites against containerd 2.x.
 test-containerd2: build image

@@ -20,6 +20,7 @@ pub mod forwarder;
 pub mod guest;
 pub mod hooks;
 pub mod host_ns;
+pub mod info;
 pub mod io;
 pub mod network;
 pub mod phase;

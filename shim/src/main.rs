@@ -1,14 +1,14 @@
 //! containerd-shim-cocoon-v2: the containerd shim v2 for runtime `io.containerd.cocoon.v2`.
 //!
 //! containerd runs it with `start`, `delete` or as the daemon; the containerd-shim crate
-//! parses those flags. `containerd-shim-cocoon-v2 check` is for people: it boots a pod VM from
-//! the configuration, prints the guest details next to the host's, and stops the VM.
+//! parses those flags. `-info` answers containerd's introspection (`info.rs`).
+//! `containerd-shim-cocoon-v2 check` is for people: it boots a pod VM from the configuration,
+//! prints the guest details next to the host's, and stops the VM.
 
 use anyhow::{bail, Context, Result};
 use vmm_driver::{Config, VmSpec};
 
-/// The runtime name containerd knows this shim by.
-const RUNTIME: &str = "io.containerd.cocoon.v2";
+use cocoon_shim::info::RUNTIME_NAME as RUNTIME;
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -18,6 +18,16 @@ async fn main() -> Result<()> {
             env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
                 .init();
             check(args.iter().any(|a| a == "--console")).await
+        }
+        // containerd's introspection (2.x): the runtime's features, before any shim flags
+        // are parsed (the containerd-shim crate would ask for a TTRPC address first).
+        Some("-info") => {
+            use std::io::{Read, Write};
+            // The runtime's options arrive on stdin; none of them changes the answer.
+            let mut options = Vec::new();
+            let _ = std::io::stdin().read_to_end(&mut options);
+            std::io::stdout().write_all(&cocoon_shim::info::runtime_info())?;
+            Ok(())
         }
         Some("--version") => {
             println!(

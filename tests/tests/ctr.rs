@@ -478,3 +478,33 @@ async fn a_killed_vm_ends_its_task_and_a_killed_shim_leaves_nothing() {
         );
     }
 }
+
+/// containerd 2.x asks a shim for its features (`<shim> -info`); CRI reports a handler's
+/// recursive read-only support from them. Checked through containerd itself
+/// (`ctr plugins inspect-runtime`, which 1.x lacks: skipped there, saying so).
+#[tokio::test]
+async fn containerd_reads_the_shims_features() {
+    let Some(_gate) = gate(&[]).await else {
+        return;
+    };
+    let c = Containerd::start();
+    if !c
+        .ctr(&["plugins", "inspect-runtime", "--help"])
+        .status
+        .success()
+    {
+        eprintln!("skipped: this containerd has no runtime introspection (2.x has)");
+        return;
+    }
+    let out = c.ctr(&["plugins", "inspect-runtime", "--runtime", RUNTIME]);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), c.log());
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["Name"], RUNTIME);
+    let opts = info["Features"]["mountOptions"].as_array().unwrap();
+    assert!(opts.iter().any(|o| o == "rro"), "{info}");
+    assert_eq!(
+        info["Features"]["linux"]["mountExtensions"]["idmap"]["enabled"],
+        false
+    );
+    c.assert_clean();
+}

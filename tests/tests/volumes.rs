@@ -116,6 +116,30 @@ async fn read_only_stays_on_the_top_mount_of_a_recursive_bind_as_under_runc() {
     let Some(_gate) = gate(&[Need::selected_guest()]).await else {
         return;
     };
+    let seen = read_only_against_runc("rbind:ro");
+    assert_eq!(seen.lines().next(), Some("top-ro"));
+    assert_eq!(seen.lines().nth(1), Some("sub-rw"), "non-recursive: {seen}");
+}
+
+/// `rro` (CRI's `recursiveReadOnly: Enabled`, `docker run --mount …,bind-recursive=readonly`):
+/// the mounts below the volume are read-only too, as under runc.
+#[tokio::test]
+async fn recursive_read_only_reaches_the_mounts_below_as_under_runc() {
+    let Some(_gate) = gate(&[Need::selected_guest()]).await else {
+        return;
+    };
+    let seen = read_only_against_runc("rbind:rro");
+    assert_eq!(
+        seen.lines().take(2).collect::<Vec<_>>(),
+        ["top-ro", "sub-ro"],
+        "{seen}"
+    );
+}
+
+/// Runs a container with a volume holding a tmpfs below it, bound with `options`, under runc
+/// and Cocoon; asserts both saw the same (whether the top and the tmpfs are writable, and the
+/// tmpfs as a mount of its own) and returns what they saw.
+fn read_only_against_runc(options: &str) -> String {
     let c = Containerd::start();
     c.import_test_image();
     let host = tempfile::tempdir().unwrap();
@@ -135,9 +159,9 @@ async fn read_only_stays_on_the_top_mount_of_a_recursive_bind_as_under_runc() {
                   grep -c ' /vol/sub ' /proc/self/mountinfo";
     let mut seen = vec![];
     for (rt, name) in [("io.containerd.runc.v2", "runc"), (RUNTIME, "cocoon")] {
-        let m = mount_arg(&vol, "/vol", "rbind:ro");
+        let m = mount_arg(&vol, "/vol", options);
         let env = format!("RT={name}");
-        let id = format!("nonrec-{name}");
+        let id = format!("ro-{name}");
         let args = [
             "run",
             "--rm",
@@ -157,10 +181,10 @@ async fn read_only_stays_on_the_top_mount_of_a_recursive_bind_as_under_runc() {
         assert!(out.status.success(), "{name}: {}", text(&out.stderr));
         seen.push(text(&out.stdout));
     }
-    assert_eq!(seen[1], seen[0], "cocoon against runc");
-    assert_eq!(seen[0].lines().next(), Some("top-ro"));
+    assert_eq!(seen[1], seen[0], "{options}: cocoon against runc");
     nix::mount::umount2(&sub, nix::mount::MntFlags::MNT_DETACH).unwrap();
     c.assert_clean();
+    seen.swap_remove(0)
 }
 
 /// A kubelet-managed volume (configMap, secret, projected): files behind a `..data` symlink
@@ -416,5 +440,74 @@ async fn the_export_copy_of_a_volume_is_as_restricted_as_its_host_bind() {
     assert!(out.status.success(), "task delete: {}", text(&out.stderr));
     let out = c.ctr(&["containers", "rm", "exp"]);
     assert!(out.status.success(), "rm: {}", text(&out.stderr));
+    c.assert_clean();
+}
+
+/// With `rro`, what virtiofsd serves is read-only below the volume too: a guest root that
+/// undid the container's `mount_setattr` still could not write through the share into a
+/// mount below the volume.
+#[tokio::test]
+async fn the_export_copy_of_an_rro_volume_is_read_only_below_too() {
+    let Some(_gate) = gate(&[Need::selected_guest()]).await else {
+        return;
+    };
+    let c = Containerd::start();
+    c.import_test_image();
+    let host = tempfile::tempdir().unwrap();
+    let vol = host.path().join("vol");
+    let sub = vol.join("sub");
+    std::fs::create_dir_all(&sub).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &sub,
+        Some("tmpfs"),
+        nix::mount::MsFlags::MS_NOEXEC,
+        Some("size=1m"),
+    )
+    .unwrap();
+    let m = mount_arg(&vol, "/vol", "rbind:rro");
+    let out = c.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--mount",
+        &m,
+        IMAGE,
+        "rro",
+        "sleep",
+        "1000",
+    ]);
+    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+
+    let export = c.cocoon_state.join("rro").join("shared").join("_volumes");
+    let mounts = mounts_below(&export);
+    let below: Vec<_> = mounts
+        .iter()
+        .filter(|(at, _)| at.ends_with("/sub"))
+        .collect();
+    assert_eq!(below.len(), 1, "{mounts:?}");
+    let opts: Vec<&str> = below[0].1.split(',').collect();
+    assert!(opts.contains(&"ro") && opts.contains(&"noexec"), "{opts:?}");
+    let err = std::fs::write(Path::new(&below[0].0).join("planted"), "x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(nix::libc::EROFS), "{err}");
+    // The host's own mount stays as it was.
+    std::fs::write(sub.join("host-writes"), "x").unwrap();
+
+    let out = c.ctr(&["task", "kill", "-s", "SIGKILL", "rro"]);
+    assert!(out.status.success(), "kill: {}", text(&out.stderr));
+    let t0 = Instant::now();
+    while !text(&c.ctr(&["task", "ls"]).stdout)
+        .lines()
+        .any(|l| l.starts_with("rro") && l.contains("STOPPED"))
+    {
+        assert!(t0.elapsed() < Duration::from_secs(30), "task never stopped");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = c.ctr(&["task", "delete", "rro"]);
+    assert!(out.status.success(), "task delete: {}", text(&out.stderr));
+    let out = c.ctr(&["containers", "rm", "rro"]);
+    assert!(out.status.success(), "rm: {}", text(&out.stderr));
+    nix::mount::umount2(&sub, nix::mount::MntFlags::MNT_DETACH).unwrap();
     c.assert_clean();
 }

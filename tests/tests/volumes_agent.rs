@@ -84,6 +84,7 @@ async fn binds_from_the_share_and_guest_tmpfs_volumes_reach_containers() {
         is_dir: true,
         recursive: true,
         readonly: false,
+        recursive_readonly: false,
         mount: 0,
     };
     cocoon_shim::volumes::bind(&bind, &staging, &slot).unwrap();

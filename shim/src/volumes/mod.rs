@@ -144,6 +144,11 @@ pub fn bind(b: &Bind, staging: &Path, target: &Path) -> Result<()> {
         }
         nix::mount::mount(none, staging, none, flags, none)
             .map_err(|e| io(format!("remount {} nosuid,nodev", staging.display()), e))?;
+        if b.recursive_readonly {
+            for rel in mounts_below(staging) {
+                remount_readonly(&staging.join(rel))?;
+            }
+        }
         mount_point(target, b.is_dir)?;
         nix::mount::mount(
             Some(staging),
@@ -166,6 +171,38 @@ pub fn bind(b: &Bind, staging: &Path, target: &Path) -> Result<()> {
         remove_target(target);
     }
     staged
+}
+
+/// Makes the bind mount at `path` read-only (and `nosuid,nodev`, as every bind the guest is
+/// served), keeping its `noexec` and atime flags: a bind remount sets exactly the flags given.
+fn remount_readonly(path: &Path) -> Result<()> {
+    use nix::mount::MsFlags;
+    use nix::sys::statvfs::FsFlags;
+    let kept = nix::sys::statvfs::statvfs(path)
+        .map_err(|e| Error::io(format!("statvfs {}", path.display()), e.into()))?
+        .flags();
+    let mut flags = MsFlags::MS_REMOUNT
+        | MsFlags::MS_BIND
+        | MsFlags::MS_RDONLY
+        | MsFlags::MS_NOSUID
+        | MsFlags::MS_NODEV;
+    for (has, set) in [
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if kept.contains(has) {
+            flags |= set;
+        }
+    }
+    let none: Option<&str> = None;
+    nix::mount::mount(none, path, none, flags, none).map_err(|e| {
+        Error::io(
+            format!("remount {} read-only (rro)", path.display()),
+            e.into(),
+        )
+    })
 }
 
 /// The mount points strictly below `dir` on the host, relative to it (from mountinfo, whose

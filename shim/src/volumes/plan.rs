@@ -41,6 +41,10 @@ pub struct Bind {
     /// `rbind`: submounts of the source come along.
     pub recursive: bool,
     pub readonly: bool,
+    /// `rro`: the mounts below the source are read-only too (the guest applies it with
+    /// `mount_setattr(AT_RECURSIVE)`; the host's bind does the same, so the guest can't
+    /// write through virtiofsd what its container can't).
+    pub recursive_readonly: bool,
     /// Which of the planned spec's mounts it is: its source becomes the guest path.
     pub mount: usize,
 }
@@ -190,7 +194,8 @@ pub fn plan(
             inode: h.inode,
             is_dir,
             recursive: m["type"] == "rbind" || options(&m).any(|o| o == "rbind"),
-            readonly: options(&m).any(|o| o == "ro"),
+            readonly: options(&m).any(|o| o == "ro" || o == "rro"),
+            recursive_readonly: options(&m).any(|o| o == "rro"),
             mount: kept.len(),
         });
         kept.push(m);
@@ -261,6 +266,7 @@ mod tests {
                     is_dir: false,
                     recursive: true,
                     readonly: true,
+                    recursive_readonly: false,
                     mount: 1,
                 },
                 Bind {
@@ -269,6 +275,7 @@ mod tests {
                     is_dir: true,
                     recursive: true,
                     readonly: false,
+                    recursive_readonly: false,
                     mount: 2,
                 },
                 Bind {
@@ -277,6 +284,7 @@ mod tests {
                     is_dir: true,
                     recursive: false,
                     readonly: false,
+                    recursive_readonly: false,
                     mount: 3,
                 },
             ]
@@ -284,6 +292,22 @@ mod tests {
         for b in &p.binds {
             assert_eq!(m[b.mount]["source"], b.source.to_str().unwrap());
         }
+    }
+
+    #[test]
+    fn recursive_read_only_is_read_only_on_the_host_too_and_kept_for_the_guest() {
+        // What containerd's CRI writes for `recursiveReadOnly: Enabled`.
+        let s = spec(serde_json::json!([
+            {"destination": "/data", "type": "bind", "source": "/data",
+             "options": ["rbind", "rprivate", "rro"]},
+        ]));
+        let p = plan(&s, "c1", host).unwrap();
+        assert!(p.binds[0].readonly && p.binds[0].recursive_readonly && p.binds[0].recursive);
+        assert_eq!(
+            p.spec["mounts"][0]["options"],
+            serde_json::json!(["rbind", "rprivate", "rro"]),
+            "the guest applies rro itself"
+        );
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! way (CRI's per-pod `/etc/hosts` and `resolv.conf`, a volume mounted by every container of a
 //! pod) is bound once on the host and served once by virtiofsd, as Kata shares them.
 //!
-//! The key is the source path with its (device, inode) when planned, and the bind's `ro` and
-//! `rbind`: a file replaced under the same name gets a bind of its own, as a fresh bind under
+//! The key is the source path with its (device, inode) when planned, and the bind's `ro`, `rro`
+//! and `rbind`: a file replaced under the same name gets a bind of its own, as a fresh bind under
 //! runc would see the new file, and a read-only use never shares a writable bind.
 
 use std::collections::HashMap;
@@ -21,6 +21,7 @@ struct Key {
     inode: (u64, u64),
     recursive: bool,
     readonly: bool,
+    recursive_readonly: bool,
 }
 
 #[derive(Debug)]
@@ -46,6 +47,7 @@ impl Slots {
             inode: b.inode,
             recursive: b.recursive,
             readonly: b.readonly,
+            recursive_readonly: b.recursive_readonly,
         };
         if let Some(slot) = self.held.get_mut(&key) {
             slot.users += 1;
@@ -110,6 +112,7 @@ mod tests {
             is_dir: true,
             recursive: true,
             readonly,
+            recursive_readonly: false,
             mount: 0,
         }
     }
