@@ -31,6 +31,10 @@ use crate::rootfs::{Mounter, RootfsSource};
 use crate::state::SandboxState;
 use crate::{Error, Result};
 
+/// How long a broken agent call waits for the VM's death to show (see
+/// [`Pod::vm_gone_after_a_broken_call`]).
+const VM_EXIT_GRACE: Duration = Duration::from_secs(1);
+
 #[cfg(test)]
 mod attack_tests;
 #[cfg(test)]
@@ -250,6 +254,22 @@ impl Pod {
     async fn vm_gone(&self) -> Option<String> {
         self.with_state(|s| s.vm.as_mut().and_then(|vm| vm.exit_reason()))
             .await
+    }
+
+    /// [`Self::vm_gone`], for a caller whose agent connection just broke: a killed VMM drops
+    /// its sockets (and so the agent's connection) while it is still exiting, a moment before
+    /// it can be reaped, so the VM's death is given up to [`VM_EXIT_GRACE`] to show.
+    async fn vm_gone_after_a_broken_call(&self) -> Option<String> {
+        let t0 = tokio::time::Instant::now();
+        loop {
+            if let Some(why) = self.vm_gone().await {
+                return Some(why);
+            }
+            if t0.elapsed() >= VM_EXIT_GRACE {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     async fn publish(&self, event: Event) {

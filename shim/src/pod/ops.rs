@@ -195,21 +195,30 @@ impl Pod {
             .await;
         match sent {
             Ok(_) => Ok(()),
-            Err(e) => match self.vm_gone().await {
-                Some(why) => {
-                    log::info!("kill {p}: the pod VM is gone ({why}); nothing to signal");
-                    Ok(())
+            Err(e) => {
+                // A frozen guest (a timeout) has a live VM; a broken connection may be a
+                // VMM that is still exiting.
+                let gone = if matches!(e, Error::Timeout { .. }) {
+                    self.vm_gone().await
+                } else {
+                    self.vm_gone_after_a_broken_call().await
+                };
+                match gone {
+                    Some(why) => {
+                        log::info!("kill {p}: the pod VM is gone ({why}); nothing to signal");
+                        Ok(())
+                    }
+                    // SIGKILL must not fail: when the guest can't be asked, the VM it runs in
+                    // is stopped, which ends the process as surely (and every other one of the
+                    // pod, which a guest that does not answer could not serve anyway).
+                    None if signal == SIGKILL && matches!(e, Error::Timeout { .. }) => {
+                        log::error!("kill {p}: {e}; stopping the pod VM so that the process ends");
+                        self.kill_vm().await;
+                        Ok(())
+                    }
+                    None => Err(e),
                 }
-                // SIGKILL must not fail: when the guest can't be asked, the VM it runs in is
-                // stopped, which ends the process as surely (and every other one of the pod,
-                // which a guest that does not answer could not serve anyway).
-                None if signal == SIGKILL && matches!(e, Error::Timeout { .. }) => {
-                    log::error!("kill {p}: {e}; stopping the pod VM so that the process ends");
-                    self.kill_vm().await;
-                    Ok(())
-                }
-                None => Err(e),
-            },
+            }
         }
     }
 

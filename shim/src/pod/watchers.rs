@@ -95,7 +95,7 @@ impl Pod {
                     at_unix_nanos: r.exited_at_unix_nanos,
                 },
                 Err(e) => {
-                    match pod.vm_gone().await {
+                    match pod.vm_gone_after_a_broken_call().await {
                         Some(why) => {
                             log::error!("pod VM {} died; {process} is lost: {why}", pod.id())
                         }
