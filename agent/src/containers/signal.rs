@@ -32,7 +32,14 @@ impl Manager {
                 proc.pid, p.container_id
             )));
         }
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(proc.pid), sig)
-            .map_err(|e| Failure::Failed(format!("kill {}: {e}", proc.pid)))
+        // ESRCH: it died and was reaped a moment before its exit is recorded; the same
+        // answer as once it is (containerd's CRI takes NotFound for "already stopped").
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(proc.pid), sig).map_err(|e| match e {
+            nix::errno::Errno::ESRCH => Failure::NotFound(format!(
+                "process {} of {:?} has already exited",
+                proc.pid, p.container_id
+            )),
+            e => Failure::Failed(format!("kill {}: {e}", proc.pid)),
+        })
     }
 }

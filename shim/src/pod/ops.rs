@@ -196,12 +196,13 @@ impl Pod {
         match sent {
             Ok(_) => Ok(()),
             Err(e) => {
-                // A frozen guest (a timeout) has a live VM; a broken connection may be a
-                // VMM that is still exiting.
-                let gone = if matches!(e, Error::Timeout { .. }) {
-                    self.vm_gone().await
-                } else {
+                // A broken connection may be a VMM that is still exiting. Anything else (the
+                // agent's own answer, a frozen guest's timeout) comes from a live VM, and must
+                // not wait: containerd may be deleting the task meanwhile.
+                let gone = if connection_broke(&e) {
                     self.vm_gone_after_a_broken_call().await
+                } else {
+                    self.vm_gone().await
                 };
                 match gone {
                     Some(why) => {
@@ -355,5 +356,36 @@ impl Pod {
             log::info!("pod {}: container {id} torn down", self.id());
         }
         self.stop_vm(taken).await;
+    }
+}
+
+/// Whether a call failed because the agent's connection broke (not with the agent's own
+/// answer, nor a timeout).
+fn connection_broke(e: &Error) -> bool {
+    matches!(e, Error::Agent { source, .. } if !matches!(source, ttrpc::Error::RpcStatus(_)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent_error(source: ttrpc::Error) -> Error {
+        Error::Agent {
+            call: "kill",
+            source,
+            console_tail: String::new(),
+        }
+    }
+
+    #[test]
+    fn only_a_broken_connection_waits_for_the_vm_to_die() {
+        assert!(connection_broke(&agent_error(ttrpc::Error::Socket(
+            "early eof".into()
+        ))));
+        let answer = ttrpc::get_status(ttrpc::Code::NOT_FOUND, "no such process");
+        assert!(!connection_broke(&agent_error(ttrpc::Error::RpcStatus(
+            answer
+        ))));
+        assert!(!connection_broke(&Error::NotRunning));
     }
 }
