@@ -368,6 +368,24 @@ fn mounts_below(dir: &Path) -> Vec<(String, String)> {
         .collect()
 }
 
+/// SIGKILLs the detached task `id`, waits until it is STOPPED, deletes it and its container.
+fn kill_and_remove(c: &Containerd, id: &str) {
+    let out = c.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+    assert!(out.status.success(), "kill: {}", text(&out.stderr));
+    let t0 = Instant::now();
+    while !text(&c.ctr(&["task", "ls"]).stdout)
+        .lines()
+        .any(|l| l.starts_with(id) && l.contains("STOPPED"))
+    {
+        assert!(t0.elapsed() < Duration::from_secs(30), "task never stopped");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = c.ctr(&["task", "delete", id]);
+    assert!(out.status.success(), "task delete: {}", text(&out.stderr));
+    let out = c.ctr(&["containers", "rm", id]);
+    assert!(out.status.success(), "rm: {}", text(&out.stderr));
+}
+
 /// virtiofsd serves the guest from the export (`<run>/shared`), which receives each volume
 /// bind by propagation: the copy there must be as restricted as the bind the shim made, or a
 /// read-only volume is writable and a setuid file honoured through virtiofsd (a remount does
@@ -426,20 +444,7 @@ async fn the_export_copy_of_a_volume_is_as_restricted_as_its_host_bind() {
     std::fs::write(Path::new(&rw_at[0].0).join("through-export"), "x").unwrap();
     assert!(rw.join("through-export").exists());
 
-    let out = c.ctr(&["task", "kill", "-s", "SIGKILL", "exp"]);
-    assert!(out.status.success(), "kill: {}", text(&out.stderr));
-    let t0 = Instant::now();
-    while !text(&c.ctr(&["task", "ls"]).stdout)
-        .lines()
-        .any(|l| l.starts_with("exp") && l.contains("STOPPED"))
-    {
-        assert!(t0.elapsed() < Duration::from_secs(30), "task never stopped");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = c.ctr(&["task", "delete", "exp"]);
-    assert!(out.status.success(), "task delete: {}", text(&out.stderr));
-    let out = c.ctr(&["containers", "rm", "exp"]);
-    assert!(out.status.success(), "rm: {}", text(&out.stderr));
+    kill_and_remove(&c, "exp");
     c.assert_clean();
 }
 
@@ -494,20 +499,7 @@ async fn the_export_copy_of_an_rro_volume_is_read_only_below_too() {
     // The host's own mount stays as it was.
     std::fs::write(sub.join("host-writes"), "x").unwrap();
 
-    let out = c.ctr(&["task", "kill", "-s", "SIGKILL", "rro"]);
-    assert!(out.status.success(), "kill: {}", text(&out.stderr));
-    let t0 = Instant::now();
-    while !text(&c.ctr(&["task", "ls"]).stdout)
-        .lines()
-        .any(|l| l.starts_with("rro") && l.contains("STOPPED"))
-    {
-        assert!(t0.elapsed() < Duration::from_secs(30), "task never stopped");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = c.ctr(&["task", "delete", "rro"]);
-    assert!(out.status.success(), "task delete: {}", text(&out.stderr));
-    let out = c.ctr(&["containers", "rm", "rro"]);
-    assert!(out.status.success(), "rm: {}", text(&out.stderr));
+    kill_and_remove(&c, "rro");
     nix::mount::umount2(&sub, nix::mount::MntFlags::MNT_DETACH).unwrap();
     c.assert_clean();
 }

@@ -21,10 +21,11 @@ impl Manager {
     }
 }
 
-/// The pipe a plain process gets as stdin: (read end for the runner, write end to feed).
+/// A close-on-exec pipe for a plain process's stdin (read end to the runner, write end fed
+/// here) or stdout/stderr (write end to the runner, read end drained by `output`).
 pub(super) fn pipe() -> Res<(OwnedFd, OwnedFd)> {
     rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-        .map_err(|e| Failure::Failed(format!("stdin pipe: {e}")))
+        .map_err(|e| Failure::Failed(format!("stdio pipe: {e}")))
 }
 
 /// Copies the host's stream into the pipe until EOF; answers a duplicate of the stream, for
