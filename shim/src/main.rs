@@ -10,9 +10,21 @@ use vmm_driver::{Config, VmSpec};
 
 use cocoon_shim::info::RUNTIME_NAME as RUNTIME;
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // The volume helper enters a mount namespace, which only a single-threaded process may:
+    // it runs before the runtime starts any thread.
+    if args.first().map(String::as_str) == Some(cocoon_shim::volumes::ns::HELPER_ARG) {
+        return Ok(cocoon_shim::volumes::ns::helper_main(&args[1..])?);
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the tokio runtime")?
+        .block_on(run(args))
+}
+
+async fn run(args: Vec<String>) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("check") => {
             env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))

@@ -27,10 +27,18 @@ pub trait Mounter: Send + Sync + std::fmt::Debug {
     /// Creates `target` and mounts the rootfs there, preparing it at `staging` (a directory
     /// outside the exported tree, see `vmm_driver::share::STAGING_DIR`).
     async fn mount(&self, source: &RootfsSource, staging: &Path, target: &Path) -> Result<()>;
-    /// Binds a volume's host source at `target`, preparing it at `staging`
-    /// (`crate::volumes::bind`).
-    fn bind_volume(&self, bind: &crate::volumes::Bind, staging: &Path, target: &Path)
-        -> Result<()>;
+    /// Binds a volume's host source at `target`, inside the namespace `at` names, preparing it
+    /// at `staging` (`crate::volumes::bind`).
+    fn bind_volume(
+        &self,
+        bind: &crate::volumes::Bind,
+        staging: &Path,
+        target: &Path,
+        at: &crate::volumes::Placement,
+    ) -> Result<()>;
+    /// Takes a volume bind away by removing its mount point `target` on the host, which
+    /// detaches the bind in virtiofsd's namespace (`crate::volumes::ns`).
+    fn unbind_volume(&self, target: &Path);
     /// Unmounts `target`; failures are logged (cleanup goes on regardless).
     fn unmount(&self, target: &Path);
 }
@@ -64,8 +72,13 @@ impl Mounter for HostMounter {
         bind: &crate::volumes::Bind,
         staging: &Path,
         target: &Path,
+        at: &crate::volumes::Placement,
     ) -> Result<()> {
-        crate::volumes::bind(bind, staging, target)
+        crate::volumes::bind(bind, staging, target, at)
+    }
+
+    fn unbind_volume(&self, target: &Path) {
+        crate::volumes::remove_target(target);
     }
 
     fn unmount(&self, target: &Path) {

@@ -343,6 +343,14 @@ impl PodVm for Sandbox {
             .collect()
     }
 
+    fn share_pid(&self) -> Option<u32> {
+        self.vm
+            .pids()
+            .into_iter()
+            .find(|(name, _)| *name == vmm_driver::VIRTIOFSD)
+            .map(|(_, pid)| pid)
+    }
+
     fn boot_times(&self) -> Option<BootTimes> {
         Some(BootTimes {
             vmm_started: self.timings.vmm_started,

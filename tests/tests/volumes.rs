@@ -136,6 +136,67 @@ async fn recursive_read_only_reaches_the_mounts_below_as_under_runc() {
     );
 }
 
+/// While a container runs with a volume that holds a mount below it, the host can unmount that
+/// mount and remove the volume's directory, as under runc, where the volume's copies live in
+/// the container's mount namespace only (critest's read-only mount specs clean up this way,
+/// and so do host tools). A bind in the host's namespace would make the `rmdir` fail with
+/// EBUSY for as long as the pod lives. The container keeps running and can be stopped.
+#[tokio::test]
+async fn a_mount_below_a_volume_can_be_removed_on_the_host_while_it_runs_as_under_runc() {
+    let Some(_gate) = gate(&[Need::selected_guest()]).await else {
+        return;
+    };
+    let c = Containerd::start();
+    c.import_test_image();
+    for (rt, name) in [("io.containerd.runc.v2", "runc"), (RUNTIME, "cocoon")] {
+        let host = tempfile::tempdir().unwrap();
+        let vol = host.path().join("vol");
+        let sub = vol.join("tmpfs");
+        std::fs::create_dir_all(&sub).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            &sub,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=1m"),
+        )
+        .unwrap();
+        let m = mount_arg(&vol, "/vol", "rbind:ro");
+        let id = format!("rm-{name}");
+        let out = c.ctr(&[
+            "run",
+            "-d",
+            "--runtime",
+            rt,
+            "--mount",
+            &m,
+            IMAGE,
+            &id,
+            "sleep",
+            "1000",
+        ]);
+        assert!(
+            out.status.success(),
+            "{name}: run -d: {}",
+            text(&out.stderr)
+        );
+        let out = c.ctr(&["task", "exec", "--exec-id", "look", &id, "ls", "/vol"]);
+        assert!(out.status.success(), "{name}: exec: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "tmpfs\n", "{name}");
+
+        nix::mount::umount2(&sub, nix::mount::MntFlags::MNT_DETACH).unwrap();
+        let removed = std::fs::remove_dir_all(&vol);
+        kill_and_remove(&c, &id);
+        if let Err(e) = removed {
+            panic!(
+                "{name}: removing {} while the container runs: {e}",
+                vol.display()
+            );
+        }
+    }
+    c.assert_clean();
+}
+
 /// Runs a container with a volume holding a tmpfs below it, bound with `options`, under runc
 /// and Cocoon; asserts both saw the same (whether the top and the tmpfs are writable, and the
 /// tmpfs as a mount of its own) and returns what they saw.
@@ -354,16 +415,33 @@ async fn a_destination_through_a_symlink_stays_inside_the_container() {
     c.assert_clean();
 }
 
-/// The mount options of every mount point below `dir`, from `/proc/self/mountinfo`.
-fn mounts_below(dir: &Path) -> Vec<(String, String)> {
-    let prefix = format!("{}/", dir.display());
-    std::fs::read_to_string("/proc/self/mountinfo")
+/// The volume binds that the pod with run directory `run_dir` serves the guest: each mount
+/// point below `/_volumes/` in virtiofsd's mount namespace, as a path the host can reach it by
+/// (through `/proc/<virtiofsd>/root`), with its mount options. The host's own namespace must
+/// hold none of them (runc's binds live in the container's namespace only).
+fn served_volumes(run_dir: &Path) -> Vec<(String, String)> {
+    let pid = vmm_driver::recorded_processes(run_dir)
+        .into_iter()
+        .find(|p| p.name == vmm_driver::VIRTIOFSD)
+        .expect("virtiofsd is running")
+        .pid;
+    let on_host: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&*run_dir.to_string_lossy()) && l.contains("/_volumes/"))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        on_host.is_empty(),
+        "volume binds in the host's namespace: {on_host:?}"
+    );
+    std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
         .unwrap()
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split(' ').collect();
-            f[4].starts_with(&prefix)
-                .then(|| (f[4].to_owned(), f[5].to_owned()))
+            f[4].starts_with("/_volumes/")
+                .then(|| (format!("/proc/{pid}/root{}", f[4]), f[5].to_owned()))
         })
         .collect()
 }
@@ -386,11 +464,10 @@ fn kill_and_remove(c: &Containerd, id: &str) {
     assert!(out.status.success(), "rm: {}", text(&out.stderr));
 }
 
-/// virtiofsd serves the guest from the export (`<run>/shared`), which receives each volume
-/// bind by propagation: the copy there must be as restricted as the bind the shim made, or a
-/// read-only volume is writable and a setuid file honoured through virtiofsd (a remount does
-/// not propagate). Checked from the host, where guest root's requests land. A source bound
-/// twice the same way is bound once.
+/// virtiofsd serves each volume from a bind in its own mount namespace: that bind must be
+/// `nosuid,nodev`, and read-only where the volume is, or a read-only volume is writable and a
+/// setuid file honoured through virtiofsd. Checked from the host, through virtiofsd's root,
+/// where guest root's requests land. A source bound twice the same way is bound once.
 #[tokio::test]
 async fn the_export_copy_of_a_volume_is_as_restricted_as_its_host_bind() {
     let Some(_gate) = gate(&[Need::selected_guest()]).await else {
@@ -424,8 +501,7 @@ async fn the_export_copy_of_a_volume_is_as_restricted_as_its_host_bind() {
     ]);
     assert!(out.status.success(), "run -d: {}", text(&out.stderr));
 
-    let export = c.cocoon_state.join("exp").join("shared").join("_volumes");
-    let mounts = mounts_below(&export);
+    let mounts = served_volumes(&c.cocoon_state.join("exp"));
     assert_eq!(mounts.len(), 2, "one bind per source and mode: {mounts:?}");
     for (at, opts) in &mounts {
         let opts: Vec<&str> = opts.split(',').collect();
@@ -485,8 +561,7 @@ async fn the_export_copy_of_an_rro_volume_is_read_only_below_too() {
     ]);
     assert!(out.status.success(), "run -d: {}", text(&out.stderr));
 
-    let export = c.cocoon_state.join("rro").join("shared").join("_volumes");
-    let mounts = mounts_below(&export);
+    let mounts = served_volumes(&c.cocoon_state.join("rro"));
     let below: Vec<_> = mounts
         .iter()
         .filter(|(at, _)| at.ends_with("/sub"))

@@ -10,7 +10,8 @@ use cocoon_protocol::agent::{
     WaitProcessRequest,
 };
 use cocoon_protocol::{EPHEMERAL_DIR, GUEST_SHARE};
-use cocoon_shim::volumes::Bind;
+use cocoon_shim::volumes::{Bind, Placement};
+use cocoon_tests::paths::shim_dir;
 use cocoon_tests::{ctx, gate, oci_spec, streams, Need, Pod};
 use serde_json::json;
 
@@ -87,7 +88,20 @@ async fn binds_from_the_share_and_guest_tmpfs_volumes_reach_containers() {
         recursive_readonly: false,
         mount: 0,
     };
-    cocoon_shim::volumes::bind(&bind, &staging, &slot).unwrap();
+    // Into virtiofsd's namespace, as the shim does, with the shim binary as the helper.
+    let virtiofsd = pod
+        .sb
+        .vm()
+        .pids()
+        .into_iter()
+        .find(|(name, _)| *name == vmm_driver::VIRTIOFSD)
+        .unwrap()
+        .1;
+    let at = Placement {
+        helper: shim_dir().join("containerd-shim-cocoon-v2"),
+        ..Placement::new(virtiofsd, "/_volumes/0".into())
+    };
+    cocoon_shim::volumes::bind(&bind, &staging, &slot, &at).unwrap();
     let vol = format!("{GUEST_SHARE}/_volumes/0");
 
     let (out, _) = run(
@@ -121,8 +135,12 @@ async fn binds_from_the_share_and_guest_tmpfs_volumes_reach_containers() {
     assert_eq!(out, "kept\n");
     assert!(!host.path().join("note").exists());
 
-    cocoon_shim::unmount::unmount(&slot);
     cocoon_shim::volumes::remove_target(&slot);
+    let served = std::fs::read_to_string(format!("/proc/{virtiofsd}/mountinfo")).unwrap();
+    assert!(
+        !served.contains(" /_volumes/0 "),
+        "removing the mount point takes the bind away: {served}"
+    );
     let _ = std::fs::remove_dir(slot.parent().unwrap());
     pod.shutdown().await;
 }

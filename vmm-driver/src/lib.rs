@@ -35,7 +35,7 @@ pub use daemon::{children_of, start_time, tail_lines};
 pub use error::{Error, Result};
 pub use guest::connect_guest;
 pub use run_dir::{recorded_processes, Recorded};
-pub use virtiofsd::VIRTIOFS_TAG;
+pub use virtiofsd::{VIRTIOFSD, VIRTIOFS_TAG};
 
 /// What one VM should be; the backend decides how.
 #[derive(Debug, Clone)]

@@ -13,6 +13,10 @@ use crate::daemon::Daemon;
 use crate::error::Result;
 use crate::run_dir::RunDir;
 
+/// virtiofsd's name among a VM's processes (`Vmm::pids`): the pod's volumes are bound in its
+/// mount namespace.
+pub const VIRTIOFSD: &str = "virtiofsd";
+
 /// The virtio-fs tag the agent mounts.
 pub const VIRTIOFS_TAG: &str = "cocoon";
 
@@ -28,6 +32,6 @@ pub(crate) fn spawn_virtiofsd(cfg: &Config, dir: &RunDir, bin: &Path) -> Result<
         // A mount below an exported directory (a volume's own submount) is a mount in the
         // guest too, with its own flags, instead of part of one filesystem.
         .arg("--announce-submounts");
-    let d = dir.spawn("virtiofsd", cmd, None)?;
+    let d = dir.spawn(VIRTIOFSD, cmd, None)?;
     Ok((d, sock))
 }

@@ -290,6 +290,10 @@ impl PodVm for FakeVm {
         vec![("fake-vmm".into(), u32::MAX - 1)]
     }
 
+    fn share_pid(&self) -> Option<u32> {
+        Some(u32::MAX - 2)
+    }
+
     fn boot_times(&self) -> Option<BootTimes> {
         None
     }
@@ -388,9 +392,15 @@ impl Mounter for Arc<FakeMounter> {
         _bind: &crate::volumes::Bind,
         _staging: &Path,
         target: &Path,
+        _at: &crate::volumes::Placement,
     ) -> Result<()> {
         self.journal.add(format!("bind {}", short(target)));
         std::fs::create_dir_all(target).map_err(|e| Error::io("mkdir", e))
+    }
+
+    fn unbind_volume(&self, target: &Path) {
+        self.journal.add(format!("unmount {}", short(target)));
+        crate::volumes::remove_target(target);
     }
 
     fn unmount(&self, target: &Path) {

@@ -68,6 +68,9 @@ pub trait PodVm: Send + Sync + std::fmt::Debug {
     fn boot_times(&self) -> Option<BootTimes>;
     /// Why the VM is gone, if its VMM exited.
     fn exit_reason(&mut self) -> Option<String>;
+    /// The process that serves the share (virtiofsd): volumes are bound in its mount
+    /// namespace (`crate::volumes::ns`).
+    fn share_pid(&self) -> Option<u32>;
     /// The host pid to report for every process of the pod (the VMM's, as Kata does): a guest
     /// pid names nothing on the host, and Docker joins the pod's netns through this pid.
     /// `None` reports guest pids.

@@ -5,23 +5,30 @@ use std::path::{Path, PathBuf};
 
 use super::{Pod, PodState};
 use crate::rootfs::Mounter;
-use crate::volumes::{Plan, GUEST_SHARE};
-use crate::Result;
+use crate::volumes::{mounts_below_in, Placement, Plan, GUEST_SHARE};
+use crate::{Error, Result};
 
 impl Pod {
-    /// Binds the planned volumes in the host tree at `root` (only those no other container of
-    /// the pod binds already) and points each bind's spec source at its guest path. Returns the
+    /// Binds the planned volumes at their slots in the host tree at `root`, inside virtiofsd's
+    /// mount namespace (only those no other container of the pod binds already), and points each bind's spec source at its guest path. Returns the
     /// slots taken; on failure it has released them again.
     pub(super) async fn bind_volumes(&self, plan: &mut Plan, root: &Path) -> Result<Vec<PathBuf>> {
         let mut held: Vec<PathBuf> = vec![];
+        let share_pid = self
+            .with_state(|s| s.vm.as_ref().and_then(|vm| vm.share_pid()))
+            .await
+            .ok_or(Error::NotRunning)?;
         for b in &plan.binds {
             let (target, new) = self.with_state(|s| s.volumes.acquire(root, b)).await;
             let rel = target.strip_prefix(root).unwrap_or(&target).to_owned();
+            // virtiofsd's root is the export, which shows the host tree at `root`.
+            let in_share = Path::new("/").join(&rel);
             if new {
                 let staging = root
                     .with_file_name(vmm_driver::share::STAGING_DIR)
                     .join(&rel);
-                if let Err(e) = self.inner.mounter.bind_volume(b, &staging, &target) {
+                let at = Placement::new(share_pid, in_share.clone());
+                if let Err(e) = self.inner.mounter.bind_volume(b, &staging, &target, &at) {
                     // Not mounted: `bind` left nothing behind.
                     self.with_state(|s| s.volumes.release(&[target])).await;
                     self.release_volumes(&held).await;
@@ -31,7 +38,7 @@ impl Pod {
             plan.spec["mounts"][b.mount]["source"] =
                 serde_json::Value::String(format!("{GUEST_SHARE}/{}", rel.display()));
             if b.recursive {
-                let below = crate::volumes::mounts_below(&target);
+                let below = mounts_below_in(&share_pid.to_string(), &in_share);
                 plan.submounts.extend(
                     below
                         .iter()
@@ -51,21 +58,18 @@ impl Pod {
 }
 
 impl PodState {
-    /// Records in `state.json` what is mounted now: each container's rootfs and the volume
-    /// binds still held.
+    /// Records in `state.json` what is mounted on the host now: each container's rootfs. (The
+    /// volume binds live in virtiofsd's namespace and go with it.)
     pub(super) fn record_mounts(&mut self) {
-        let mut mounts: Vec<PathBuf> = self.containers.values().map(|c| c.rootfs.clone()).collect();
-        mounts.extend(self.volumes.held().map(Path::to_path_buf));
-        self.footprint.mounts = mounts;
+        self.footprint.mounts = self.containers.values().map(|c| c.rootfs.clone()).collect();
         self.save_footprint();
     }
 }
 
-/// Unmounts volume binds and removes their mount points (and the slots' directory once empty).
+/// Takes volume binds away (their mount points go, and the slots' directory once empty).
 pub(super) fn unmount_volumes(mounter: &dyn Mounter, volumes: &[PathBuf]) {
     for v in volumes {
-        mounter.unmount(v);
-        crate::volumes::remove_target(v);
+        mounter.unbind_volume(v);
         if let Some(dir) = v.parent() {
             let _ = std::fs::remove_dir(dir);
         }

@@ -1,13 +1,15 @@
 //! Volumes: the bind mounts of host paths in a container's spec (`ctr run --mount`, `docker run
 //! -v`, CRI's hosts/resolv.conf/hostname and kubelet's volumes) carried into the guest.
 //!
-//! Kata's layout: each source is bound into the sandbox's host-only tree
-//! (`<run>/mounts/_volumes/<n>`), which the guest sees through the read-only export
-//! (`vmm_driver::share`) at `GUEST_SHARE/_volumes/<n>`; the spec's source is rewritten to that
-//! guest path, so the agent binds it like any guest path. The guest can't create, rename or
-//! plant names at the top of the share, and every host bind is `nosuid,nodev` (read-only where
-//! the spec says `ro`, on the host as well as in the guest). A source that several containers
-//! of the pod bind the same way is bound once and reference-counted ([`Slots`]).
+//! Kata's layout: each source is bound at a slot of the sandbox's tree (`_volumes/<n>`), which
+//! the guest sees through the read-only export (`vmm_driver::share`) at
+//! `GUEST_SHARE/_volumes/<n>`; the spec's source is rewritten to that guest path, so the agent
+//! binds it like any guest path. The bind exists only in virtiofsd's mount namespace ([`ns`]),
+//! as runc's exists only in the container's; on the host the slot is an empty mount point. The
+//! guest can't create, rename or plant names at the top of the share, and every bind is
+//! `nosuid,nodev` (read-only where the spec says `ro`, on the host side of virtiofsd as well as
+//! in the guest). A source that several containers of the pod bind the same way is bound once
+//! and reference-counted ([`Slots`]).
 //!
 //! What can't cross virtio-fs is handled by [`plan`], before anything is mounted:
 //! - device nodes and `/proc`, `/sys`, `/dev` paths are the host's, not the guest's: skipped,
@@ -19,11 +21,13 @@
 //! - a source that does not exist, a unix socket or a fifo fails the create with an error that
 //!   names it (a socket or fifo can't carry traffic between guest and host).
 
+pub mod ns;
 mod plan;
 mod slots;
 
 use std::path::{Path, PathBuf};
 
+pub use ns::Placement;
 pub use plan::{plan, Bind, Ephemeral, Plan, DEFAULT_SHM_SIZE};
 pub use slots::{Slots, SLOTS_DIR};
 
@@ -115,13 +119,12 @@ fn mount_point(path: &Path, is_dir: bool) -> Result<()> {
     .map_err(|e| Error::io(format!("create {}", path.display()), e))
 }
 
-/// Binds `b.source` at `target`, which is below the exported tree. The bind is made at
-/// `staging` (outside that tree) first and made `nosuid,nodev` (and read-only if asked) there:
-/// a remount does not propagate, so flags set on `target` afterwards would be missing from the
-/// copy the guest is served, and a read-only volume would be writable through virtiofsd. A
-/// bind of the staged mount copies its flags, and so does every copy that propagates from it.
-/// On failure nothing is left mounted.
-pub fn bind(b: &Bind, staging: &Path, target: &Path) -> Result<()> {
+/// Binds `b.source` at `target`, a name below the exported tree that the guest will see it
+/// at, inside virtiofsd's mount namespace ([`ns`]): the host's namespace never holds the bind.
+/// The bind is made at `staging` (outside the exported tree) first and made `nosuid,nodev`
+/// (and read-only if asked, below too for `rro`) there; the clone that virtiofsd gets keeps
+/// those flags mount by mount. On failure nothing is left mounted.
+pub fn bind(b: &Bind, staging: &Path, target: &Path, at: &Placement) -> Result<()> {
     use nix::mount::MsFlags;
     let io = |what: String, e: nix::Error| Error::io(what, std::io::Error::from(e));
     let none: Option<&str> = None;
@@ -144,27 +147,18 @@ pub fn bind(b: &Bind, staging: &Path, target: &Path) -> Result<()> {
         }
         nix::mount::mount(none, staging, none, flags, none)
             .map_err(|e| io(format!("remount {} nosuid,nodev", staging.display()), e))?;
-        if b.recursive_readonly {
-            for rel in mounts_below(staging) {
-                remount_readonly(&staging.join(rel))?;
-            }
+        let below = if b.recursive {
+            mounts_below(staging)
+        } else {
+            vec![]
+        };
+        for rel in &below {
+            restrict(&staging.join(rel), b.recursive_readonly)?;
         }
         mount_point(target, b.is_dir)?;
-        nix::mount::mount(
-            Some(staging),
-            target,
-            none,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            none,
-        )
-        .map_err(|e| {
-            io(
-                format!("bind {} at {}", staging.display(), target.display()),
-                e,
-            )
-        })
+        ns::place(staging, b.recursive, at)
     })();
-    // The staging mount goes in every case: the target holds its own reference.
+    // The staging mount goes in every case: the placed clone holds its own reference.
     crate::unmount::unmount(staging);
     remove_target(staging);
     if staged.is_err() {
@@ -173,20 +167,21 @@ pub fn bind(b: &Bind, staging: &Path, target: &Path) -> Result<()> {
     staged
 }
 
-/// Makes the bind mount at `path` read-only (and `nosuid,nodev`, as every bind the guest is
-/// served), keeping its `noexec` and atime flags: a bind remount sets exactly the flags given.
-fn remount_readonly(path: &Path) -> Result<()> {
+/// Makes the mount at `path` (one below a volume) `nosuid,nodev`, as every mount the guest is
+/// served, and read-only if `readonly` (`rro`) or if it already is; keeps its `noexec` and
+/// atime flags: a bind remount sets exactly the flags given.
+fn restrict(path: &Path, readonly: bool) -> Result<()> {
     use nix::mount::MsFlags;
     use nix::sys::statvfs::FsFlags;
     let kept = nix::sys::statvfs::statvfs(path)
         .map_err(|e| Error::io(format!("statvfs {}", path.display()), e.into()))?
         .flags();
-    let mut flags = MsFlags::MS_REMOUNT
-        | MsFlags::MS_BIND
-        | MsFlags::MS_RDONLY
-        | MsFlags::MS_NOSUID
-        | MsFlags::MS_NODEV;
+    let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    if readonly {
+        flags |= MsFlags::MS_RDONLY;
+    }
     for (has, set) in [
+        (FsFlags::ST_RDONLY, MsFlags::MS_RDONLY),
         (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
         (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
         (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
@@ -198,17 +193,24 @@ fn remount_readonly(path: &Path) -> Result<()> {
     }
     let none: Option<&str> = None;
     nix::mount::mount(none, path, none, flags, none).map_err(|e| {
-        Error::io(
-            format!("remount {} read-only (rro)", path.display()),
-            e.into(),
-        )
+        let what = if readonly {
+            "read-only (rro)"
+        } else {
+            "nosuid,nodev"
+        };
+        Error::io(format!("remount {} {what}", path.display()), e.into())
     })
 }
 
-/// The mount points strictly below `dir` on the host, relative to it (from mountinfo, whose
-/// octal escapes are decoded), shallowest first.
+/// The mount points strictly below `dir` in the shim's mount namespace, relative to it (from
+/// mountinfo, whose octal escapes are decoded), shallowest first.
 pub fn mounts_below(dir: &Path) -> Vec<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mounts_below_in("self", dir)
+}
+
+/// [`mounts_below`] as the process `pid` sees them: its namespace, `dir` from its root.
+pub fn mounts_below_in(pid: &str, dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
     let mut below: Vec<PathBuf> = info
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
