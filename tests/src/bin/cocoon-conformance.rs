@@ -150,14 +150,15 @@ fn main() {
     drop(containerd);
 
     // The verdict needs both runs; a run of one handler only reports.
+    let containerd = containerd_version();
     let diff = match (results.get("runc"), results.get("cocoon")) {
-        (Some(runc), Some(cocoon)) => report::compare(runc, cocoon),
+        (Some(runc), Some(cocoon)) => report::compare(runc, cocoon, &containerd),
         _ => report::Diff::default(),
     };
     let header = format!(
         "# critest: {}\n\ncontainerd {}; skipped by the runner: {:?}; focus: {:?}",
         critest_version(&args.critest),
-        containerd_version(),
+        containerd,
         args.skip,
         args.focus
     );
@@ -193,6 +194,7 @@ fn write_json(
     let v = serde_json::json!({
         "handlers": handlers,
         "vm_inherent": diff.inherent.iter().map(|(s, _, why)| serde_json::json!({"spec": s, "why": why})).collect::<Vec<_>>(),
+        "not_asked_by_containerd": diff.not_asked.iter().map(|(s, _, why)| serde_json::json!({"spec": s, "why": why})).collect::<Vec<_>>(),
         "regressions": diff.regressions.iter().map(|(s, o)| serde_json::json!({"spec": s, "state": o.state, "message": o.message})).collect::<Vec<_>>(),
     });
     std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();

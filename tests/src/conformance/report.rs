@@ -33,6 +33,25 @@ pub const VM_INHERENT: &[(&str, &str)] = &[
     ),
 ];
 
+/// critest's skip message when containerd's CRI reports no recursive read-only mounts for the
+/// handler (its RRO specs then skip).
+pub const NO_RRO_REPORTED: &str = "runtime does not implement recursive readonly mounts";
+
+/// Why containerd `version` (its `--version` line) reports no runtime features for Cocoon,
+/// if it is one that asks only `io.containerd.runc.v2` shims (`introspectRuntimeFeatures` in
+/// `internal/cri/server/service.go` before 2.2; containerd PR #13504 asks any shim's `-info`).
+pub fn features_not_asked(version: &str) -> Option<&'static str> {
+    let release = version.split_whitespace().nth(2)?;
+    let mut parts = release.trim_start_matches('v').split(['.', '~', '-']);
+    let major: u32 = parts.next()?.parse().ok()?;
+    let minor: u32 = parts.next()?.parse().ok()?;
+    ((major, minor) < (2, 2)).then_some(
+        "this containerd's CRI asks only runc.v2 shims for runtime features, so it reports no \
+         recursive read-only support for any other runtime (2.2 and later ask the shim's \
+         `-info`, which lists rro; rro itself works: volumes.rs)",
+    )
+}
+
 /// One spec's outcome under one handler.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
@@ -100,13 +119,22 @@ pub fn vm_inherent(spec: &str) -> Option<&'static str> {
 
 /// The comparison: specs runc passes that `other` does not, split into the VM-inherent ones
 /// (with their reason) and the rest (regressions).
+/// `not_asked` holds the RRO specs `other` skipped because this containerd never asked it for
+/// its features ([`features_not_asked`]); on a containerd that asks, such a skip is a
+/// regression like any other.
 #[derive(Debug, Default)]
 pub struct Diff {
     pub inherent: Vec<(String, Outcome, &'static str)>,
+    pub not_asked: Vec<(String, Outcome, &'static str)>,
     pub regressions: Vec<(String, Outcome)>,
 }
 
-pub fn compare(runc: &BTreeMap<String, Outcome>, other: &BTreeMap<String, Outcome>) -> Diff {
+/// `containerd` is containerd's `--version` line.
+pub fn compare(
+    runc: &BTreeMap<String, Outcome>,
+    other: &BTreeMap<String, Outcome>,
+    containerd: &str,
+) -> Diff {
     let mut diff = Diff::default();
     for (spec, r) in runc {
         if r.state != "passed" {
@@ -120,9 +148,12 @@ pub fn compare(runc: &BTreeMap<String, Outcome>, other: &BTreeMap<String, Outcom
         if o.state == "passed" {
             continue;
         }
-        match vm_inherent(spec) {
-            Some(why) => diff.inherent.push((spec.clone(), o, why)),
-            None => diff.regressions.push((spec.clone(), o)),
+        let unasked = features_not_asked(containerd)
+            .filter(|_| o.state == "skipped" && o.message.contains(NO_RRO_REPORTED));
+        match (vm_inherent(spec), unasked) {
+            (Some(why), _) => diff.inherent.push((spec.clone(), o, why)),
+            (None, Some(why)) => diff.not_asked.push((spec.clone(), o, why)),
+            (None, None) => diff.regressions.push((spec.clone(), o)),
         }
     }
     diff
@@ -173,6 +204,12 @@ pub fn markdown(
     s += "\nVM-inherent (runc passes, Cocoon can't across a VM):\n\n";
     for (spec, o, why) in &diff.inherent {
         s += &format!("- `{spec}` ({}): {why}\n", o.state);
+    }
+    if !diff.not_asked.is_empty() {
+        s += "\nNot asked by this containerd (runc passes, skipped for Cocoon):\n\n";
+        for (spec, o, why) in &diff.not_asked {
+            s += &format!("- `{spec}` ({}): {why}\n", o.state);
+        }
     }
     s += &format!(
         "\nRegressions (runc passes, Cocoon fails, not VM-inherent): {}\n",
@@ -236,7 +273,11 @@ mod tests {
         runc.insert("d flaky upstream".to_owned(), outcome("failed"));
         cocoon.insert("d flaky upstream".to_owned(), outcome("failed"));
         runc.insert("e gone".to_owned(), outcome("passed"));
-        let d = compare(&runc, &cocoon);
+        let d = compare(
+            &runc,
+            &cocoon,
+            "containerd github.com/containerd/containerd 1.6.20~ds1",
+        );
         assert_eq!(d.inherent.len(), 1);
         assert_eq!(d.inherent[0].0, "b HostIpc is true");
         let reg: Vec<&str> = d.regressions.iter().map(|(s, _)| s.as_str()).collect();
@@ -245,5 +286,44 @@ mod tests {
         assert!(md.contains("| runc | 4 | 1 | 0 | 0 |"), "{md}");
         assert!(md.contains("| c exec | passed | failed |"), "{md}");
         assert!(!md.contains("| a passes |"), "{md}");
+    }
+
+    #[test]
+    fn an_rro_skip_is_excused_only_where_containerd_never_asks_the_shim() {
+        let mut runc = BTreeMap::new();
+        let mut cocoon = BTreeMap::new();
+        runc.insert(
+            "should support recursive readonly mounts".to_owned(),
+            outcome("passed"),
+        );
+        let mut skipped = outcome("skipped");
+        skipped.message = NO_RRO_REPORTED.to_owned();
+        cocoon.insert(
+            "should support recursive readonly mounts".to_owned(),
+            skipped,
+        );
+        runc.insert("other skip".to_owned(), outcome("passed"));
+        cocoon.insert("other skip".to_owned(), outcome("skipped"));
+        let v21 = "containerd github.com/containerd/containerd/v2 2.1.9~ds1 2.1.9~ds1-1";
+        let d = compare(&runc, &cocoon, v21);
+        assert_eq!(d.not_asked.len(), 1);
+        assert_eq!(
+            d.regressions.len(),
+            1,
+            "a skip for another reason still counts"
+        );
+        for asks in [
+            "containerd github.com/containerd/containerd/v2 v2.2.7 abc",
+            "containerd github.com/containerd/containerd/v2 2.3.4 abc",
+            "",
+        ] {
+            let d = compare(&runc, &cocoon, asks);
+            assert!(d.not_asked.is_empty(), "{asks}");
+            assert_eq!(d.regressions.len(), 2, "{asks}");
+        }
+        assert!(
+            features_not_asked("containerd github.com/containerd/containerd 1.7.24~ds1 x")
+                .is_some()
+        );
     }
 }
