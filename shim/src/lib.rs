@@ -22,6 +22,7 @@ pub mod hooks;
 pub mod host_ns;
 pub mod info;
 pub mod io;
+pub mod layers;
 pub mod network;
 pub mod phase;
 pub mod placement;
