@@ -1,5 +1,7 @@
 //! `make bench`'s volume figures: I/O on a bind-mounted host directory, Cocoon (virtio-fs, per
-//! `virtiofs_cache` mode) side by side with runc and gVisor. Timed inside the container from
+//! `virtiofs_cache` mode) side by side with runc and gVisor; and the same workload on the
+//! container's own root filesystem (`rootfs_io`, issue #29), from an image that carries the
+//! archive (`BENCH_IMAGE`), so no host directory is involved. Timed inside the container from
 //! `/proc/uptime` (10 ms steps; every workload here takes far longer), so VM boot is not in it:
 //! - sequential write of a 128 MiB file (`dd … conv=fsync`) and its read back (the host's
 //!   page cache holds it for every runtime: this is the transport's cost, not the disk's);
@@ -14,15 +16,35 @@ use crate::containerd::{Containerd, IMAGE};
 
 /// Files in the small-file archive.
 pub const SMALL_FILES: usize = 2000;
-const BIG_MIB: u64 = 128;
+/// The sequential file's size on a volume, and on the root filesystem (the issue's 256 MiB).
+const VOLUME_MIB: u64 = 128;
+const ROOTFS_MIB: u64 = 256;
 
-/// The workload; prints four uptimes and the file count.
-const SCRIPT: &str = "up() { cut -d' ' -f1 /proc/uptime; }; \
-    a=$(up); dd if=/dev/zero of=/vol/big bs=1M count=128 conv=fsync 2>/dev/null; b=$(up); \
-    dd if=/vol/big of=/dev/null bs=1M 2>/dev/null; c=$(up); \
-    mkdir /vol/out && tar xf /vol/small.tar -C /vol/out; d=$(up); \
-    n=$(find /vol/out -type f -size -5k | wc -l); cat /vol/out/*/* > /dev/null; e=$(up); \
-    rm -rf /vol/out /vol/big; echo $a $b $c $d $e $n";
+/// The image for `rootfs_io`: the test image's busybox with the archive at `/bench/small.tar`.
+pub const BENCH_IMAGE: &str = "docker.io/library/cocoon-bench:latest";
+
+/// The workload in `dir`, unpacking `tar`; prints five uptimes and the file count.
+fn script(dir: &str, tar: &str, mib: u64) -> String {
+    format!(
+        "up() {{ cut -d' ' -f1 /proc/uptime; }}; mkdir -p {dir}; \
+         a=$(up); dd if=/dev/zero of={dir}/big bs=1M count={mib} conv=fsync 2>/dev/null; b=$(up); \
+         dd if={dir}/big of=/dev/null bs=1M 2>/dev/null; c=$(up); \
+         mkdir {dir}/out && tar xf {tar} -C {dir}/out; d=$(up); \
+         n=$(find {dir}/out -type f -size -5k | wc -l); cat {dir}/out/*/* > /dev/null; e=$(up); \
+         rm -rf {dir}/out {dir}/big; echo $a $b $c $d $e $n"
+    )
+}
+
+/// Writes [`BENCH_IMAGE`]'s OCI layout tarball at `out`.
+pub fn build_bench_image(out: &Path) {
+    let root = tempfile::tempdir().unwrap();
+    crate::oci::busybox_rootfs(root.path());
+    std::fs::create_dir(root.path().join("bench")).unwrap();
+    make_archive(&root.path().join("bench")).unwrap();
+    let config =
+        json!({"Env": [crate::containerd::DEFAULT_PATH], "Cmd": ["sh"], "WorkingDir": "/"});
+    crate::containerd::write_image_layout(out, BENCH_IMAGE, root.path(), config, None);
+}
 
 /// Builds the small-file archive in `dir`.
 pub fn make_archive(dir: &Path) -> std::io::Result<()> {
@@ -39,20 +61,36 @@ pub fn make_archive(dir: &Path) -> std::io::Result<()> {
     tar.finish()
 }
 
+/// Where one run does its I/O.
+#[derive(Debug, Clone, Copy)]
+pub enum Target<'a> {
+    /// A bind-mounted host directory (holding the archive), at `/vol`.
+    Volume(&'a Path),
+    /// A directory of the container's own root filesystem, with [`BENCH_IMAGE`].
+    Rootfs,
+}
+
 /// One run of the workload with `runtime_args` (`--runtime …` and friends): MB/s and seconds.
-pub fn run_once(c: &Containerd, id: &str, runtime_args: &[String], vol: &Path) -> Value {
-    let mount = format!("type=bind,src={},dst=/vol,options=rbind:rw", vol.display());
+pub fn run_once(c: &Containerd, id: &str, runtime_args: &[String], target: Target<'_>) -> Value {
     let mut args: Vec<String> = vec!["run".into(), "--rm".into()];
     args.extend(runtime_args.iter().cloned());
-    args.extend([
-        "--mount".into(),
-        mount,
-        IMAGE.into(),
-        id.into(),
-        "sh".into(),
-        "-c".into(),
-        SCRIPT.into(),
-    ]);
+    let (image, script, mib) = match target {
+        Target::Volume(vol) => {
+            let mount = format!("type=bind,src={},dst=/vol,options=rbind:rw", vol.display());
+            args.extend(["--mount".into(), mount]);
+            (
+                IMAGE,
+                script("/vol", "/vol/small.tar", VOLUME_MIB),
+                VOLUME_MIB,
+            )
+        }
+        Target::Rootfs => (
+            BENCH_IMAGE,
+            script("/root/io", "/bench/small.tar", ROOTFS_MIB),
+            ROOTFS_MIB,
+        ),
+    };
+    args.extend([image.into(), id.into(), "sh".into(), "-c".into(), script]);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = c.ctr(&refs);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -65,8 +103,8 @@ pub fn run_once(c: &Containerd, id: &str, runtime_args: &[String], vol: &Path) -
     }
     let secs = |from: usize| (v[from + 1] - v[from]).max(0.01);
     json!({
-        "seq_write_mb_s": BIG_MIB as f64 * 1.048_576 / secs(0),
-        "seq_read_mb_s": BIG_MIB as f64 * 1.048_576 / secs(1),
+        "seq_write_mb_s": mib as f64 * 1.048_576 / secs(0),
+        "seq_read_mb_s": mib as f64 * 1.048_576 / secs(1),
         "untar_s": secs(2),
         "stat_read_s": secs(3),
     })
@@ -77,12 +115,12 @@ pub fn figures(
     c: &Containerd,
     id: &str,
     runtime_args: &[String],
-    vol: &Path,
+    target: Target<'_>,
     runs: usize,
 ) -> Value {
     let mut samples = vec![];
     for i in 0..runs.max(1) {
-        let v = run_once(c, &format!("{id}-{i}"), runtime_args, vol);
+        let v = run_once(c, &format!("{id}-{i}"), runtime_args, target);
         if v.get("error").is_some() {
             return v;
         }
@@ -102,10 +140,25 @@ pub fn figures(
     })
 }
 
-/// The markdown rows, one per runtime (and cache mode), with the ratio to runc.
+/// The markdown rows for the volume figures, one per runtime (and cache mode).
 pub fn markdown(r: &Value) -> String {
+    table(
+        r,
+        &format!("volume I/O, bind-mounted host dir ({VOLUME_MIB} MiB sequential)"),
+    )
+}
+
+/// The markdown rows for `rootfs_io`, one per runtime.
+pub fn rootfs_markdown(r: &Value) -> String {
+    table(
+        r,
+        &format!("root filesystem I/O ({ROOTFS_MIB} MiB sequential)"),
+    )
+}
+
+fn table(r: &Value, title: &str) -> String {
     let mut s = format!(
-        "\n| volume I/O, bind-mounted host dir | seq write MB/s | seq read MB/s | untar {SMALL_FILES} files (s) | find + cat them (s) |\n|---|---|---|---|---|\n"
+        "\n| {title} | seq write MB/s | seq read MB/s | untar {SMALL_FILES} files (s) | find + cat them (s) |\n|---|---|---|---|---|\n"
     );
     let Some(rows) = r.as_object() else {
         return s;

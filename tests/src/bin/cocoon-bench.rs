@@ -4,8 +4,9 @@
 //! Figures: cold `ctr run --rm … true`, Cocoon's phases (from the shim's log timestamps) and
 //! the bare boot-to-init floor, exec latency, stdout throughput, host PSS per idle pod, and
 //! 10 pods started at once, and Cocoon's start from a VM template against a kernel boot
-//! (`template_bench`). BENCH_RUNS sets the sample count (default 10); BENCH_ONLY=template,
-//! cri, docker or volumes runs one part.
+//! (`template_bench`), and I/O on a volume and on the root filesystem (`volume_bench`).
+//! BENCH_RUNS sets the sample count (default 10); BENCH_ONLY=template,
+//! cri, docker, volumes or rootfs runs one part.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark aborts on a broken setup
 
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 use cocoon_tests::containerd::{Containerd, IMAGE, RUNTIME};
 use cocoon_tests::stats::summary;
 use cocoon_tests::template_bench::remove;
+use cocoon_tests::volume_bench::Target;
 use serde_json::{json, Value};
 
 #[derive(Debug, Clone)]
@@ -302,6 +304,12 @@ fn main() {
         println!("{}", cocoon_tests::volume_bench::markdown(&r));
         return;
     }
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("rootfs") {
+        let c = Containerd::start();
+        let r = rootfs_io(&c, &runtimes(c.dir.path()), runs.clamp(1, 3));
+        println!("{}", cocoon_tests::volume_bench::rootfs_markdown(&r));
+        return;
+    }
     if std::env::var("BENCH_ONLY").as_deref() == Ok("docker") {
         let r = cocoon_tests::docker_bench::figures(runs.clamp(1, 5));
         println!("{}", cocoon_tests::docker_bench::markdown(&r));
@@ -406,6 +414,8 @@ fn main() {
     res.insert("cri".into(), cri);
     println!("volume I/O…");
     res.insert("volumes".into(), volumes(&c, &rts, runs.clamp(1, 3)));
+    println!("root filesystem I/O…");
+    res.insert("rootfs_io".into(), rootfs_io(&c, &rts, runs.clamp(1, 3)));
     println!("docker run…");
     let docker = std::panic::catch_unwind(|| cocoon_tests::docker_bench::figures(runs.clamp(1, 5)))
         .unwrap_or_else(|_| json!({"error": "the Docker figures panicked; see the output above"}));
@@ -450,7 +460,7 @@ fn volumes(c: &Containerd, rts: &[Runtime], runs: usize) -> Value {
             c,
             &format!("vol-{}", rt.name),
             &rt.args,
-            &vol,
+            Target::Volume(&vol),
             runs,
         );
         println!("volumes {name}: {v}");
@@ -464,7 +474,7 @@ fn volumes(c: &Containerd, rts: &[Runtime], runs: usize) -> Value {
             c,
             &format!("vol-cocoon-{mode}"),
             &rts[0].args,
-            &vol,
+            Target::Volume(&vol),
             runs,
         );
         println!("volumes cocoon {mode}: {v}");
@@ -472,6 +482,30 @@ fn volumes(c: &Containerd, rts: &[Runtime], runs: usize) -> Value {
     }
     std::fs::write(&config, original).unwrap();
     Value::Object(out)
+}
+
+/// I/O on the container's own root filesystem for every runtime (`rootfs_io`, issue #29):
+/// keyed by runtime name (cocoon, runc, gvisor), like the issue asks.
+fn rootfs_io(c: &Containerd, rts: &[Runtime], runs: usize) -> Value {
+    let layout = c.dir.path().join("bench-image.tar");
+    cocoon_tests::volume_bench::build_bench_image(&layout);
+    let out = c.ctr(&["images", "import", &layout.to_string_lossy()]);
+    if !out.status.success() {
+        return json!({"error": String::from_utf8_lossy(&out.stderr).trim()});
+    }
+    let mut res = serde_json::Map::new();
+    for rt in rts {
+        let v = cocoon_tests::volume_bench::figures(
+            c,
+            &format!("rootfs-{}", rt.name),
+            &rt.args,
+            Target::Rootfs,
+            runs,
+        );
+        println!("rootfs_io {}: {v}", rt.name);
+        res.insert(rt.name.to_owned(), v);
+    }
+    Value::Object(res)
 }
 
 fn markdown(r: &Value) -> String {
@@ -524,6 +558,7 @@ fn markdown(r: &Value) -> String {
     s += &cocoon_tests::template_bench::markdown(&r["template"]);
     s += &cocoon_tests::cri_bench::markdown(&r["cri"]);
     s += &cocoon_tests::volume_bench::markdown(&r["volumes"]);
+    s += &cocoon_tests::volume_bench::rootfs_markdown(&r["rootfs_io"]);
     s += &cocoon_tests::docker_bench::markdown(&r["docker"]);
     s += "\n| Cocoon idle pods | guest memory (MiB) | PSS per pod, plus guest RAM no process maps (MiB) | by process (MiB per pod) | shim RSS (MiB) |\n|---|---|---|---|---|\n";
     for v in r["idle_pod_memory"].as_array().into_iter().flatten() {
