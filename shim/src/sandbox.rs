@@ -145,11 +145,32 @@ impl Sandbox {
                 })
             }
             Err(e) => {
+                let e = Self::cause_of_a_broken_boot(vm.as_mut(), e).await;
                 if let Err(stop) = vm.stop().await {
                     log::warn!("sandbox {}: cleanup after failed boot: {stop}", spec.id);
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// An agent call that failed while the VM came up: if a helper of the VM (or the VMM)
+    /// died, that is the cause, and the error names it. A helper killed during the first calls
+    /// breaks the agent's connection a moment before its exit can be seen, so the death is
+    /// given up to [`crate::pod::VM_EXIT_GRACE`] to show; any other error returns as it is.
+    async fn cause_of_a_broken_boot(vm: &mut dyn Vmm, e: Error) -> Error {
+        if !matches!(e, Error::Agent { .. }) {
+            return e;
+        }
+        let deadline = Instant::now() + crate::pod::VM_EXIT_GRACE;
+        loop {
+            if let Some(cause) = vm.exit_error() {
+                return Error::Vmm(cause);
+            }
+            if Instant::now() >= deadline {
+                return e;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

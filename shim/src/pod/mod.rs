@@ -33,7 +33,7 @@ use crate::{Error, Result};
 
 /// How long a broken agent call waits for the VM's death to show (see
 /// [`Pod::vm_gone_after_a_broken_call`]).
-const VM_EXIT_GRACE: Duration = Duration::from_secs(1);
+pub(crate) const VM_EXIT_GRACE: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
 mod attack_tests;
