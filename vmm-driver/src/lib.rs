@@ -110,6 +110,19 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     fn nic_hotplug(&self) -> Option<std::sync::Arc<dyn NicHotplug>> {
         None
     }
+    /// Plugs read-only disks in while the VM runs, where the backend can and has free ports.
+    fn disk_hotplug(&self) -> Option<std::sync::Arc<dyn DiskHotplug>> {
+        None
+    }
+}
+
+/// Plugs read-only disks into a running VM (issue #29's layer images), from the same free
+/// ports as [`NicHotplug`].
+#[async_trait]
+pub trait DiskHotplug: Send + Sync + std::fmt::Debug {
+    /// Plugs `image` (opened read-only, without `O_DIRECT`) in as a read-only virtio-blk disk
+    /// that the guest finds by `serial` (at most 20 letters, digits, `-` or `_`).
+    async fn add_disk(&self, image: &std::fs::File, serial: &str) -> Result<()>;
 }
 
 /// Adds NICs to a running VM. A handle of its own, so that a caller can hot-plug without

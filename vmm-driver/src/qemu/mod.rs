@@ -444,6 +444,11 @@ impl Vmm for QemuVm {
         (self.hotplug_slots > 0).then_some(h as Arc<dyn crate::NicHotplug>)
     }
 
+    fn disk_hotplug(&self) -> Option<Arc<dyn crate::DiskHotplug>> {
+        let h = self.hotplug.clone()?;
+        (self.hotplug_slots > 0).then_some(h as Arc<dyn crate::DiskHotplug>)
+    }
+
     async fn stop(&mut self) -> Result<()> {
         // Keep going after an error: every process is reaped and the directory removed
         // whatever happened to the others; the first error is reported.

@@ -109,27 +109,59 @@ impl Qmp<tokio::net::UnixStream> {
     /// `getfd`: hands QEMU `fd` under `name`, as SCM_RIGHTS data on the QMP socket (a tap
     /// opened in the pod's netns, for `netdev_add`).
     pub async fn getfd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> Result<()> {
-        self.check_usable("getfd")?;
-        let limit = self.limit;
-        let sent = tokio::time::timeout(limit, self.getfd_unbounded(name, fd)).await;
-        self.bounded("getfd", sent)
+        self.execute_with_fd("getfd", json!({"fdname": name}), fd)
+            .await
+            .map(drop)
     }
 
-    async fn getfd_unbounded(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+    /// `add-fd`: puts `fd` in a new fd set (`opaque` says whose, in `query-fdsets`) and returns
+    /// the set's id, for `/dev/fdset/<id>` as a block node's filename: the block layer opens
+    /// only fd sets, never a `getfd` name. QEMU keeps its own copy of the fd, so the caller's
+    /// may close.
+    pub async fn add_fd(&mut self, fd: std::os::fd::BorrowedFd<'_>, opaque: &str) -> Result<u64> {
+        let v = self
+            .execute_with_fd("add-fd", json!({"opaque": opaque}), fd)
+            .await?;
+        v["fdset-id"]
+            .as_u64()
+            .ok_or_else(|| Error::Qmp(format!("add-fd: no fdset-id in {v}")))
+    }
+
+    /// Runs `command` with `fd` sent alongside, within the session's limit.
+    async fn execute_with_fd(
+        &mut self,
+        command: &str,
+        arguments: Value,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<Value> {
+        self.check_usable(command)?;
+        let limit = self.limit;
+        let sent =
+            tokio::time::timeout(limit, self.with_fd_unbounded(command, arguments, fd)).await;
+        self.bounded(command, sent)
+    }
+
+    async fn with_fd_unbounded(
+        &mut self,
+        command: &str,
+        arguments: Value,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<Value> {
         use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
         use std::os::fd::AsRawFd;
         let id = self.next_id;
         self.next_id += 1;
-        let req = json!({"execute": "getfd", "arguments": {"fdname": name}, "id": id});
+        let req = json!({"execute": command, "arguments": arguments, "id": id});
         let mut bytes = req.to_string().into_bytes();
         bytes.push(b'\n');
         let stream = self.stream.get_ref();
         let fds = [fd.as_raw_fd()];
+        let what = format!("send QMP {command}");
         let sent = loop {
             stream
                 .writable()
                 .await
-                .map_err(|e| Error::io("send QMP getfd", e))?;
+                .map_err(|e| Error::io(what.clone(), e))?;
             let tried = stream.try_io(tokio::io::Interest::WRITABLE, || {
                 sendmsg::<UnixAddr>(
                     stream.as_raw_fd(),
@@ -143,7 +175,7 @@ impl Qmp<tokio::net::UnixStream> {
             match tried {
                 Ok(n) => break n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(Error::io("send QMP getfd", e)),
+                Err(e) => return Err(Error::io(what, e)),
             }
         };
         // The fd went with the first byte; the rest of the line, if any, goes plainly.
@@ -151,8 +183,8 @@ impl Qmp<tokio::net::UnixStream> {
             .get_mut()
             .write_all(&bytes[sent..])
             .await
-            .map_err(|e| Error::io("send QMP getfd", e))?;
-        self.reply(id, "getfd").await.map(drop)
+            .map_err(|e| Error::io(what, e))?;
+        self.reply(id, command).await
     }
 }
 
