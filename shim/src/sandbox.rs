@@ -162,16 +162,9 @@ impl Sandbox {
         if !matches!(e, Error::Agent { .. }) {
             return e;
         }
-        let deadline = Instant::now() + crate::pod::VM_EXIT_GRACE;
-        loop {
-            if let Some(cause) = vm.exit_error() {
-                return Error::Vmm(cause);
-            }
-            if Instant::now() >= deadline {
-                return e;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        crate::pod::within_exit_grace(|| std::future::ready(vm.exit_error()))
+            .await
+            .map_or(e, Error::Vmm)
     }
 
     async fn connect(

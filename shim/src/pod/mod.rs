@@ -35,6 +35,24 @@ use crate::{Error, Result};
 /// [`Pod::vm_gone_after_a_broken_call`]).
 pub(crate) const VM_EXIT_GRACE: Duration = Duration::from_secs(1);
 
+/// Asks `probe` how the VM died until it says, for up to [`VM_EXIT_GRACE`]: a VMM or helper
+/// killed a moment ago breaks the agent's connection before its exit can be reaped.
+pub(crate) async fn within_exit_grace<T, F>(mut probe: impl FnMut() -> F) -> Option<T>
+where
+    F: std::future::Future<Output = Option<T>>,
+{
+    let t0 = tokio::time::Instant::now();
+    loop {
+        if let Some(why) = probe().await {
+            return Some(why);
+        }
+        if t0.elapsed() >= VM_EXIT_GRACE {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[cfg(test)]
 mod attack_tests;
 #[cfg(test)]
@@ -263,16 +281,7 @@ impl Pod {
     /// its sockets (and so the agent's connection) while it is still exiting, a moment before
     /// it can be reaped, so the VM's death is given up to [`VM_EXIT_GRACE`] to show.
     async fn vm_gone_after_a_broken_call(&self) -> Option<String> {
-        let t0 = tokio::time::Instant::now();
-        loop {
-            if let Some(why) = self.vm_gone().await {
-                return Some(why);
-            }
-            if t0.elapsed() >= VM_EXIT_GRACE {
-                return None;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        within_exit_grace(|| self.vm_gone()).await
     }
 
     async fn publish(&self, event: Event) {
