@@ -28,11 +28,6 @@ const COMPAT_SB_CHKSUM: u32 = 0x1;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unsupported(pub String);
 
-/// The `mkfs.erofs` to run: `COCOON_MKFS_EROFS`, or the one on PATH.
-pub fn mkfs_binary() -> PathBuf {
-    std::env::var_os("COCOON_MKFS_EROFS").map_or_else(|| PathBuf::from("mkfs.erofs"), PathBuf::from)
-}
-
 /// Builds the image of `layer` at `out` (created or replaced). Refuses a layer with a name
 /// that erofs-utils 1.5 would drop.
 pub fn build(

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use erofs::{check_superblock, mkfs_binary, Superblock, Unsupported};
+pub use erofs::{check_superblock, Superblock, Unsupported};
 
 use crate::{Error, Result};
 
@@ -95,7 +95,7 @@ pub struct LayerImage {
 }
 
 impl LayerCache {
-    /// The cache at `dir` (made `0700` if missing), building with `mkfs` (see [`mkfs_binary`]).
+    /// The cache at `dir` (made `0700` if missing), building with the `mkfs.erofs` at `mkfs`.
     pub fn open(dir: &Path, mkfs: PathBuf) -> Result<LayerCache> {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         std::fs::DirBuilder::new()

@@ -21,11 +21,7 @@ fn usable(test: &str) -> bool {
 }
 
 fn which_mkfs() -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join("mkfs.erofs"))
-        .find(|p| p.is_file())
+    which::which("mkfs.erofs").ok()
 }
 
 /// A layer as containerd's overlay snapshotter leaves one: files, a setuid binary, a hard
