@@ -150,17 +150,8 @@ async fn a_mount_below_a_volume_can_be_removed_on_the_host_while_it_runs_as_unde
     c.import_test_image();
     for (rt, name) in [("io.containerd.runc.v2", "runc"), (RUNTIME, "cocoon")] {
         let host = tempfile::tempdir().unwrap();
-        let vol = host.path().join("vol");
-        let sub = vol.join("tmpfs");
-        std::fs::create_dir_all(&sub).unwrap();
-        nix::mount::mount(
-            Some("tmpfs"),
-            &sub,
-            Some("tmpfs"),
-            nix::mount::MsFlags::empty(),
-            Some("size=1m"),
-        )
-        .unwrap();
+        let (vol, sub) =
+            volume_with_tmpfs_below(host.path(), "tmpfs", nix::mount::MsFlags::empty());
         let m = mount_arg(&vol, "/vol", "rbind:ro");
         let id = format!("rm-{name}");
         let out = c.ctr(&[
@@ -197,6 +188,20 @@ async fn a_mount_below_a_volume_can_be_removed_on_the_host_while_it_runs_as_unde
     c.assert_clean();
 }
 
+/// `<host>/vol`, a volume source with a 1 MiB tmpfs mounted (with `flags`) at `vol/<sub>`;
+/// returns both paths. The caller unmounts the tmpfs.
+fn volume_with_tmpfs_below(
+    host: &Path,
+    sub: &str,
+    flags: nix::mount::MsFlags,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let vol = host.join("vol");
+    let below = vol.join(sub);
+    std::fs::create_dir_all(&below).unwrap();
+    nix::mount::mount(Some("tmpfs"), &below, Some("tmpfs"), flags, Some("size=1m")).unwrap();
+    (vol, below)
+}
+
 /// Runs a container with a volume holding a tmpfs below it, bound with `options`, under runc
 /// and Cocoon; asserts both saw the same (whether the top and the tmpfs are writable, and the
 /// tmpfs as a mount of its own) and returns what they saw.
@@ -204,17 +209,7 @@ fn read_only_against_runc(options: &str) -> String {
     let c = Containerd::start();
     c.import_test_image();
     let host = tempfile::tempdir().unwrap();
-    let vol = host.path().join("vol");
-    let sub = vol.join("sub");
-    std::fs::create_dir_all(&sub).unwrap();
-    nix::mount::mount(
-        Some("tmpfs"),
-        &sub,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=1m"),
-    )
-    .unwrap();
+    let (vol, sub) = volume_with_tmpfs_below(host.path(), "sub", nix::mount::MsFlags::empty());
     let script = "(touch /vol/top) 2>/dev/null && echo top-rw || echo top-ro; \
                   (touch /vol/sub/f-$RT) 2>/dev/null && echo sub-rw || echo sub-ro; \
                   grep -c ' /vol/sub ' /proc/self/mountinfo";
@@ -535,17 +530,7 @@ async fn the_export_copy_of_an_rro_volume_is_read_only_below_too() {
     let c = Containerd::start();
     c.import_test_image();
     let host = tempfile::tempdir().unwrap();
-    let vol = host.path().join("vol");
-    let sub = vol.join("sub");
-    std::fs::create_dir_all(&sub).unwrap();
-    nix::mount::mount(
-        Some("tmpfs"),
-        &sub,
-        Some("tmpfs"),
-        nix::mount::MsFlags::MS_NOEXEC,
-        Some("size=1m"),
-    )
-    .unwrap();
+    let (vol, sub) = volume_with_tmpfs_below(host.path(), "sub", nix::mount::MsFlags::MS_NOEXEC);
     let m = mount_arg(&vol, "/vol", "rbind:rro");
     let out = c.ctr(&[
         "run",
