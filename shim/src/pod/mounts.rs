@@ -14,6 +14,9 @@ impl Pod {
     /// slots taken; on failure it has released them again.
     pub(super) async fn bind_volumes(&self, plan: &mut Plan, root: &Path) -> Result<Vec<PathBuf>> {
         let mut held: Vec<PathBuf> = vec![];
+        if plan.binds.is_empty() {
+            return Ok(held);
+        }
         let share_pid = self
             .with_state(|s| s.vm.as_ref().and_then(|vm| vm.share_pid()))
             .await
