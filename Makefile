@@ -12,7 +12,7 @@ ROOTFS_BIN   := target/release/cocoon-rootfs
 
 APT_PACKAGES := qemu-system-x86 kmod cpio busybox-static dpkg containerd runc runsc bc fonts-dejavu-core \
                 libseccomp-dev libcap-ng-dev pkg-config ca-certificates \
-                containernetworking-plugins protobuf-compiler iproute2 gcc libc6-dev erofs-utils
+                containernetworking-plugins protobuf-compiler iproute2 gcc libc6-dev erofs-utils e2fsprogs
 # Helper daemons from crates.io, pinned to the versions checked on these machines.
 HELPERS      := virtiofsd@1.14.0 vhost-device-vsock@0.3.0
 

@@ -142,9 +142,13 @@ impl AgentService for Agent {
         crate::containers::provide_ephemeral(&req.ephemeral_volumes)?;
         crate::containers::reach_submounts(&req.submounts);
         let stdio = req.stdio.clone().unwrap_or_default();
+        let rootfs = match req.layer_rootfs.as_ref() {
+            Some(l) => crate::containers::RootfsFrom::Layers(l),
+            None => crate::containers::RootfsFrom::Share(&req.rootfs),
+        };
         let pid = self
             .containers
-            .create(&req.container_id, &req.oci_spec_json, &req.rootfs, &stdio)
+            .create(&req.container_id, &req.oci_spec_json, rootfs, &stdio)
             .await?;
         Ok(CreateContainerResponse {
             pid: u32::try_from(pid).unwrap_or(0),

@@ -16,15 +16,19 @@ use sha2::{Digest, Sha256};
 
 const META_PACKAGE: &str = "linux-image-cloud-amd64";
 /// What the agent needs: PCI transport, vsock for its API, virtio-fs for rootfs, overlay, and
-/// the balloon for free page reporting, virtio-net for the pod's NICs. Loaded in this order
-/// (vsock first: the API waits on it).
-const MODULES: [&str; 6] = [
+/// the balloon for free page reporting, virtio-net for the pod's NICs, virtio-scsi, SCSI
+/// disks and EROFS for the image layers (issue #29). Loaded in this order (vsock first: the
+/// API waits on it).
+const MODULES: [&str; 9] = [
     "virtio_pci",
     "vmw_vsock_virtio_transport",
     "virtiofs",
     "overlay",
     "virtio_balloon",
     "virtio_net",
+    "virtio_scsi",
+    "sd_mod",
+    "erofs",
 ];
 
 struct Args {

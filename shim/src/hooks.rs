@@ -16,12 +16,7 @@
 
 use std::time::Duration;
 
-use containerd_shim::asynchronous::monitor::{
-    monitor_subscribe, monitor_unsubscribe, Subscription,
-};
-use containerd_shim::monitor::{Subject, Topic};
 use serde_json::{json, Value};
-use tokio::io::AsyncWriteExt;
 
 use crate::{Error, Result};
 
@@ -133,15 +128,7 @@ async fn run_one(hook: &Value, state_json: &str) -> std::result::Result<(), Stri
             cmd.env(k, v);
         }
     }
-    // The shim library reaps every child on SIGCHLD (waitpid(-1)) and publishes the status to
-    // subscribers: if it wins the race, tokio's wait says ECHILD and the status comes from
-    // there. Subscribed before the spawn, so the status can't be missed.
-    let mut exits = monitor_subscribe(Topic::Pid)
-        .await
-        .map_err(|e| format!("subscribe to child exits: {e}"))?;
-    let ran = spawn_and_wait(cmd, path, state_json, timeout, &mut exits).await;
-    let _ = monitor_unsubscribe(exits.id).await;
-    let (code, stderr) = ran?;
+    let (code, stderr) = crate::child::run(cmd, path, state_json.as_bytes(), timeout).await?;
     if code == 0 {
         Ok(())
     } else {
@@ -150,60 +137,6 @@ async fn run_one(hook: &Value, state_json: &str) -> std::result::Result<(), Stri
             stderr.trim()
         ))
     }
-}
-
-/// Runs the hook; returns its exit code (128 + signal if killed) and its stderr.
-async fn spawn_and_wait(
-    mut cmd: tokio::process::Command,
-    path: &str,
-    state_json: &str,
-    timeout: Duration,
-    exits: &mut Subscription,
-) -> std::result::Result<(i32, String), String> {
-    use std::os::unix::process::ExitStatusExt;
-    use tokio::io::AsyncReadExt;
-    let mut child = cmd
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("{path}: spawn: {e}"))?;
-    let pid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
-    if let Some(mut stdin) = child.stdin.take() {
-        // A hook that doesn't read its state is fine.
-        let _ = stdin.write_all(state_json.as_bytes()).await;
-    }
-    let mut stderr = child.stderr.take();
-    let read_err = tokio::spawn(async move {
-        let mut buf = Vec::new();
-        if let Some(e) = stderr.as_mut() {
-            let _ = e.read_to_end(&mut buf).await;
-        }
-        String::from_utf8_lossy(&buf).into_owned()
-    });
-    let from_monitor = async {
-        while let Some(ev) = exits.rx.recv().await {
-            if matches!(ev.subject, Subject::Pid(p) if p == pid) {
-                return Ok(ev.exit_code);
-            }
-        }
-        Err(format!("{path}: its exit status was lost"))
-    };
-    let waited = tokio::time::timeout(timeout, async {
-        match child.wait().await {
-            Ok(s) => Ok(s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0))),
-            // Reaped by the library first (ECHILD, however tokio words it).
-            Err(e) => {
-                log::debug!("{path}: wait: {e}; taking the status the shim's reaper saw");
-                from_monitor.await
-            }
-        }
-    })
-    .await
-    .map_err(|_| format!("{path} did not finish within {timeout:?}; killed"))??;
-    let stderr = read_err.await.unwrap_or_default();
-    Ok((waited, stderr))
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 //! - [`phase`]: the "phase …" log lines that `make bench` reads.
 
 pub mod annotations;
+pub mod child;
 pub mod convert;
 pub mod events;
 pub mod forwarder;

@@ -154,8 +154,11 @@ impl Process {
 #[derive(Debug)]
 pub struct Container {
     pub bundle: String,
-    /// Where its rootfs is mounted on the host.
-    pub rootfs: PathBuf,
+    /// Where its rootfs is mounted on the host; `None` for one the guest assembled from
+    /// layer disks.
+    pub rootfs: Option<PathBuf>,
+    /// The disks its rootfs uses (`pod/layer_rootfs.rs`).
+    pub layers: crate::pod::LayerUse,
     /// Where its volumes are bound on the host (`crate::volumes`).
     pub volumes: Vec<PathBuf>,
     /// The spec's OCI hooks still to run on the host (`pod/hooks.rs`), `Null` if none.

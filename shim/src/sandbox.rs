@@ -365,6 +365,10 @@ impl PodVm for Sandbox {
             .map(|(_, pid)| pid)
     }
 
+    fn disk_hotplug(&self) -> Option<std::sync::Arc<dyn vmm_driver::DiskHotplug>> {
+        self.vm.disk_hotplug()
+    }
+
     fn boot_times(&self) -> Option<BootTimes> {
         Some(BootTimes {
             vmm_started: self.timings.vmm_started,
@@ -405,8 +409,29 @@ pub struct SandboxFactory;
 
 #[async_trait]
 impl VmFactory for SandboxFactory {
+    fn layer_policy(&self) -> Option<crate::pod::LayerPolicy> {
+        let cfg = Config::load().ok()?;
+        match crate::pod::LayerPolicy::from_config(&cfg) {
+            Ok(p) => p,
+            Err(e) => {
+                log::warn!("rootfs over virtio-fs for every container: {e}");
+                None
+            }
+        }
+    }
+
     async fn boot(&self, sandbox_id: &str, spec: &serde_json::Value) -> Result<Box<dyn PodVm>> {
         let cfg = Config::load().map_err(Error::Config)?;
+        if let Some(p) = self.layer_policy() {
+            // Images of layers no snapshot has any more, once per pod start, off the way.
+            tokio::task::spawn_blocking(move || match p.cache.collect() {
+                Ok(gone) if !gone.is_empty() => {
+                    log::info!("layer cache: removed {} unused images", gone.len());
+                }
+                Ok(_) => {}
+                Err(e) => log::warn!("layer cache: {e}"),
+            });
+        }
         let mut vm = VmSpec::from_config(&cfg, sandbox_id);
         let size = annotations::vm_size(&cfg, spec).map_err(Error::InvalidArgument)?;
         vm.vcpus = size.vcpus;

@@ -69,19 +69,39 @@ pub fn write_image_layout(
     layer.follow_symlinks(false);
     layer.append_dir_all(".", root).unwrap();
     let layer = layer.into_inner().unwrap();
-    let layer_digest = format!("sha256:{}", sha256(&layer));
+    write_layered_image(out, name, &[layer], config, docker_tag);
+}
+
+/// Writes an OCI image layout tarball of `layers` (uncompressed layer tars, bottom first),
+/// as [`write_image_layout`] does for one.
+pub fn write_layered_image(
+    out: &Path,
+    name: &str,
+    layers: &[Vec<u8>],
+    config: serde_json::Value,
+    docker_tag: Option<&str>,
+) {
+    let digests: Vec<String> = layers
+        .iter()
+        .map(|l| format!("sha256:{}", sha256(l)))
+        .collect();
     let config = serde_json::to_vec(&json!({
         "architecture": "amd64",
         "os": "linux",
         "config": config,
-        "rootfs": {"type": "layers", "diff_ids": [layer_digest]}
+        "rootfs": {"type": "layers", "diff_ids": digests}
     }))
     .unwrap();
+    let descriptors: Vec<serde_json::Value> = layers
+        .iter()
+        .zip(&digests)
+        .map(|(l, d)| json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": l.len()}))
+        .collect();
     let manifest = serde_json::to_vec(&json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": format!("sha256:{}", sha256(&config)), "size": config.len()},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer.len()}]
+        "layers": descriptors
     }))
     .unwrap();
     let index = serde_json::to_vec(&json!({
@@ -104,14 +124,14 @@ pub fn write_image_layout(
     };
     add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
     add("index.json", &index);
-    for blob in [&layer, &config, &manifest] {
+    for blob in layers.iter().chain([&config, &manifest]) {
         add(&format!("blobs/sha256/{}", sha256(blob)), blob);
     }
     if let Some(tag) = docker_tag {
         let docker = serde_json::to_vec(&json!([{
             "Config": format!("blobs/sha256/{}", sha256(&config)),
             "RepoTags": [tag],
-            "Layers": [format!("blobs/sha256/{}", sha256(&layer))],
+            "Layers": layers.iter().map(|l| format!("blobs/sha256/{}", sha256(l))).collect::<Vec<_>>(),
         }]))
         .unwrap();
         add("manifest.json", &docker);

@@ -23,6 +23,9 @@ pub fn kernel_cmdline(cfg: &Config, spec: &VmSpec) -> String {
         "panic=-1",
         "cryptomgr.notests",
         "noreplace-smp",
+        // Layer disks are added one LUN at a time by the controller's event; a scan of the
+        // empty controller at boot would only probe 256 absent targets (`qemu/disks.rs`).
+        "scsi_mod.scan=manual",
     ];
     if !cfg.debug_console {
         parts.push("quiet");
@@ -68,7 +71,7 @@ mod tests {
         spec.kernel_params = vec!["p=2".into(), String::new()];
         assert_eq!(
             kernel_cmdline(&cfg, &spec),
-            "console=ttyS0 reboot=k panic=-1 cryptomgr.notests noreplace-smp quiet cocoon.log=info p=2 x=1"
+            "console=ttyS0 reboot=k panic=-1 cryptomgr.notests noreplace-smp scsi_mod.scan=manual quiet cocoon.log=info p=2 x=1"
         );
         cfg.debug_console = true;
         assert!(!kernel_cmdline(&cfg, &spec).contains("quiet"));

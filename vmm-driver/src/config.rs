@@ -127,9 +127,60 @@ pub struct Config {
     /// and VM shape.
     pub template_dir: PathBuf,
     pub vm: VmDefaults,
+    pub rootfs: RootfsSettings,
     pub agent: AgentSettings,
     pub vmm: VmmSettings,
     pub paths: BinaryPaths,
+}
+
+/// How a container's image reaches the guest (issue #29).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RootfsMode {
+    /// Each image layer as a read-only EROFS disk, the writable layer in the guest, wherever
+    /// the rootfs is an overlay of layers and the VMM can add disks; the share otherwise.
+    Layers,
+    /// Always the host's rootfs mount over virtio-fs.
+    VirtioFs,
+}
+
+/// Where a layered container's writes go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpperMode {
+    /// A sparse scratch disk of the container's own, made on the host and read only by the
+    /// guest; gone with the container.
+    Disk,
+    /// A tmpfs in the guest, bounded by the VM's memory.
+    Memory,
+}
+
+/// Container root filesystems.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RootfsSettings {
+    pub mode: RootfsMode,
+    /// Where layer images are kept (root only), reused by every pod of the host.
+    pub layer_cache_dir: PathBuf,
+    pub upper: UpperMode,
+    /// Bound of a container's writable layer, in MiB: the scratch disk's size, or the tmpfs's;
+    /// 0: 10 GiB for a disk, half the VM's memory for a tmpfs.
+    pub upper_size_mib: u64,
+    /// Where scratch disks are made: files without a name (`O_TMPFILE`), gone when the VM lets
+    /// go of them, whatever happens to the shim.
+    pub scratch_dir: PathBuf,
+}
+
+impl Default for RootfsSettings {
+    fn default() -> Self {
+        RootfsSettings {
+            mode: RootfsMode::Layers,
+            layer_cache_dir: PathBuf::from("/var/lib/cocoon/layers"),
+            upper: UpperMode::Disk,
+            upper_size_mib: 0,
+            scratch_dir: PathBuf::from("/var/lib/cocoon/scratch"),
+        }
+    }
 }
 
 /// VM sizing defaults and the bounds that pod annotations may not exceed.
@@ -179,6 +230,10 @@ pub struct BinaryPaths {
     pub cloud_hypervisor: PathBuf,
     pub virtiofsd: PathBuf,
     pub vhost_device_vsock: PathBuf,
+    /// erofs-utils' `mkfs.erofs`, which builds the layer images.
+    pub mkfs_erofs: PathBuf,
+    /// e2fsprogs' `mkfs.ext4`, which formats scratch disks.
+    pub mkfs_ext4: PathBuf,
 }
 
 impl Default for Config {
@@ -197,6 +252,7 @@ impl Default for Config {
             virtiofsd_sandbox: VirtiofsdSandbox::Namespace,
             template_dir: PathBuf::from("/var/lib/cocoon/templates"),
             vm: VmDefaults::default(),
+            rootfs: RootfsSettings::default(),
             agent: AgentSettings::default(),
             vmm: VmmSettings::default(),
             paths: BinaryPaths::default(),
@@ -261,6 +317,8 @@ impl Default for BinaryPaths {
             cloud_hypervisor: "cloud-hypervisor".into(),
             virtiofsd: "virtiofsd".into(),
             vhost_device_vsock: "vhost-device-vsock".into(),
+            mkfs_erofs: "mkfs.erofs".into(),
+            mkfs_ext4: "mkfs.ext4".into(),
         }
     }
 }

@@ -22,11 +22,7 @@ pub(crate) const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// Finds a helper binary: a path is taken as is, a bare name is looked up on PATH and in the
 /// places `make setup` and Debian install to.
-pub(crate) fn resolve_binary(
-    name: &'static str,
-    key: &'static str,
-    configured: &Path,
-) -> Result<PathBuf> {
+pub fn resolve_binary(name: &'static str, key: &'static str, configured: &Path) -> Result<PathBuf> {
     let missing = || Error::BinaryMissing {
         name,
         key,

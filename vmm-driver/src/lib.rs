@@ -31,7 +31,7 @@ use async_trait::async_trait;
 pub use boot::kernel_cmdline;
 pub use config::Config;
 pub use console::CONSOLE_CAP;
-pub use daemon::{children_of, start_time, tail_lines};
+pub use daemon::{children_of, resolve_binary, start_time, tail_lines};
 pub use error::{Error, Result};
 pub use guest::connect_guest;
 pub use run_dir::{recorded_processes, Recorded};
@@ -110,19 +110,24 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     fn nic_hotplug(&self) -> Option<std::sync::Arc<dyn NicHotplug>> {
         None
     }
-    /// Plugs read-only disks in while the VM runs, where the backend can and has free ports.
+    /// Plugs read-only disks in while the VM runs, where the backend can.
     fn disk_hotplug(&self) -> Option<std::sync::Arc<dyn DiskHotplug>> {
         None
     }
 }
 
-/// Plugs read-only disks into a running VM (issue #29's layer images), from the same free
-/// ports as [`NicHotplug`].
+/// Plugs read-only disks into a running VM and takes them out (issue #29's layer images).
 #[async_trait]
 pub trait DiskHotplug: Send + Sync + std::fmt::Debug {
-    /// Plugs `image` (opened read-only, without `O_DIRECT`) in as a read-only virtio-blk disk
-    /// that the guest finds by `serial` (at most 20 letters, digits, `-` or `_`).
-    async fn add_disk(&self, image: &std::fs::File, serial: &str) -> Result<()>;
+    /// Plugs `image` (opened read-only, without `O_DIRECT`) in as a read-only SCSI disk;
+    /// returns its LUN on the VM's one controller, by which the guest finds it. `name` is for
+    /// logs. A LUN is never reused while the VM runs.
+    async fn add_disk(&self, image: &std::fs::File, name: &str) -> Result<u32>;
+    /// Plugs `disk` (opened read-write, without `O_DIRECT`) in as a writable SCSI disk that
+    /// only the guest reads (a container's writable layer); returns its LUN.
+    async fn add_scratch(&self, disk: &std::fs::File, name: &str) -> Result<u32>;
+    /// Takes the disk at `lun` out; the guest must have stopped using it.
+    async fn remove_disk(&self, lun: u32) -> Result<()>;
 }
 
 /// Adds NICs to a running VM. A handle of its own, so that a caller can hot-plug without

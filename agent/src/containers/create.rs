@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use cocoon_protocol::agent::StdioStreams;
+use cocoon_protocol::agent::{LayerRootfs, StdioStreams};
 use cocoon_protocol::ProcessRef;
 
 use super::delete::delete_state;
@@ -17,12 +17,21 @@ use crate::spec;
 /// Where the agent writes bundles (config.json, exec process files, runner results).
 const BUNDLES: &str = "/run/cocoon/bundles";
 
+/// Where a container's rootfs comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum RootfsFrom<'a> {
+    /// A directory on the virtio-fs share, relative to it (`<container>/rootfs`).
+    Share(&'a str),
+    /// Layer disks, assembled in the guest ([`super::layers`]).
+    Layers(&'a LayerRootfs),
+}
+
 impl Manager {
     pub async fn create(
         &self,
         id: &str,
         spec_json: &[u8],
-        rootfs: &str,
+        rootfs: RootfsFrom<'_>,
         stdio: &StdioStreams,
     ) -> Res<i32> {
         check_id("container", id)?;
@@ -40,6 +49,9 @@ impl Manager {
                 move || delete_state(&id)
             })
             .await;
+            if let RootfsFrom::Layers(l) = rootfs {
+                self.layers.disassemble(id, l);
+            }
         }
         result
     }
@@ -49,10 +61,18 @@ impl Manager {
         &self,
         id: &str,
         spec_json: &[u8],
-        rootfs: &str,
+        rootfs: RootfsFrom<'_>,
         stdio: &StdioStreams,
     ) -> Res<i32> {
-        let root = resolve_rootfs(&self.share, rootfs)?;
+        let root = match rootfs {
+            RootfsFrom::Share(rel) => resolve_rootfs(&self.share, rel)?,
+            RootfsFrom::Layers(l) => {
+                let layers = self.layers.clone();
+                let (id, l) = (id.to_owned(), l.clone());
+                // Mounting waits for the disks to appear: not on the runtime's thread.
+                super::blocking(move || layers.assemble(&id, &l)).await?
+            }
+        };
         let pod = self.pod_holder(spec_json);
         let mut spec = spec::adapt(spec_json, id, &root, pod, |p| Path::new(p).exists())
             .map_err(|e| Failure::Invalid(e.0))?;
@@ -87,6 +107,10 @@ impl Manager {
             init,
             execs: Mutex::new(HashMap::new()),
             oom_watch,
+            layer_rootfs: match rootfs {
+                RootfsFrom::Layers(l) => Some(l.clone()),
+                RootfsFrom::Share(_) => None,
+            },
         };
         self.table().insert(id.to_owned(), Arc::new(c));
         log::info!("container {id} created (init pid {pid})");

@@ -7,10 +7,11 @@
 //! Exit statuses come from the [`Reaper`].
 
 mod create;
-pub use create::{provide_ephemeral, reach_submounts};
+pub use create::{provide_ephemeral, reach_submounts, RootfsFrom};
 mod delete;
 mod exec;
 mod launch;
+mod layers;
 mod oom;
 mod output;
 mod pause;
@@ -93,6 +94,8 @@ struct Container {
     init: Arc<Process>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
     oom_watch: JoinHandle<()>,
+    /// The layers its rootfs was assembled from in the guest, if it was (`layers.rs`).
+    layer_rootfs: Option<cocoon_protocol::agent::LayerRootfs>,
 }
 
 /// All containers of the sandbox.
@@ -101,6 +104,7 @@ pub struct Manager {
     reaper: Reaper,
     hub: Arc<StdioHub>,
     share: PathBuf,
+    layers: Arc<layers::Layers>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
     oom_tx: mpsc::UnboundedSender<String>,
     oom_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>,
@@ -130,6 +134,7 @@ impl Manager {
             reaper,
             hub,
             share,
+            layers: Arc::default(),
             containers: Mutex::new(HashMap::new()),
             oom_tx,
             oom_rx: tokio::sync::Mutex::new(oom_rx),

@@ -34,6 +34,7 @@ pub fn build(
     mkfs: &Path,
     layer: &Path,
     out: &Path,
+    run: &super::Runner,
 ) -> Result<std::result::Result<(), Unsupported>> {
     if let Some(name) = dropped_name(layer)? {
         return Ok(Err(Unsupported(format!(
@@ -42,26 +43,23 @@ pub fn build(
             name.display()
         ))));
     }
-    let done = std::process::Command::new(mkfs)
-        .env_remove("SOURCE_DATE_EPOCH")
+    let mut cmd = std::process::Command::new(mkfs);
+    cmd.env_remove("SOURCE_DATE_EPOCH")
         .arg("--quiet")
         .arg(out)
-        .arg(layer)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .output()
-        .map_err(|e| Error::io(format!("run {} (install erofs-utils)", mkfs.display()), e))?;
-    if done.status.success() {
+        .arg(layer);
+    let (code, stderr) = run(cmd).map_err(|e| {
+        Error::io(
+            format!("run {} (install erofs-utils)", mkfs.display()),
+            std::io::Error::other(e),
+        )
+    })?;
+    if code == 0 {
         return Ok(Ok(()));
     }
     Err(Error::io(
         format!("{} {} {}", mkfs.display(), out.display(), layer.display()),
-        std::io::Error::other(format!(
-            "{}: {}",
-            done.status,
-            String::from_utf8_lossy(&done.stderr).trim()
-        )),
+        std::io::Error::other(format!("exit status {code}: {}", stderr.trim())),
     ))
 }
 

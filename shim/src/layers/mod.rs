@@ -17,6 +17,8 @@
 //! collected: the VM keeps its open file.
 
 mod erofs;
+mod scratch;
+pub use scratch::ScratchMaker;
 
 use std::path::{Path, PathBuf};
 
@@ -26,11 +28,42 @@ pub use erofs::{check_superblock, Superblock, Unsupported};
 
 use crate::{Error, Result};
 
+/// Runs a program to its end: its exit code and stderr, or why it could not be run. Inside
+/// the shim, a child's status may be taken by the shim library's reaper, so the shim's runner
+/// asks it (`crate::child`); [`plain_runner`] waits by itself.
+pub type Runner = std::sync::Arc<
+    dyn Fn(std::process::Command) -> std::result::Result<(i32, String), String> + Send + Sync,
+>;
+
+/// A runner that waits for the program itself: for processes that reap no children of others.
+pub fn plain_runner() -> Runner {
+    std::sync::Arc::new(|mut cmd: std::process::Command| {
+        let out = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .map_err(|e| e.to_string())?;
+        let code = out.status.code().unwrap_or(128);
+        Ok((code, String::from_utf8_lossy(&out.stderr).into_owned()))
+    })
+}
+
 /// The layer cache: a root-only directory of images.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LayerCache {
     dir: PathBuf,
     mkfs: PathBuf,
+    run: Runner,
+}
+
+impl std::fmt::Debug for LayerCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerCache")
+            .field("dir", &self.dir)
+            .field("mkfs", &self.mkfs)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What identifies a layer directory for the cache.
@@ -108,7 +141,13 @@ impl LayerCache {
         Ok(LayerCache {
             dir: dir.to_path_buf(),
             mkfs,
+            run: plain_runner(),
         })
+    }
+
+    /// The same cache, running `mkfs.erofs` with `run`.
+    pub fn with_runner(self, run: Runner) -> LayerCache {
+        LayerCache { run, ..self }
     }
 
     /// The checked image of `layer`, built if there is none or the cached one is not sound.
@@ -147,7 +186,7 @@ impl LayerCache {
         }
         let tmp = self.dir.join(format!("{key}.erofs.tmp"));
         let built = (|| {
-            if let Err(u) = erofs::build(&self.mkfs, layer, &tmp)? {
+            if let Err(u) = erofs::build(&self.mkfs, layer, &tmp, &self.run)? {
                 return Ok(Err(u));
             }
             let io =

@@ -58,6 +58,8 @@ mod attack_tests;
 #[cfg(test)]
 mod fake;
 mod hooks;
+mod layer_rootfs;
+pub use layer_rootfs::{layers_of, LayerPolicy, LayerUse};
 mod mounts;
 mod ops;
 #[cfg(test)]
@@ -89,6 +91,10 @@ pub trait PodVm: Send + Sync + std::fmt::Debug {
     /// The process that serves the share (virtiofsd): volumes are bound in its mount
     /// namespace (`crate::volumes::ns`).
     fn share_pid(&self) -> Option<u32>;
+    /// Adds and removes layer disks (`layer_rootfs.rs`), where the VMM can.
+    fn disk_hotplug(&self) -> Option<Arc<dyn vmm_driver::DiskHotplug>> {
+        None
+    }
     /// The host pid to report for every process of the pod (the VMM's, as Kata does): a guest
     /// pid names nothing on the host, and Docker joins the pod's netns through this pid.
     /// `None` reports guest pids.
@@ -113,6 +119,11 @@ pub trait PodVm: Send + Sync + std::fmt::Debug {
 #[async_trait]
 pub trait VmFactory: Send + Sync + std::fmt::Debug {
     async fn boot(&self, sandbox_id: &str, spec: &serde_json::Value) -> Result<Box<dyn PodVm>>;
+    /// Whether container rootfs may come as layer disks, and from which cache; `None` keeps
+    /// every rootfs on the share.
+    fn layer_policy(&self) -> Option<LayerPolicy> {
+        None
+    }
 }
 
 /// A container to create.
@@ -149,6 +160,8 @@ struct PodState {
     oom_watch: Option<JoinHandle<()>>,
     /// The volume binds the pod's containers hold (`mounts.rs`).
     volumes: crate::volumes::Slots,
+    /// The layer disks plugged into the VM (`layer_rootfs.rs`).
+    disks: layer_rootfs::Disks,
 }
 
 impl PodState {
@@ -384,15 +397,19 @@ impl Pod {
         };
         let rootfs = rootfs_dir.join(&req.id).join("rootfs");
         let mut volumes: Vec<PathBuf> = vec![];
+        let mut layers: Option<layer_rootfs::Assembled> = None;
         let kept_hooks = hooks::kept(&req.spec);
         let created = async {
-            let staging = rootfs_dir
-                .with_file_name(vmm_driver::share::STAGING_DIR)
-                .join(&req.id);
-            self.inner
-                .mounter
-                .mount(&req.rootfs, &staging, &rootfs)
-                .await?;
+            layers = self.plug_layers(&req.id, &req.rootfs).await?;
+            if layers.is_none() {
+                let staging = rootfs_dir
+                    .with_file_name(vmm_driver::share::STAGING_DIR)
+                    .join(&req.id);
+                self.inner
+                    .mounter
+                    .mount(&req.rootfs, &staging, &rootfs)
+                    .await?;
+            }
             volumes = self.bind_volumes(&mut plan, &rootfs_dir).await?;
             let relays = wire_stdio(&guest, &init, &req.stdio).await?;
             let creq = ag::CreateContainerRequest {
@@ -402,7 +419,11 @@ impl Pod {
                 } else {
                     plan.spec.to_string().into_bytes()
                 },
-                rootfs: format!("{}/rootfs", req.id),
+                rootfs: match &layers {
+                    Some(_) => String::new(),
+                    None => format!("{}/rootfs", req.id),
+                },
+                layer_rootfs: layers.as_ref().map(|l| l.request.clone()).into(),
                 stdio: MessageField::some(req.stdio.streams()),
                 submounts: plan.submounts.clone(),
                 ephemeral_volumes: plan
@@ -435,7 +456,10 @@ impl Pod {
             }
             Err(e) => {
                 self.release_volumes(&volumes).await;
-                mounts::unmount_rootfs(self.inner.mounter.as_ref(), &rootfs);
+                match &layers {
+                    Some(l) => self.release_layers(&l.disks).await,
+                    None => mounts::unmount_rootfs(self.inner.mounter.as_ref(), &rootfs),
+                }
                 let taken = self.with_state(PodState::take_vm_if_empty).await;
                 self.stop_vm(taken).await;
                 return Err(e);
@@ -450,7 +474,8 @@ impl Pod {
                 req.id.clone(),
                 Container {
                     bundle: req.bundle.clone(),
-                    rootfs,
+                    rootfs: layers.is_none().then_some(rootfs),
+                    layers: layers.map(|l| l.disks).unwrap_or_default(),
                     volumes,
                     hooks: kept_hooks,
                     init: process,
@@ -515,8 +540,14 @@ impl Pod {
             })
             .await?;
         mounts::unmount_volumes(self.inner.mounter.as_ref(), &gone);
-        mounts::unmount_rootfs(self.inner.mounter.as_ref(), &c.rootfs);
-        self.stop_vm(taken).await;
+        if let Some(rootfs) = &c.rootfs {
+            mounts::unmount_rootfs(self.inner.mounter.as_ref(), rootfs);
+        }
+        match taken {
+            // The VM goes, and its disks with it.
+            Some(_) => self.stop_vm(taken).await,
+            None => self.release_layers(&c.layers).await,
+        }
         self.later_hooks(
             &c.hooks,
             crate::hooks::Stage::Stopped,

@@ -64,7 +64,11 @@ impl PodState {
     /// Records in `state.json` what is mounted on the host now: each container's rootfs. (The
     /// volume binds live in virtiofsd's namespace and go with it.)
     pub(super) fn record_mounts(&mut self) {
-        self.footprint.mounts = self.containers.values().map(|c| c.rootfs.clone()).collect();
+        self.footprint.mounts = self
+            .containers
+            .values()
+            .filter_map(|c| c.rootfs.clone())
+            .collect();
         self.save_footprint();
     }
 }

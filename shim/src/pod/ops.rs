@@ -352,7 +352,9 @@ impl Pod {
             .await;
         super::mounts::unmount_volumes(self.inner.mounter.as_ref(), &volumes);
         for (id, c) in containers {
-            super::mounts::unmount_rootfs(self.inner.mounter.as_ref(), &c.rootfs);
+            if let Some(rootfs) = &c.rootfs {
+                super::mounts::unmount_rootfs(self.inner.mounter.as_ref(), rootfs);
+            }
             log::info!("pod {}: container {id} torn down", self.id());
         }
         self.stop_vm(taken).await;

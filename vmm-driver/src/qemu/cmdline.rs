@@ -231,6 +231,12 @@ pub fn qemu_args(l: &QemuLaunch) -> Vec<String> {
             ]);
         }
     }
+    // Layer images arrive as LUNs on this controller (`disks.rs`); it is there from the
+    // start in every VM, so that templates and cold boots have one device set.
+    push(&[
+        "-device",
+        &format!("virtio-scsi-pci,id={}", super::disks::SCSI_CONTROLLER),
+    ]);
     // Free page reporting: the guest hands memory it freed back, so an idle pod's host
     // footprint follows what the guest uses rather than what it once touched.
     push(&["-device", "virtio-balloon-pci,free-page-reporting=on"]);
@@ -298,6 +304,7 @@ mod tests {
                 "pcie-root-port,id=hp0,bus=pcie.0,chassis=1",
                 "pcie-root-port,id=tvsock,bus=pcie.0,chassis=64",
                 "pcie-root-port,id=tfs,bus=pcie.0,chassis=65",
+                "virtio-scsi-pci,id=scsi0",
                 "virtio-balloon-pci,free-page-reporting=on"
             ]
         );
@@ -418,6 +425,7 @@ mod tests {
             [
                 "vhost-user-vsock-pci,chardev=vsock0",
                 "vhost-user-fs-pci,chardev=fs0,tag=cocoon",
+                "virtio-scsi-pci,id=scsi0",
                 "virtio-balloon-pci,free-page-reporting=on"
             ]
         );
@@ -447,6 +455,7 @@ mod tests {
             [
                 "vhost-vsock-pci,guest-cid=42",
                 "vhost-user-fs-pci,chardev=fs0,tag=cocoon",
+                "virtio-scsi-pci,id=scsi0",
                 "virtio-balloon-pci,free-page-reporting=on"
             ]
         );

@@ -1,6 +1,7 @@
 //! QEMU backend: command line plus QMP, with per-VM virtiofsd and vhost-device-vsock.
 
 pub mod cmdline;
+mod disks;
 mod hotplug;
 pub mod qmp;
 mod restore;
@@ -56,6 +57,8 @@ pub struct QemuVm {
     /// NICs added after the boot: the pod's own, for a VM restored from a template, and
     /// Docker's late ones.
     hotplug: Option<Arc<hotplug::QemuHotplug>>,
+    /// Layer images added while the VM runs (`disks.rs`).
+    disks: Option<Arc<disks::QemuDisks>>,
     /// How many late NICs the spec asked room for.
     hotplug_slots: u8,
     /// Stops the VM when a helper dies (`supervise.rs`).
@@ -158,6 +161,7 @@ impl QemuVm {
             vsockd: None,
             qmp: None,
             hotplug: None,
+            disks: None,
             hotplug_slots: spec.hotplug_nics,
             supervisor: None,
             console: None,
@@ -278,6 +282,7 @@ impl QemuVm {
             qmp.clone(),
             spec.hotplug_nics,
         )));
+        self.disks = Some(Arc::new(disks::QemuDisks::new(qmp.clone())));
         self.qmp = Some(qmp);
         Ok(())
     }
@@ -445,8 +450,7 @@ impl Vmm for QemuVm {
     }
 
     fn disk_hotplug(&self) -> Option<Arc<dyn crate::DiskHotplug>> {
-        let h = self.hotplug.clone()?;
-        (self.hotplug_slots > 0).then_some(h as Arc<dyn crate::DiskHotplug>)
+        self.disks.clone().map(|d| d as Arc<dyn crate::DiskHotplug>)
     }
 
     async fn stop(&mut self) -> Result<()> {
@@ -474,6 +478,7 @@ impl Vmm for QemuVm {
         }
         self.qmp = None;
         self.hotplug = None;
+        self.disks = None;
         // QEMU is gone: the relay reads what is left and ends.
         if let Some(c) = self.console.take() {
             c.finish(STOP_GRACE).await;

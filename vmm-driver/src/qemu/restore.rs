@@ -11,7 +11,7 @@ use tokio::process::Command;
 use super::cmdline::{
     self, QemuLaunch, TemplateRole, FS_CHARDEV, FS_PORT, VSOCK_CHARDEV, VSOCK_PORT,
 };
-use super::{hotplug, template, template_ram, Binaries, QemuVm};
+use super::{disks, hotplug, template, template_ram, Binaries, QemuVm};
 use crate::config::Config;
 use crate::daemon::{tail_lines, Daemon};
 use crate::error::{Error, Result};
@@ -162,6 +162,7 @@ impl QemuVm {
         }
         qmp.lock().await.execute("cont", None).await?;
         self.hotplug = Some(hp);
+        self.disks = Some(Arc::new(disks::QemuDisks::new(qmp.clone())));
         self.qmp = Some(qmp);
         log::info!(
             "VM {}: restored from template {} (template {} ms, state loaded {} ms, devices in {} ms; {} MiB of RAM copied)",
