@@ -6,7 +6,8 @@
 //! 10 pods started at once, and Cocoon's start from a VM template against a kernel boot
 //! (`template_bench`), and I/O on a volume and on the root filesystem (`volume_bench`).
 //! BENCH_RUNS sets the sample count (default 10); BENCH_ONLY=template,
-//! cri, docker, volumes or rootfs runs one part.
+//! cri, docker, volumes or rootfs runs one part. BENCH_COCOON_TOML adds lines to the Cocoon
+//! config of the run (an A/B by hand, e.g. `rootfs.mode = "virtio-fs"`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark aborts on a broken setup
 
@@ -289,6 +290,19 @@ fn kvm_or_tcg() -> String {
     }
 }
 
+/// Appends `BENCH_COCOON_TOML` (dotted keys) to the run's Cocoon config.
+fn with_extra_config(c: &Containerd) {
+    if let Ok(extra) = std::env::var("BENCH_COCOON_TOML") {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&c.cocoon_config)
+            .unwrap();
+        writeln!(f, "{extra}").unwrap();
+        println!("cocoon config + {extra}");
+    }
+}
+
 fn main() {
     let runs: usize = std::env::var("BENCH_RUNS")
         .ok()
@@ -306,6 +320,7 @@ fn main() {
     }
     if std::env::var("BENCH_ONLY").as_deref() == Ok("rootfs") {
         let c = Containerd::start();
+        with_extra_config(&c);
         let r = rootfs_io(&c, &runtimes(c.dir.path()), runs.clamp(1, 3));
         println!("{}", cocoon_tests::volume_bench::rootfs_markdown(&r));
         return;
@@ -330,6 +345,7 @@ fn main() {
         return;
     }
     let c = std::sync::Arc::new(Containerd::start());
+    with_extra_config(&c);
     c.import_test_image();
     let rts = runtimes(c.dir.path());
     let machine = format!(
