@@ -331,11 +331,11 @@ async fn a_guest_that_writes_a_layer_disk_changes_nothing_on_the_host() {
     ]);
     assert!(out.status.success(), "{}\n{}", text(&out.stderr), c.log());
     let said = text(&out.stdout);
+    assert!(!said.contains("WROTE"), "a layer disk took a write: {said}");
     assert!(
         said.contains("REFUSED-sd"),
         "no layer disk was tried: {said}"
     );
-    assert!(!said.contains("WROTE"), "a layer disk took a write: {said}");
     assert!(
         snapshot(image) == before,
         "the shared image changed or was rebuilt"
