@@ -66,7 +66,8 @@ impl QemuDisks {
     }
 
     /// Plugs `disk` in as a writable LUN (a container's scratch disk, which only the guest
-    /// ever reads); returns the LUN. Blocks the guest discards become holes in the file.
+    /// ever reads); returns the LUN. Blocks the guest discards become holes in the file; its
+    /// flushes stop at the host's page cache.
     pub async fn plug_scratch(&self, disk: &std::fs::File, name: &str) -> Result<u32> {
         let mode = rustix::fs::fcntl_getfl(disk).map_err(|e| Error::io("fcntl", e.into()))?;
         if mode & rustix::fs::OFlags::RWMODE != rustix::fs::OFlags::RDWR
@@ -98,6 +99,12 @@ impl QemuDisks {
         if writable {
             node_args["discard"] = json!("unmap");
             node_args["file"]["discard"] = json!("unmap");
+            // A scratch disk dies with its VM and has no name to find it by after a host
+            // crash: the guest's flushes need not reach the host's disk, which would make
+            // every `fsync` in a container wait for it (runc's wait; gVisor's in-memory
+            // overlay has none).
+            node_args["cache"] = json!({"no-flush": true});
+            node_args["file"]["cache"] = json!({"no-flush": true});
         }
         let added = qmp.execute("blockdev-add", Some(node_args)).await;
         // The node holds its own copy of the fd; the set goes when the node closes it.
@@ -277,6 +284,40 @@ mod tests {
             .await
             .unwrap();
         assert!(c > b, "LUN {a} came back as {c}");
+
+        // A scratch disk: writable, flushes kept from the host's disk; a read-only fd refused.
+        let e = h
+            .plug_scratch(&std::fs::File::open(&image).unwrap(), "scratch-a")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("read-write"), "{e}");
+        // Its own file: the image's readers hold shared locks that a writer can't join.
+        let scratch = dir.path().join("scratch.img");
+        std::fs::write(&scratch, vec![0u8; 1 << 20]).unwrap();
+        let own = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&scratch)
+            .unwrap();
+        let s = h.plug_scratch(&own, "scratch-a").await.unwrap();
+        let nodes = h
+            .qmp
+            .lock()
+            .await
+            .execute("query-named-block-nodes", None)
+            .await
+            .unwrap();
+        let (ns, _) = names(s);
+        let found = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["node-name"] == ns.as_str())
+            .cloned()
+            .unwrap_or_else(|| panic!("no node {ns}: {nodes}"));
+        assert_eq!(found["ro"], false, "{found}");
+        assert_eq!(found["cache"]["no-flush"], true, "{found}");
         let _ = h.qmp.lock().await.quit().await;
         let _ = child.wait().await;
     }
