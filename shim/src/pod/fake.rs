@@ -93,7 +93,15 @@ impl AgentService for FakeAgent {
         _: &TtrpcContext,
         r: ag::CreateContainerRequest,
     ) -> ttrpc::Result<ag::CreateContainerResponse> {
-        self.journal.add(format!("agent create {}", r.container_id));
+        match r.layer_rootfs.as_ref() {
+            Some(l) => self.journal.add(format!(
+                "agent create {} layers {:?} scratch {}",
+                r.container_id,
+                l.layers.iter().map(|d| d.lun).collect::<Vec<_>>(),
+                l.scratch_lun
+            )),
+            None => self.journal.add(format!("agent create {}", r.container_id)),
+        }
         if let Some(act) = &*self.on_create.lock().unwrap() {
             act(&r.container_id);
         }
@@ -253,6 +261,7 @@ pub struct FakeVm {
     dir: PathBuf,
     journal: Journal,
     real_share: bool,
+    disks: Option<Arc<dyn vmm_driver::DiskHotplug>>,
 }
 
 impl std::fmt::Debug for FakeVm {
@@ -298,6 +307,10 @@ impl PodVm for FakeVm {
         None
     }
 
+    fn disk_hotplug(&self) -> Option<Arc<dyn vmm_driver::DiskHotplug>> {
+        self.disks.clone()
+    }
+
     fn exit_reason(&mut self) -> Option<String> {
         self.relay
             .is_finished()
@@ -333,6 +346,8 @@ pub struct FakeFactory {
     fail: AtomicBool,
     /// Export the run dir like the real driver (`vmm_driver::share`), for tests with real mounts.
     real_share: bool,
+    /// Layer disks for the pod's rootfs (`layer_tests.rs`): the policy, and the VMs' disks.
+    pub layers: StdMutex<Option<(super::LayerPolicy, Arc<dyn vmm_driver::DiskHotplug>)>>,
 }
 
 #[async_trait]
@@ -353,7 +368,12 @@ impl VmFactory for Arc<FakeFactory> {
             dir: self.dir.clone(),
             journal: self.journal.clone(),
             real_share: self.real_share,
+            disks: self.layers.lock().unwrap().as_ref().map(|l| l.1.clone()),
         }))
+    }
+
+    fn layer_policy(&self) -> Option<super::LayerPolicy> {
+        self.layers.lock().unwrap().as_ref().map(|l| l.0.clone())
     }
 }
 
@@ -467,6 +487,7 @@ impl Rig {
             relay: StdMutex::default(),
             fail: AtomicBool::new(false),
             real_share: real,
+            layers: StdMutex::default(),
         });
         let mounter = Arc::new(FakeMounter {
             journal: journal.clone(),

@@ -164,6 +164,7 @@ impl Pod {
                 return Ok(None);
             }
         };
+        let t0 = std::time::Instant::now();
         let built = tokio::task::spawn_blocking(move || {
             lowers
                 .iter()
@@ -172,6 +173,7 @@ impl Pod {
         })
         .await
         .map_err(|e| Error::io("build layer images", std::io::Error::other(e)))??;
+        let t_images = t0.elapsed();
         let mut images = vec![];
         for b in built {
             match b {
@@ -198,8 +200,11 @@ impl Pod {
         }
         let cold = images.iter().filter(|i| i.built).count();
         log::info!(
-            "container {id}: rootfs from {} layer disks ({cold} images built now), writes on {}",
+            "container {id}: rootfs from {} layer disks ({cold} images built now; images {} ms, \
+             plugged in {} ms), writes on {}",
             images.len(),
+            t_images.as_millis(),
+            (t0.elapsed() - t_images).as_millis(),
             match assembled.disks.scratch {
                 Some(_) => "a scratch disk",
                 None => "a tmpfs",

@@ -60,6 +60,8 @@ mod fake;
 mod hooks;
 mod layer_rootfs;
 pub use layer_rootfs::{layers_of, LayerPolicy, LayerUse};
+#[cfg(test)]
+mod layer_tests;
 mod mounts;
 mod ops;
 #[cfg(test)]
