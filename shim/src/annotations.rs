@@ -35,13 +35,31 @@ const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
 
 pub const VCPUS: &str = "io.cocoon.vm.vcpus";
 pub const MEMORY_MIB: &str = "io.cocoon.vm.memory_mib";
-const KNOWN: [&str; 2] = [VCPUS, MEMORY_MIB];
+/// `"virtio-fs"` keeps a container's rootfs on the share where the config would give it layer
+/// disks (a workload that needs its writes in the host's snapshot). Only that way: layer disks
+/// are the operator's choice (`[rootfs] mode`), not a pod author's.
+pub const ROOTFS: &str = "io.cocoon.rootfs";
+const KNOWN: [&str; 3] = [VCPUS, MEMORY_MIB, ROOTFS];
 
-/// Refuses `io.cocoon.*` annotations this runtime does not know: a typo must not be ignored.
+/// Whether the spec asks for its rootfs on the share ([`ROOTFS`]).
+pub fn rootfs_on_share(spec: &Value) -> Result<bool, String> {
+    match spec["annotations"][ROOTFS].as_str() {
+        None => Ok(false),
+        Some("virtio-fs") => Ok(true),
+        Some(other) => Err(format!(
+            "annotation {ROOTFS}={other:?}: the only value is \"virtio-fs\" (layer disks are \
+             the config's choice, [rootfs] mode)"
+        )),
+    }
+}
+
+/// Refuses `io.cocoon.*` annotations this runtime does not know, or with a value it does not
+/// take: a typo must not be ignored.
 pub fn check(spec: &Value) -> Result<(), String> {
     let Some(ann) = spec["annotations"].as_object() else {
         return Ok(());
     };
+    rootfs_on_share(spec)?;
     for k in ann.keys().filter(|k| k.starts_with("io.cocoon.")) {
         if !KNOWN.contains(&k.as_str()) {
             return Err(format!(
@@ -230,5 +248,15 @@ mod tests {
         let e = check(&json!({"annotations": {"io.cocoon.vm.kernel": "/tmp/evil"}})).unwrap_err();
         assert!(e.contains("io.cocoon.vm.kernel"), "{e}");
         assert!(check(&json!({"annotations": {"io.kubernetes.cri.sandbox-id": "x"}})).is_ok());
+    }
+
+    #[test]
+    fn a_container_can_keep_its_rootfs_on_the_share_but_not_ask_for_layers() {
+        let share = json!({"annotations": {ROOTFS: "virtio-fs"}});
+        assert_eq!(rootfs_on_share(&share), Ok(true));
+        assert!(check(&share).is_ok());
+        assert_eq!(rootfs_on_share(&json!({})), Ok(false));
+        let e = check(&json!({"annotations": {ROOTFS: "layers"}})).unwrap_err();
+        assert!(e.contains(ROOTFS) && e.contains("[rootfs] mode"), "{e}");
     }
 }

@@ -344,3 +344,47 @@ async fn a_guest_that_writes_a_layer_disk_changes_nothing_on_the_host() {
     assert!(snapshot(image) == before, "the next pod rebuilt the image");
     c.assert_clean();
 }
+
+#[tokio::test]
+async fn an_annotated_container_keeps_its_rootfs_on_the_share_and_a_bad_value_is_refused() {
+    let Some(_gate) = gate(&[Need::selected_guest()]).await else {
+        return;
+    };
+    let (c, cache) = containerd_with_cache();
+    c.import_test_image();
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        "io.cocoon.rootfs=virtio-fs",
+        IMAGE,
+        "shared",
+        "grep",
+        " / / ",
+        "/proc/self/mountinfo",
+    ]);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), c.log());
+    let root = text(&out.stdout);
+    assert!(root.contains(" - virtiofs "), "not on the share: {root}");
+    assert!(images_in(&cache).is_empty(), "an image was built");
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        "io.cocoon.rootfs=layers",
+        IMAGE,
+        "asks",
+        "true",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("io.cocoon.rootfs"),
+        "{}",
+        text(&out.stderr)
+    );
+    c.assert_clean();
+}

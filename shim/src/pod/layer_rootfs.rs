@@ -144,11 +144,19 @@ impl Pod {
     pub(super) async fn plug_layers(
         &self,
         id: &str,
+        spec: &serde_json::Value,
         source: &RootfsSource,
     ) -> Result<Option<Assembled>> {
         let Some(policy) = self.inner.factory.layer_policy() else {
             return Ok(None);
         };
+        if crate::annotations::rootfs_on_share(spec).map_err(Error::InvalidArgument)? {
+            log::info!(
+                "container {id}: rootfs over virtio-fs ({}=virtio-fs)",
+                crate::annotations::ROOTFS
+            );
+            return Ok(None);
+        }
         let cache = policy.cache;
         let disks = self
             .with_state(|s| s.vm.as_ref().and_then(|vm| vm.disk_hotplug()))

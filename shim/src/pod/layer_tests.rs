@@ -203,3 +203,18 @@ async fn a_rootfs_with_writes_already_in_its_snapshot_keeps_the_share() {
         ["vm boot pod1", "mount c1/rootfs", "agent create c1"]
     );
 }
+
+#[tokio::test]
+async fn a_container_annotated_for_the_share_keeps_it() {
+    let dir = on_disk();
+    let Some(rig) = rig(dir.path(), false) else {
+        return;
+    };
+    let mut req = layered_request(&rig, dir.path(), "c1");
+    req.spec = serde_json::json!({"annotations": {crate::annotations::ROOTFS: "virtio-fs"}});
+    rig.pod.create(req).await.unwrap();
+    assert_eq!(
+        rig.journal.entries(),
+        ["vm boot pod1", "mount c1/rootfs", "agent create c1"]
+    );
+}

@@ -402,7 +402,7 @@ impl Pod {
         let mut layers: Option<layer_rootfs::Assembled> = None;
         let kept_hooks = hooks::kept(&req.spec);
         let created = async {
-            layers = self.plug_layers(&req.id, &req.rootfs).await?;
+            layers = self.plug_layers(&req.id, &req.spec, &req.rootfs).await?;
             if layers.is_none() {
                 let staging = rootfs_dir
                     .with_file_name(vmm_driver::share::STAGING_DIR)
