@@ -158,7 +158,7 @@ pub struct Container {
     /// layer disks.
     pub rootfs: Option<PathBuf>,
     /// The disks its rootfs uses (`pod/layer_rootfs.rs`).
-    pub layers: crate::pod::LayerUse,
+    pub layers: crate::layers::LayerUse,
     /// Where its volumes are bound on the host (`crate::volumes`).
     pub volumes: Vec<PathBuf>,
     /// The spec's OCI hooks still to run on the host (`pod/hooks.rs`), `Null` if none.

@@ -49,6 +49,15 @@ pub fn plain_runner() -> Runner {
     })
 }
 
+/// The disks a container's rootfs uses in its VM (`crate::pod`'s layer rootfs), to release
+/// at delete: the images it shares with the pod's other containers, and its scratch disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LayerUse {
+    pub images: Vec<PathBuf>,
+    /// Its scratch disk's LUN.
+    pub scratch: Option<u32>,
+}
+
 /// The layer cache: a root-only directory of images.
 #[derive(Clone)]
 pub struct LayerCache {

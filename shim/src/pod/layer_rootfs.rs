@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use cocoon_protocol::agent as ag;
 
 use super::{Pod, PodState};
+use crate::layers::LayerUse;
 use crate::rootfs::RootfsSource;
 use crate::{Error, Result};
 
@@ -81,14 +82,6 @@ impl LayerPolicy {
             upper_size_bytes: cfg.rootfs.upper_size_mib << 20,
         }))
     }
-}
-
-/// The disks a container's rootfs uses, to release at delete.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LayerUse {
-    pub images: Vec<PathBuf>,
-    /// Its scratch disk's LUN.
-    pub scratch: Option<u32>,
 }
 
 /// A container rootfs the guest assembles.

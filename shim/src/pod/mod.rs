@@ -59,7 +59,7 @@ mod attack_tests;
 mod fake;
 mod hooks;
 mod layer_rootfs;
-pub use layer_rootfs::{layers_of, LayerPolicy, LayerUse};
+pub use layer_rootfs::{layers_of, LayerPolicy};
 #[cfg(test)]
 mod layer_tests;
 mod mounts;
