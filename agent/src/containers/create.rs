@@ -49,9 +49,7 @@ impl Manager {
                 move || delete_state(&id)
             })
             .await;
-            if let RootfsFrom::Layers(l) = rootfs {
-                self.layers.disassemble(id, l);
-            }
+            self.layers.disassemble(id);
         }
         result
     }
@@ -107,10 +105,6 @@ impl Manager {
             init,
             execs: Mutex::new(HashMap::new()),
             oom_watch,
-            layer_rootfs: match rootfs {
-                RootfsFrom::Layers(l) => Some(l.clone()),
-                RootfsFrom::Share(_) => None,
-            },
         };
         self.table().insert(id.to_owned(), Arc::new(c));
         log::info!("container {id} created (init pid {pid})");

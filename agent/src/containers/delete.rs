@@ -14,9 +14,7 @@ impl Manager {
         let cid = id.to_owned();
         blocking(move || delete_state(&cid)).await?;
         let _ = std::fs::remove_dir_all(&c.bundle);
-        if let Some(l) = &c.layer_rootfs {
-            self.layers.disassemble(id, l);
-        }
+        self.layers.disassemble(id);
         self.table().remove(id);
         self.hub.discard(&ProcessRef::init(id));
         log::info!("container {id} removed");

@@ -1,7 +1,8 @@
 //! A container rootfs assembled in the guest (issue #29): overlayfs over the image's layers,
-//! each a read-only EROFS disk the shim hot-plugged as a SCSI LUN, with the writable layer on the
-//! container's own scratch disk (or a tmpfs of its own). Nothing of it is on the host's side: the host never mounts
-//! what the guest wrote, and the guest reads the layers without a FUSE round trip.
+//! each a read-only EROFS disk the shim hot-plugged as a SCSI LUN, with the writable layer on
+//! the container's own scratch disk (or a tmpfs of its own). Nothing of it is on the host's
+//! side: the host never mounts what the guest wrote, and the guest reads the layers without a
+//! FUSE round trip.
 //!
 //! A layer disk is mounted once per pod and shared by every container that uses it; the last
 //! one to go unmounts it, before the shim takes the disk out.
@@ -18,20 +19,23 @@ use super::{Failure, Res};
 
 /// Where layer disks are mounted, one directory per LUN.
 const LAYERS: &str = "/run/cocoon/layers";
-/// Where container rootfs are assembled: `<id>/rw` (the tmpfs) and `<id>/root` (the overlay).
+/// Where container rootfs are assembled: `<id>/rw` (the writable layer's filesystem) and
+/// `<id>/root` (the overlay).
 const ROOTFS: &str = "/run/cocoon/rootfs";
 /// How long a hot-plugged LUN may take to appear as a block device.
 const DISK_WAIT: Duration = Duration::from_secs(10);
 
-/// The layer disks mounted in the guest, with how many containers use each.
+/// The layer disks mounted in the guest, with how many containers use each, and the LUNs each
+/// assembled container holds (what its removal releases, once).
 #[derive(Debug, Default)]
 pub struct Layers {
     users: Mutex<HashMap<u32, usize>>,
+    held: Mutex<HashMap<String, Vec<u32>>>,
 }
 
 impl Layers {
-    /// Mounts `want`'s layers (those not mounted yet), the container's tmpfs and the overlay;
-    /// returns the rootfs. On failure, what this call mounted is gone again.
+    /// Mounts `want`'s layers (those not mounted yet), the container's writable layer and the
+    /// overlay; returns the rootfs. On failure, what this call mounted is gone again.
     pub fn assemble(&self, id: &str, want: &LayerRootfs) -> Res<PathBuf> {
         if want.layers.is_empty() {
             return Err(Failure::Invalid(format!(
@@ -43,8 +47,12 @@ impl Layers {
             let dir = Path::new(ROOTFS).join(id);
             overlay(&dir, &lowers, want).inspect_err(|_| teardown(&dir))
         });
-        if built.is_err() {
-            self.release(&taken);
+        match built {
+            Ok(_) => {
+                let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+                held.insert(id.to_owned(), taken);
+            }
+            Err(_) => self.release(&taken),
         }
         built
     }
@@ -95,12 +103,19 @@ impl Layers {
         }
     }
 
-    /// Takes a container's rootfs apart: the overlay, its tmpfs (and with it everything the
-    /// container wrote), and its uses of the layers.
-    pub fn disassemble(&self, id: &str, want: &LayerRootfs) {
-        teardown(&Path::new(ROOTFS).join(id));
-        let luns: Vec<u32> = want.layers.iter().map(|l| l.lun).collect();
-        self.release(&luns);
+    /// Takes a container's rootfs apart, if it has one assembled: the overlay, its writable
+    /// layer (and with it everything the container wrote), and its uses of the layers. A
+    /// second call, or one for a container on the share, does nothing.
+    pub fn disassemble(&self, id: &str) {
+        let held = self
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        if let Some(luns) = held {
+            teardown(&Path::new(ROOTFS).join(id));
+            self.release(&luns);
+        }
     }
 }
 

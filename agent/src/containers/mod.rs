@@ -94,8 +94,6 @@ struct Container {
     init: Arc<Process>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
     oom_watch: JoinHandle<()>,
-    /// The layers its rootfs was assembled from in the guest, if it was (`layers.rs`).
-    layer_rootfs: Option<cocoon_protocol::agent::LayerRootfs>,
 }
 
 /// All containers of the sandbox.
