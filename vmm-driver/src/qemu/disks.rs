@@ -54,14 +54,6 @@ impl QemuDisks {
     /// the node reads through the host's page cache and never drops it (`drop-cache: false`),
     /// so every VM that reads one image shares one copy of it in the host's memory.
     pub async fn plug_disk(&self, image: &std::fs::File, name: &str) -> Result<u32> {
-        let mode = rustix::fs::fcntl_getfl(image).map_err(|e| Error::io("fcntl", e.into()))?;
-        if mode & rustix::fs::OFlags::RWMODE != rustix::fs::OFlags::RDONLY
-            || mode.contains(rustix::fs::OFlags::DIRECT)
-        {
-            return Err(Error::Qmp(format!(
-                "disk {name}: the image must be opened read-only and without O_DIRECT"
-            )));
-        }
         self.plug(image, name, false).await
     }
 
@@ -69,18 +61,23 @@ impl QemuDisks {
     /// ever reads); returns the LUN. Blocks the guest discards become holes in the file; its
     /// flushes stop at the host's page cache.
     pub async fn plug_scratch(&self, disk: &std::fs::File, name: &str) -> Result<u32> {
-        let mode = rustix::fs::fcntl_getfl(disk).map_err(|e| Error::io("fcntl", e.into()))?;
-        if mode & rustix::fs::OFlags::RWMODE != rustix::fs::OFlags::RDWR
-            || mode.contains(rustix::fs::OFlags::DIRECT)
-        {
-            return Err(Error::Qmp(format!(
-                "disk {name}: a scratch disk must be opened read-write and without O_DIRECT"
-            )));
-        }
         self.plug(disk, name, true).await
     }
 
+    /// Plugs `file` in, refusing an fd whose access mode is not the node's or that has
+    /// `O_DIRECT`.
     async fn plug(&self, file: &std::fs::File, name: &str, writable: bool) -> Result<u32> {
+        use rustix::fs::OFlags;
+        let mode = rustix::fs::fcntl_getfl(file).map_err(|e| Error::io("fcntl", e.into()))?;
+        let (want, what, how) = match writable {
+            true => (OFlags::RDWR, "a scratch disk", "read-write"),
+            false => (OFlags::RDONLY, "the image", "read-only"),
+        };
+        if mode & OFlags::RWMODE != want || mode.contains(OFlags::DIRECT) {
+            return Err(Error::Qmp(format!(
+                "disk {name}: {what} must be opened {how} and without O_DIRECT"
+            )));
+        }
         let lun = self.next.fetch_add(1, Ordering::SeqCst);
         if lun > MAX_LUN {
             return Err(Error::Qmp(format!(
