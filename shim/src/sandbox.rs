@@ -422,7 +422,7 @@ impl VmFactory for SandboxFactory {
 
     async fn boot(&self, sandbox_id: &str, spec: &serde_json::Value) -> Result<Box<dyn PodVm>> {
         let cfg = Config::load().map_err(Error::Config)?;
-        if let Some(p) = self.layer_policy() {
+        if let Ok(Some(p)) = crate::pod::LayerPolicy::from_config(&cfg) {
             // Images of layers no snapshot has any more, once per pod start, off the way.
             tokio::task::spawn_blocking(move || match p.cache.collect() {
                 Ok(gone) if !gone.is_empty() => {

@@ -49,6 +49,19 @@ pub fn plain_runner() -> Runner {
     })
 }
 
+/// Makes `dir` (and its parents) if missing, and `0700` whatever it was: the layer cache and
+/// the scratch disks' directory are root's only.
+fn root_only_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::io(format!("chmod {}", dir.display()), e))
+}
+
 /// The disks a container's rootfs uses in its VM (`crate::pod`'s layer rootfs), to release
 /// at delete: the images it shares with the pod's other containers, and its scratch disk.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -139,14 +152,7 @@ pub struct LayerImage {
 impl LayerCache {
     /// The cache at `dir` (made `0700` if missing), building with the `mkfs.erofs` at `mkfs`.
     pub fn open(dir: &Path, mkfs: PathBuf) -> Result<LayerCache> {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| Error::io(format!("chmod {}", dir.display()), e))?;
+        root_only_dir(dir)?;
         Ok(LayerCache {
             dir: dir.to_path_buf(),
             mkfs,

@@ -12,7 +12,7 @@
 //! lazy: the file reads as zeros where unwritten, and the guest mounts with `noinit_itable`.
 
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::Runner;
@@ -40,13 +40,7 @@ impl ScratchMaker {
     /// Disks of `size` bytes in `dir` (made `0700` if missing), formatted by the `mkfs.ext4` at
     /// `mkfs`, run with `run`.
     pub fn new(dir: &Path, size: u64, mkfs: PathBuf, run: Runner) -> Result<ScratchMaker> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| Error::io(format!("chmod {}", dir.display()), e))?;
+        super::root_only_dir(dir)?;
         Ok(ScratchMaker {
             dir: dir.to_owned(),
             size,

@@ -2,7 +2,8 @@
 //! image layers whose writable layer is still empty, each layer becomes a read-only EROFS
 //! image from the host's cache ([`crate::layers::LayerCache`]), plugged into the VM as a SCSI
 //! LUN (`vmm_driver::DiskHotplug`), and the agent assembles the rootfs in the guest: the
-//! layers under an overlay whose writable layer is a tmpfs of the container's own.
+//! layers under an overlay whose writable layer is the container's own scratch disk (or a
+//! tmpfs).
 //!
 //! Nothing of such a rootfs is mounted on the host, so nothing the guest writes ever meets a
 //! host mount; and reads don't cross FUSE. A pod plugs each image once, whatever number of its
@@ -140,9 +141,6 @@ impl Pod {
         spec: &serde_json::Value,
         source: &RootfsSource,
     ) -> Result<Option<Assembled>> {
-        let Some(policy) = self.inner.factory.layer_policy() else {
-            return Ok(None);
-        };
         if crate::annotations::rootfs_on_share(spec).map_err(Error::InvalidArgument)? {
             log::info!(
                 "container {id}: rootfs over virtio-fs ({}=virtio-fs)",
@@ -150,7 +148,6 @@ impl Pod {
             );
             return Ok(None);
         }
-        let cache = policy.cache;
         let disks = self
             .with_state(|s| s.vm.as_ref().and_then(|vm| vm.disk_hotplug()))
             .await;
@@ -165,6 +162,12 @@ impl Pod {
                 return Ok(None);
             }
         };
+        // The config's choice last: it reads the config file and checks the cache's directory,
+        // which a rootfs that can't be layers never needs.
+        let Some(policy) = self.inner.factory.layer_policy() else {
+            return Ok(None);
+        };
+        let cache = policy.cache;
         let t0 = std::time::Instant::now();
         let built = tokio::task::spawn_blocking(move || {
             lowers
