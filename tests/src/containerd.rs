@@ -364,6 +364,26 @@ impl Containerd {
         );
     }
 
+    /// Kills task `id` (SIGKILL), waits until it is stopped, and deletes the task and the
+    /// container, each step asserted.
+    pub fn kill_and_remove(&self, id: &str) {
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        let out = self.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+        assert!(out.status.success(), "kill: {}", text(&out.stderr));
+        let t0 = Instant::now();
+        while !text(&self.ctr(&["task", "ls"]).stdout)
+            .lines()
+            .any(|l| l.starts_with(id) && l.contains("STOPPED"))
+        {
+            assert!(t0.elapsed() < Duration::from_secs(30), "task never stopped");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let out = self.ctr(&["task", "delete", id]);
+        assert!(out.status.success(), "task delete: {}", text(&out.stderr));
+        let out = self.ctr(&["containers", "rm", id]);
+        assert!(out.status.success(), "rm: {}", text(&out.stderr));
+    }
+
     /// Imports the locally built test image.
     pub fn import_test_image(&self) {
         self.import_image("default", IMAGE, &["sh"]);

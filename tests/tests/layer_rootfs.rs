@@ -157,18 +157,7 @@ async fn a_detached_containers_rootfs_is_no_host_mount_and_its_disk_goes_with_it
         "{}",
         text(&exec.stdout)
     );
-    for args in [
-        &["task", "kill", "-s", "SIGKILL", "held"][..],
-        &["task", "delete", "held"],
-        &["containers", "delete", "held"],
-    ] {
-        let mut tries = 0;
-        while !c.ctr(args).status.success() {
-            tries += 1;
-            assert!(tries < 50, "{args:?} failed\n{}", c.log());
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-    }
+    c.kill_and_remove("held");
     c.assert_clean();
 }
 

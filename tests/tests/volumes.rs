@@ -177,7 +177,7 @@ async fn a_mount_below_a_volume_can_be_removed_on_the_host_while_it_runs_as_unde
 
         nix::mount::umount2(&sub, nix::mount::MntFlags::MNT_DETACH).unwrap();
         let removed = std::fs::remove_dir_all(&vol);
-        kill_and_remove(&c, &id);
+        c.kill_and_remove(&id);
         if let Err(e) = removed {
             panic!(
                 "{name}: removing {} while the container runs: {e}",
@@ -442,23 +442,6 @@ fn served_volumes(run_dir: &Path) -> Vec<(String, String)> {
 }
 
 /// SIGKILLs the detached task `id`, waits until it is STOPPED, deletes it and its container.
-fn kill_and_remove(c: &Containerd, id: &str) {
-    let out = c.ctr(&["task", "kill", "-s", "SIGKILL", id]);
-    assert!(out.status.success(), "kill: {}", text(&out.stderr));
-    let t0 = Instant::now();
-    while !text(&c.ctr(&["task", "ls"]).stdout)
-        .lines()
-        .any(|l| l.starts_with(id) && l.contains("STOPPED"))
-    {
-        assert!(t0.elapsed() < Duration::from_secs(30), "task never stopped");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = c.ctr(&["task", "delete", id]);
-    assert!(out.status.success(), "task delete: {}", text(&out.stderr));
-    let out = c.ctr(&["containers", "rm", id]);
-    assert!(out.status.success(), "rm: {}", text(&out.stderr));
-}
-
 /// virtiofsd serves each volume from a bind in its own mount namespace: that bind must be
 /// `nosuid,nodev`, and read-only where the volume is, or a read-only volume is writable and a
 /// setuid file honoured through virtiofsd. Checked from the host, through virtiofsd's root,
@@ -515,7 +498,7 @@ async fn the_export_copy_of_a_volume_is_as_restricted_as_its_host_bind() {
     std::fs::write(Path::new(&rw_at[0].0).join("through-export"), "x").unwrap();
     assert!(rw.join("through-export").exists());
 
-    kill_and_remove(&c, "exp");
+    c.kill_and_remove("exp");
     c.assert_clean();
 }
 
@@ -559,7 +542,7 @@ async fn the_export_copy_of_an_rro_volume_is_read_only_below_too() {
     // The host's own mount stays as it was.
     std::fs::write(sub.join("host-writes"), "x").unwrap();
 
-    kill_and_remove(&c, "rro");
+    c.kill_and_remove("rro");
     nix::mount::umount2(&sub, nix::mount::MntFlags::MNT_DETACH).unwrap();
     c.assert_clean();
 }
