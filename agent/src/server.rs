@@ -9,10 +9,11 @@ use cocoon_protocol::agent::{
     CreateContainerResponse, Empty, ExecProcessRequest, ExecProcessResponse, GetOOMEventRequest,
     GuestDetailsRequest, GuestDetailsResponse, Interface, ListProcessesRequest,
     ListProcessesResponse, ListenPortsRequest, ListenPortsResponse, OOMEvent,
-    PauseContainerRequest, RefreshRequest, RemoveContainerRequest, ResumeContainerRequest,
-    ShutdownRequest, SignalProcessRequest, StartContainerRequest, StartContainerResponse,
-    StatsContainerRequest, StatsContainerResponse, TtyWinResizeRequest, UpdateContainerRequest,
-    UpdateInterfaceRequest, UpdateRoutesRequest, WaitProcessRequest, WaitProcessResponse,
+    PauseContainerRequest, PutFilesRequest, RefreshRequest, RemoveContainerRequest,
+    ResumeContainerRequest, ShutdownRequest, SignalProcessRequest, StartContainerRequest,
+    StartContainerResponse, StatsContainerRequest, StatsContainerResponse, TtyWinResizeRequest,
+    UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest, WaitProcessRequest,
+    WaitProcessResponse,
 };
 use cocoon_protocol::agent_ttrpc::{create_agent_service, AgentService};
 use cocoon_protocol::{ProcessRef, AGENT_PORT, API_VERSION};
@@ -174,6 +175,11 @@ impl AgentService for Agent {
         req: RemoveContainerRequest,
     ) -> ttrpc::Result<Empty> {
         self.containers.remove(&req.container_id).await?;
+        Ok(Empty::default())
+    }
+
+    async fn put_files(&self, _ctx: &TtrpcContext, req: PutFilesRequest) -> ttrpc::Result<Empty> {
+        crate::containers::put_files(&req)?;
         Ok(Empty::default())
     }
 

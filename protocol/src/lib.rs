@@ -41,8 +41,11 @@ pub const DNS_RELAY_PORT: u32 = 1028;
 pub const GUEST_SHARE: &str = "/run/cocoon/shared";
 /// Where the agent mounts a pod's guest-only tmpfs volumes (`CreateContainerRequest.ephemeral`).
 pub const EPHEMERAL_DIR: &str = "/run/cocoon/ephemeral";
+/// Where the agent keeps the files the host copies in (`PutFilesRequest`): one name per host
+/// source, which the container specs bind.
+pub const FILES_DIR: &str = "/run/cocoon/files";
 /// Bumped on every incompatible change to `agent.proto`.
-pub const API_VERSION: u32 = 8;
+pub const API_VERSION: u32 = 9;
 /// Kernel parameter that boots a guest as a VM template (`vmm-driver`'s `qemu/template.rs`):
 /// no vsock or virtio-fs device yet, so the agent waits for them to be hot-plugged.
 pub const TEMPLATE_PARAM: &str = "cocoon.template=1";

@@ -161,6 +161,8 @@ pub struct Container {
     pub layers: crate::layers::LayerUse,
     /// Where its volumes are bound on the host (`crate::volumes`).
     pub volumes: Vec<PathBuf>,
+    /// The names of the host files copied into the guest for it (`volumes::copied`).
+    pub copies: Vec<String>,
     /// The spec's OCI hooks still to run on the host (`pod/hooks.rs`), `Null` if none.
     pub hooks: serde_json::Value,
     pub init: Process,

@@ -10,6 +10,8 @@ mod create;
 pub use create::{provide_ephemeral, reach_submounts, RootfsFrom};
 mod delete;
 mod exec;
+mod files;
+pub use files::put_files;
 mod launch;
 mod layers;
 mod oom;

@@ -195,6 +195,19 @@ impl AgentService for FakeAgent {
         Ok(ag::Empty::new())
     }
 
+    async fn put_files(
+        &self,
+        _: &TtrpcContext,
+        r: ag::PutFilesRequest,
+    ) -> ttrpc::Result<ag::Empty> {
+        let what = match r.remove {
+            true => "remove".to_owned(),
+            false => format!("{} entries", r.entries.len()),
+        };
+        self.journal.add(format!("agent put {} {what}", r.name));
+        Ok(ag::Empty::new())
+    }
+
     async fn get_oom_event(
         &self,
         _: &TtrpcContext,

@@ -55,6 +55,9 @@ where
 
 #[cfg(test)]
 mod attack_tests;
+mod copies;
+#[cfg(test)]
+mod copies_tests;
 #[cfg(test)]
 mod fake;
 mod hooks;
@@ -164,6 +167,8 @@ struct PodState {
     volumes: crate::volumes::Slots,
     /// The layer disks plugged into the VM (`layer_rootfs.rs`).
     disks: layer_rootfs::Disks,
+    /// The small host files copied into the guest (`copies.rs`).
+    copies: copies::Copies,
 }
 
 impl PodState {
@@ -211,6 +216,7 @@ impl PodState {
             return None;
         }
         let vm = self.vm.take()?;
+        self.copies.clear();
         Some((vm, self.oom_watch.take()))
     }
 }
@@ -399,6 +405,7 @@ impl Pod {
         };
         let rootfs = rootfs_dir.join(&req.id).join("rootfs");
         let mut volumes: Vec<PathBuf> = vec![];
+        let mut copies: Vec<String> = vec![];
         let mut layers: Option<layer_rootfs::Assembled> = None;
         let kept_hooks = hooks::kept(&req.spec);
         let created = async {
@@ -412,6 +419,7 @@ impl Pod {
                     .mount(&req.rootfs, &staging, &rootfs)
                     .await?;
             }
+            copies = self.put_copies(&guest, &mut plan, &req.id).await?;
             volumes = self.bind_volumes(&mut plan, &rootfs_dir).await?;
             let relays = wire_stdio(&guest, &init, &req.stdio).await?;
             let creq = ag::CreateContainerRequest {
@@ -457,6 +465,7 @@ impl Pod {
                 v
             }
             Err(e) => {
+                self.release_copies(Some(&guest), &copies).await;
                 self.release_volumes(&volumes).await;
                 match &layers {
                     Some(l) => self.release_layers(&l.disks).await,
@@ -479,6 +488,7 @@ impl Pod {
                     rootfs: layers.is_none().then_some(rootfs),
                     layers: layers.map(|l| l.disks).unwrap_or_default(),
                     volumes,
+                    copies,
                     hooks: kept_hooks,
                     init: process,
                     execs: HashMap::new(),
@@ -537,10 +547,16 @@ impl Pod {
                     .remove(cid)
                     .ok_or_else(|| Error::NotFound(format!("container {cid}")))?;
                 let gone = s.volumes.release(&c.volumes);
+                let copies_gone = s.copies.release(&c.copies);
                 s.record_mounts();
-                Ok::<_, Error>((c, gone, s.take_vm_if_empty()))
+                let taken = s.take_vm_if_empty();
+                Ok::<_, Error>((c, (gone, copies_gone), taken))
             })
             .await?;
+        let (gone, copies_gone) = gone;
+        if taken.is_none() {
+            copies::remove_in_guest(&guest, &copies_gone).await;
+        }
         mounts::unmount_volumes(self.inner.mounter.as_ref(), &gone);
         if let Some(rootfs) = &c.rootfs {
             mounts::unmount_rootfs(self.inner.mounter.as_ref(), rootfs);

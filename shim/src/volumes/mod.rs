@@ -21,6 +21,7 @@
 //! - a source that does not exist, a unix socket or a fifo fails the create with an error that
 //!   names it (a socket or fifo can't carry traffic between guest and host).
 
+pub mod copied;
 pub mod ns;
 mod plan;
 mod slots;
@@ -34,7 +35,7 @@ pub use slots::{Slots, SLOTS_DIR};
 use crate::{Error, Result};
 
 /// Where the agent mounts the share in the guest (`agent::init::SHARED_MOUNT`).
-pub use cocoon_protocol::{EPHEMERAL_DIR, GUEST_SHARE};
+pub use cocoon_protocol::{EPHEMERAL_DIR, FILES_DIR, GUEST_SHARE};
 
 /// The kind of a bind source on the host, as far as volumes care.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +57,8 @@ pub struct HostPath {
     pub inode: (u64, u64),
     /// The size of the tmpfs the path is on, if it is on one.
     pub tmpfs_size: Option<u64>,
+    /// The file's size (a directory's own, not its tree's).
+    pub size: u64,
 }
 
 impl HostPath {
@@ -88,6 +91,7 @@ impl HostPath {
             kind,
             inode: (meta.dev(), meta.ino()),
             tmpfs_size,
+            size: meta.len(),
         })
     }
 }

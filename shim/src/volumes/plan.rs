@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::{HostPath, SourceKind, EPHEMERAL_DIR};
+use super::copied::{copyable, name_for, Copy};
+use super::{HostPath, SourceKind, EPHEMERAL_DIR, FILES_DIR};
 use crate::{Error, Result};
 
 /// The size of a `/dev/shm` whose host source is not a tmpfs: runc's and containerd's default.
@@ -64,6 +65,9 @@ pub struct Plan {
     pub spec: Value,
     pub binds: Vec<Bind>,
     pub ephemeral: Vec<Ephemeral>,
+    /// The binds the agent gets as copies (`copied.rs`); their spec source is already the
+    /// guest path.
+    pub copies: Vec<Copy>,
     /// Guest paths of host mounts below the recursive binds, once they are bound
     /// (`Pod::bind_volumes`).
     pub submounts: Vec<String>,
@@ -108,11 +112,13 @@ pub fn plan(
     let mut spec = spec.clone();
     let mut binds = vec![];
     let mut ephemeral: Vec<Ephemeral> = vec![];
+    let mut copies: Vec<Copy> = vec![];
     let Some(mounts) = spec["mounts"].as_array_mut() else {
         return Ok(Plan {
             spec,
             binds,
             ephemeral,
+            copies: vec![],
             submounts: vec![],
         });
     };
@@ -189,15 +195,22 @@ pub fn plan(
                 )));
             }
         };
-        binds.push(Bind {
-            source,
+        let bind = Bind {
             inode: h.inode,
             is_dir,
             recursive: m["type"] == "rbind" || options(&m).any(|o| o == "rbind"),
             readonly: options(&m).any(|o| o == "ro" || o == "rro"),
             recursive_readonly: options(&m).any(|o| o == "rro"),
             mount: kept.len(),
-        });
+            source,
+        };
+        if copyable(&dest, &bind.source, &h, bind.readonly) {
+            let name = name_for(&bind.source);
+            m["source"] = Value::String(format!("{FILES_DIR}/{name}"));
+            copies.push(Copy { name, bind });
+        } else {
+            binds.push(bind);
+        }
         kept.push(m);
     }
     *mounts = kept;
@@ -205,6 +218,7 @@ pub fn plan(
         spec,
         binds,
         ephemeral,
+        copies,
         submounts: vec![],
     })
 }
@@ -230,6 +244,7 @@ mod tests {
             kind,
             inode: (1, p.as_os_str().len() as u64),
             tmpfs_size,
+            size: 100,
         })
     }
 
@@ -261,15 +276,6 @@ mod tests {
             p.binds,
             vec![
                 Bind {
-                    source: "/etc/hosts-of-pod".into(),
-                    inode: inode("/etc/hosts-of-pod"),
-                    is_dir: false,
-                    recursive: true,
-                    readonly: true,
-                    recursive_readonly: false,
-                    mount: 1,
-                },
-                Bind {
                     source: "/data".into(),
                     inode: inode("/data"),
                     is_dir: true,
@@ -292,6 +298,12 @@ mod tests {
         for b in &p.binds {
             assert_eq!(m[b.mount]["source"], b.source.to_str().unwrap());
         }
+        // The pod's small file is copied into the guest; its bind is kept for a fallback.
+        let c = &p.copies[..];
+        assert_eq!(c.len(), 1, "{c:?}");
+        assert_eq!(c[0].bind.source, Path::new("/etc/hosts-of-pod"));
+        assert_eq!((c[0].bind.mount, c[0].bind.readonly), (1, true));
+        assert_eq!(m[1]["source"], format!("{FILES_DIR}/{}", c[0].name));
     }
 
     #[test]
