@@ -1,11 +1,12 @@
 //! The guest side of `cocoon_protocol::auth`: every connection the host opens to one of our
-//! vsock ports must open with the pod's key, which the host put at the top of the share. The
+//! vsock ports must open with the pod's key, which the host hands over as a QEMU fw_cfg item
+//! (or, with a VMM that has none, at the top of the share). The
 //! listeners here hand on only connections that did; the rest are dropped and logged.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use cocoon_protocol::auth::{AgentKey, KEY_FILE, KEY_LEN};
+use cocoon_protocol::auth::{AgentKey, KEY_FILE, KEY_FW_CFG_PATH, KEY_LEN};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, watch, OnceCell};
 use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY};
@@ -19,24 +20,32 @@ const KEY_WAIT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct Gate {
     booted: watch::Receiver<Option<Booted>>,
-    /// `<share>/<KEY_FILE>`.
-    key_path: std::path::PathBuf,
+    /// Where the key may be, in order: the first that exists is the one.
+    key_paths: Vec<std::path::PathBuf>,
     key: OnceCell<Option<AgentKey>>,
 }
 
 impl Gate {
-    /// The key is read from the share, so connections are admitted once bring-up mounted it.
+    /// The key is read once bring-up is done (the fw_cfg module loaded, the share mounted),
+    /// at the first connection: in a VM restored from a template that is after the restore, so
+    /// the restoring QEMU's item is the one read.
     pub fn new(booted: watch::Receiver<Option<Booted>>) -> Arc<Gate> {
         Gate::reading(
             booted,
-            std::path::Path::new(crate::init::SHARED_MOUNT).join(KEY_FILE),
+            vec![
+                KEY_FW_CFG_PATH.into(),
+                std::path::Path::new(crate::init::SHARED_MOUNT).join(KEY_FILE),
+            ],
         )
     }
 
-    fn reading(booted: watch::Receiver<Option<Booted>>, key_path: std::path::PathBuf) -> Arc<Gate> {
+    fn reading(
+        booted: watch::Receiver<Option<Booted>>,
+        key_paths: Vec<std::path::PathBuf>,
+    ) -> Arc<Gate> {
         Arc::new(Gate {
             booted,
-            key_path,
+            key_paths,
             key: OnceCell::new(),
         })
     }
@@ -46,8 +55,13 @@ impl Gate {
             .get_or_init(|| async {
                 let mut rx = self.booted.clone();
                 let _ = rx.wait_for(Option::is_some).await;
-                let path = self.key_path.display();
-                match std::fs::read(&self.key_path) {
+                let at = self
+                    .key_paths
+                    .iter()
+                    .find(|p| p.exists())
+                    .unwrap_or(&self.key_paths[self.key_paths.len() - 1]);
+                let path = at.display();
+                match std::fs::read(at) {
                     Ok(b) => AgentKey::from_bytes(&b).or_else(|| {
                         log::error!("{path} is not a key ({} bytes); refusing the host", b.len());
                         None
@@ -139,7 +153,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = AgentKey::generate().unwrap();
         std::fs::write(dir.path().join(KEY_FILE), key.as_bytes()).unwrap();
-        let gate = Gate::reading(booted(), dir.path().join(KEY_FILE));
+        let gate = Gate::reading(
+            booted(),
+            vec![dir.path().join("fw_cfg"), dir.path().join(KEY_FILE)],
+        );
         assert!(presenting(&gate, key.as_bytes()).await);
         let other = AgentKey::generate().unwrap();
         assert!(!presenting(&gate, other.as_bytes()).await);
@@ -153,9 +170,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_fw_cfg_item_wins_over_a_key_on_the_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fw, shared) = (AgentKey::generate().unwrap(), AgentKey::generate().unwrap());
+        std::fs::write(dir.path().join("fw_cfg"), fw.as_bytes()).unwrap();
+        std::fs::write(dir.path().join(KEY_FILE), shared.as_bytes()).unwrap();
+        let gate = Gate::reading(
+            booted(),
+            vec![dir.path().join("fw_cfg"), dir.path().join(KEY_FILE)],
+        );
+        assert!(!presenting(&gate, shared.as_bytes()).await);
+        assert!(presenting(&gate, fw.as_bytes()).await);
+    }
+
+    #[tokio::test]
     async fn without_a_key_file_nobody_is_admitted() {
         let dir = tempfile::tempdir().unwrap();
-        let gate = Gate::reading(booted(), dir.path().join(KEY_FILE));
+        let gate = Gate::reading(
+            booted(),
+            vec![dir.path().join("fw_cfg"), dir.path().join(KEY_FILE)],
+        );
         let key = AgentKey::generate().unwrap();
         assert!(!presenting(&gate, key.as_bytes()).await);
     }

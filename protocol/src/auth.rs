@@ -1,7 +1,8 @@
 //! Who may talk to the agent. Every connection the host opens to a guest port (the API, stdio,
 //! port-forward, the DNS relay) starts with the pod's key: [`KEY_LEN`] random bytes the host
-//! made for this VM and handed to the guest as [`KEY_FILE`] at the top of the virtio-fs share,
-//! which only root on the host (a 0700 run directory) and this guest can read. With kernel
+//! made for this VM and handed to the guest as a QEMU fw_cfg item ([`KEY_FW_CFG`]), or as
+//! [`KEY_FILE`] at the top of the virtio-fs share where the VMM has no fw_cfg; only root on
+//! the host (a 0700 run directory) and this guest can read either. With kernel
 //! vsock any host user can connect to any guest's ports, and a context id is easy to find; the
 //! key is what keeps them out. The agent drops a connection whose first bytes are not the key.
 
@@ -10,8 +11,17 @@ use std::io::Read;
 /// Length of a pod's key in bytes.
 pub const KEY_LEN: usize = 32;
 /// The key's file name at the top of the share (the guest reads it at
-/// `<GUEST_SHARE>/<KEY_FILE>`; the host writes it below its host-only share directory).
+/// `<GUEST_SHARE>/<KEY_FILE>`; the host writes it below its host-only share directory), for a
+/// VMM without fw_cfg (Cloud Hypervisor).
 pub const KEY_FILE: &str = ".agent-key";
+/// The key's QEMU fw_cfg item: a pod needs no share to learn its key. QEMU reads the file
+/// while it is still root; the guest's `qemu_fw_cfg` module shows it at [`KEY_FW_CFG_PATH`],
+/// readable by guest root only. A VM restored from a template reads the restoring QEMU's
+/// item (fw_cfg items are not part of a saved state), which is why the template has one of
+/// the same name and size.
+pub const KEY_FW_CFG: &str = "opt/io.cocoon/agent-key";
+/// Where the guest reads [`KEY_FW_CFG`].
+pub const KEY_FW_CFG_PATH: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/io.cocoon/agent-key/raw";
 
 /// A pod's key. Its `Debug` shows nothing of it: keys must not reach logs.
 #[derive(Clone, PartialEq, Eq)]

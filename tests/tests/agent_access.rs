@@ -122,6 +122,22 @@ async fn a_connection_without_the_pods_key_gets_no_answer() {
         Some(cocoon_protocol::API_VERSION),
         "the pod's own key"
     );
+    // QEMU hands the key over as a fw_cfg item from a 0400 file of the 0700 run dir, so
+    // the guest needs no share to learn it; Cloud Hypervisor (no fw_cfg) puts it on the share.
+    let fw_cfg_key = pod.sb.run_dir().join("agent-key");
+    let shared_key =
+        vmm_driver::share::host_dir(&pod.sb.run_dir()).join(cocoon_protocol::auth::KEY_FILE);
+    let handed = if fw_cfg_key.exists() {
+        assert!(!shared_key.exists(), "the key is on the share as well");
+        fw_cfg_key
+    } else {
+        shared_key
+    };
+    assert_eq!(mode(&handed), 0o400, "{}", handed.display());
+    assert_eq!(
+        &std::fs::read(&handed).unwrap()[..],
+        ep.key.as_ref().unwrap().as_bytes()
+    );
     // The key is not on the kernel command line, which every host user can read.
     let key_hex: String = ep
         .key

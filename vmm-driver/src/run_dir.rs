@@ -104,17 +104,17 @@ impl RunDir {
     /// host-only share directory, which the guest reads over virtio-fs
     /// (`cocoon_protocol::auth`). Nobody else on the host can read it (the run dir is 0700).
     pub(crate) fn hand_key(&self) -> Result<AgentKey> {
-        let key = AgentKey::generate().map_err(|e| Error::io("make the agent key", e))?;
-        let path = self.key_file();
-        let _ = std::fs::remove_file(&path);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o400)
-            .open(&path)
-            .and_then(|mut f| std::io::Write::write_all(&mut f, key.as_bytes()))
-            .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
-        Ok(key)
+        write_key(&self.key_file())
+    }
+
+    /// Makes the pod's agent key as a 0400 file of the run dir, [`Self::fw_cfg_key_file`],
+    /// which QEMU hands to the guest as a fw_cfg item: no share needed.
+    pub(crate) fn hand_fw_cfg_key(&self) -> Result<AgentKey> {
+        write_key(&self.fw_cfg_key_file())
+    }
+
+    pub(crate) fn fw_cfg_key_file(&self) -> PathBuf {
+        self.root.join("agent-key")
     }
 
     fn key_file(&self) -> PathBuf {
@@ -186,14 +186,11 @@ impl RunDir {
                 }
             }
         }
-        match std::fs::remove_file(self.key_file()) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(Error::io(
-                    format!("remove {}", self.key_file().display()),
-                    e,
-                ))
+        for key in [self.key_file(), self.fw_cfg_key_file()] {
+            match std::fs::remove_file(&key) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(format!("remove {}", key.display()), e)),
             }
         }
         // vhost-device-vsock creates "<uds-path>_<port>" sockets for guest-initiated connections.
@@ -222,6 +219,20 @@ impl RunDir {
         }
         Ok(())
     }
+}
+
+/// Writes a fresh agent key to `path`, 0400, replacing what was there.
+fn write_key(path: &Path) -> Result<AgentKey> {
+    let key = AgentKey::generate().map_err(|e| Error::io("make the agent key", e))?;
+    let _ = std::fs::remove_file(path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o400)
+        .open(path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, key.as_bytes()))
+        .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+    Ok(key)
 }
 
 #[cfg(test)]

@@ -37,6 +37,9 @@ pub struct QemuLaunch {
     /// template's RAM is kept in its directory, and a restored pod's is a memfd the driver
     /// filled from it, named `/proc/self/fd/<n>`. Shared either way: vhost-user daemons map it.
     pub ram_file: Option<PathBuf>,
+    /// The file holding the agent's key, handed to the guest as the fw_cfg item
+    /// `cocoon_protocol::auth::KEY_FW_CFG` (QEMU reads it before `-runas`).
+    pub agent_key: Option<PathBuf>,
 }
 
 impl QemuLaunch {
@@ -165,6 +168,12 @@ pub fn qemu_args(l: &QemuLaunch) -> Vec<String> {
         "-qmp",
         &format!("unix:{},server=on,wait=off", p(&l.qmp_socket)),
     ]);
+    if let Some(key) = &l.agent_key {
+        push(&[
+            "-fw_cfg",
+            &format!("name={},file={}", cocoon_protocol::auth::KEY_FW_CFG, p(key)),
+        ]);
+    }
     // A cold boot has its devices from the start; a template has none (and root ports for
     // them, below); a restore connects their backends now and adds the devices later.
     let devices = l.template.is_none();
@@ -285,6 +294,7 @@ mod tests {
             run_as: Some((1_879_048_200, 1_879_048_200)),
             template: None,
             ram_file: None,
+            agent_key: Some("/run/x/agent-key".into()),
         }
     }
 
@@ -435,6 +445,11 @@ mod tests {
             ["on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"]
         );
         assert_eq!(values(&args, "-runas"), ["1879048200:1879048200"]);
+        // The agent's key goes as a fw_cfg item, by file: never on the command line.
+        assert_eq!(
+            values(&args, "-fw_cfg"),
+            ["name=opt/io.cocoon/agent-key,file=/run/x/agent-key"]
+        );
     }
 
     #[test]

@@ -151,7 +151,7 @@ impl QemuVm {
             } else {
                 VsockTransport::Kernel { cid: kernel_cid()? }
             },
-            key: Some(dir.hand_key()?),
+            key: Some(dir.hand_fw_cfg_key()?),
         };
         let mut vm = QemuVm {
             dir,
@@ -242,6 +242,7 @@ impl QemuVm {
             },
             virtiofs_socket: fs_sock,
             run_as: Some(unprivileged_id()?).map(|id| (id, id)),
+            agent_key: Some(self.dir.fw_cfg_key_file()),
             ..shaped(cfg, spec, accel)
         };
         if from_template {
@@ -339,6 +340,7 @@ fn shaped(cfg: &Config, spec: &VmSpec, accel: Chosen) -> QemuLaunch {
         run_as: None,
         template: None,
         ram_file: None,
+        agent_key: Some("/key".into()),
     }
 }
 

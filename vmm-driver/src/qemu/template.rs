@@ -117,6 +117,7 @@ pub fn identity(template_dir: &Path, qemu: &Path, launch: &QemuLaunch) -> Identi
     l.run_as = None;
     l.template = Some(TemplateRole::Build);
     l.ram_file = Some("/ram".into());
+    l.agent_key = l.agent_key.as_ref().map(|_| "/key".into());
     let inputs: Vec<(PathBuf, String)> = [qemu, &launch.kernel, &launch.initramfs]
         .into_iter()
         .map(|p| (p.to_owned(), fingerprint(p)))
@@ -420,6 +421,15 @@ async fn build(
     // already holds a 64-character pod id.
     l.console_socket = dir.path("tcons.sock");
     l.qmp_socket = dir.path("tqmp.sock");
+    // The template's key item has the size of a real one and no key in it: each pod restored
+    // from it hands its own (`cocoon_protocol::auth::KEY_FW_CFG`); the guest reads it only
+    // after the restore, at the host's first connection.
+    if l.agent_key.is_some() {
+        let placeholder = dir.path("tkey");
+        std::fs::write(&placeholder, [0u8; cocoon_protocol::auth::KEY_LEN])
+            .map_err(|e| Error::Template(format!("write {}: {e}", placeholder.display())))?;
+        l.agent_key = Some(placeholder);
+    }
     let _ = std::fs::remove_file(&l.console_socket);
     let relay = ConsoleRelay::start(&l.console_socket, &console_log, CONSOLE_CAP)?;
     let mut q = Command::new(qemu);
@@ -435,6 +445,9 @@ async fn build(
     relay.finish(STOP_GRACE).await;
     for f in [&l.console_socket, &l.qmp_socket] {
         let _ = std::fs::remove_file(f);
+    }
+    if let Some(k) = &l.agent_key {
+        let _ = std::fs::remove_file(k);
     }
     let _ = std::fs::remove_file(dir.path("qemu-template.log"));
     let state_bytes = saved?;

@@ -23,6 +23,7 @@ fn launch(dir: &Path) -> QemuLaunch {
         run_as: Some((1, 1)),
         template: Some(TemplateRole::Build),
         ram_file: None,
+        agent_key: Some("/run/x/agent-key".into()),
     }
 }
 
