@@ -145,11 +145,35 @@ pub fn mount_shared() -> Result<()> {
     )
 }
 
-/// A template guest's share: zeroes free memory (`scrub.rs`, a smaller template), tells the
-/// host the guest is ready to be saved, then waits for
-/// the virtio-fs device, which is hot-plugged into each pod restored from the template. The
-/// kernel refuses the mount (EINVAL, "tag not found") until the device is there.
-pub fn wait_for_share() -> Result<()> {
+/// How long a share plugged in while the guest runs may take to appear.
+const SHARE_PLUG_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Mounts the share that the host is plugging in now: the kernel refuses the mount (EINVAL,
+/// "tag not found") until the device is there.
+pub fn mount_share_when_plugged() -> Result<()> {
+    let t0 = std::time::Instant::now();
+    loop {
+        match mount_shared() {
+            Ok(()) => {
+                log::info!(
+                    "share mounted {} ms after it was asked for",
+                    t0.elapsed().as_millis()
+                );
+                return Ok(());
+            }
+            Err(e) if t0.elapsed() > SHARE_PLUG_WAIT => {
+                return Err(e.context(format!("no share within {SHARE_PLUG_WAIT:?}")))
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+        }
+    }
+}
+
+/// A template guest: zeroes free memory (`scrub.rs`, a smaller template) and tells the host
+/// the guest is ready to be saved. Each pod restored from it gets its vsock device, and its
+/// share if it needs one, hot-plugged; the share is mounted when a container needs it
+/// ([`mount_share_when_plugged`]).
+pub fn template_ready() -> Result<()> {
     let t = crate::logger::uptime_ms();
     match crate::scrub::zero_free_memory() {
         Ok(n) => log::info!(
@@ -160,24 +184,9 @@ pub fn wait_for_share() -> Result<()> {
         // Only the template's size depends on it.
         Err(e) => log::warn!("free memory not zeroed: {e:#}"),
     }
-    let t = crate::logger::uptime_ms();
     // Straight to the console whatever the log level: the host waits for this line.
     eprintln!("{}", cocoon_protocol::TEMPLATE_READY);
-    let mut tries = 0u64;
-    loop {
-        match mount_shared() {
-            Ok(()) => break,
-            Err(_) => {
-                tries += 1;
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-        }
-    }
-    log::info!(
-        "share hot-plugged: mounted {} ms after the template was ready ({tries} tries)",
-        crate::logger::uptime_ms() - t
-    );
-    Ok(())
+    anyhow::bail!("not plugged in yet (a VM template)")
 }
 
 /// Empties the old initramfs root, freeing its memory; `keep` is the new root. Only called

@@ -130,7 +130,7 @@ fn bring_up(template: bool, on_module: impl FnMut(&str)) -> init::Booted {
             // Every module is in, so the initramfs can go; the share mounts on the new root.
             let shared = init::switch_root()
                 .and_then(|()| match template {
-                    true => init::wait_for_share(),
+                    true => init::template_ready(),
                     false => init::mount_shared(),
                 })
                 .map_err(|e| format!("{e:#}"));

@@ -34,6 +34,8 @@ pub struct Agent {
     net: Option<rtnetlink::Handle>,
     /// Booted as a VM template (`cocoon_protocol::TEMPLATE_PARAM`).
     pub template: bool,
+    /// The share, once mounted after bring-up (a VM that started without it).
+    late_share: tokio::sync::OnceCell<()>,
 }
 
 impl Agent {
@@ -49,6 +51,7 @@ impl Agent {
             containers,
             net: None,
             template: false,
+            late_share: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -61,14 +64,29 @@ impl Agent {
     }
 
     /// Containers live on the share: calls that touch them need it mounted.
+    /// The share, mounted: at bring-up, or now, for a VM that started without it (the host
+    /// plugged the device in just before; it appears a moment later).
     async fn need_share(&self) -> ttrpc::Result<()> {
-        match self.booted().await?.shared {
-            Ok(()) => Ok(()),
-            Err(e) => Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
+        let Err(at_boot) = self.booted().await?.shared else {
+            return Ok(());
+        };
+        let mounted = self
+            .late_share
+            .get_or_try_init(|| async {
+                tokio::task::spawn_blocking(init::mount_share_when_plugged)
+                    .await
+                    .map_err(|e| format!("{e}"))?
+                    .map_err(|e| format!("{e:#}"))
+            })
+            .await;
+        mounted.map(drop).map_err(|e| {
+            ttrpc::Error::RpcStatus(ttrpc::get_status(
                 ttrpc::Code::FAILED_PRECONDITION,
-                format!("the shared directory is not mounted in the guest: {e}"),
-            ))),
-        }
+                format!(
+                    "the shared directory is not mounted in the guest: {e} (at boot: {at_boot})"
+                ),
+            ))
+        })
     }
 
     /// Waits for bring-up to finish.
@@ -100,6 +118,9 @@ impl AgentService for Agent {
     }
 
     async fn refresh(&self, _ctx: &TtrpcContext, req: RefreshRequest) -> ttrpc::Result<Empty> {
+        if req.share {
+            self.need_share().await?;
+        }
         crate::refresh::apply(req.unix_time_ns, &req.entropy).map_err(|e| {
             ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::INTERNAL, format!("{e:#}")))
         })?;
@@ -124,7 +145,7 @@ impl AgentService for Agent {
             mem_total_kib: mem_total_kib(),
             agent_ready_uptime_ms: self.ready_uptime_ms,
             agent_start_uptime_ms: self.start_uptime_ms,
-            shared_mount: if booted.shared.is_ok() {
+            shared_mount: if booted.shared.is_ok() || self.late_share.initialized() {
                 init::SHARED_MOUNT.into()
             } else {
                 String::new()
@@ -139,7 +160,9 @@ impl AgentService for Agent {
         _ctx: &TtrpcContext,
         req: CreateContainerRequest,
     ) -> ttrpc::Result<CreateContainerResponse> {
-        self.need_share().await?;
+        if req.uses_share {
+            self.need_share().await?;
+        }
         crate::containers::provide_ephemeral(&req.ephemeral_volumes)?;
         crate::containers::reach_submounts(&req.submounts);
         let stdio = req.stdio.clone().unwrap_or_default();

@@ -110,6 +110,18 @@ impl Placement {
         }
     }
 
+    /// Adds processes the VM started later (a late virtiofsd); those already in stay.
+    pub fn add(&self, pids: &[u32]) {
+        let Some(m) = &self.manager else {
+            return;
+        };
+        for pid in with_children(pids) {
+            if let Err(e) = m.add_task(Pid::from_raw(pid)) {
+                log::warn!("cgroup {}: adding pid {pid}: {e}", self.path.display());
+            }
+        }
+    }
+
     /// Removes the cgroup once the VM's processes are gone.
     pub fn remove(self) {
         if let Some(m) = self.manager {

@@ -210,6 +210,7 @@ impl Sandbox {
         let req = RefreshRequest {
             unix_time_ns: i64::try_from(now.as_nanos()).unwrap_or(i64::MAX),
             entropy,
+            share: vm.share_hotplug().is_none(),
             ..Default::default()
         };
         let refresh = agent.refresh(context::with_duration(limit), &req);
@@ -369,6 +370,17 @@ impl PodVm for Sandbox {
         self.vm.disk_hotplug()
     }
 
+    fn share_hotplug(&self) -> Option<std::sync::Arc<dyn vmm_driver::ShareHotplug>> {
+        self.vm.share_hotplug()
+    }
+
+    fn place_helpers(&self) {
+        if let Some(p) = &self.placement {
+            let pids: Vec<u32> = self.vm.pids().into_iter().map(|(_, p)| p).collect();
+            p.add(&pids);
+        }
+    }
+
     fn boot_times(&self) -> Option<BootTimes> {
         Some(BootTimes {
             vmm_started: self.timings.vmm_started,
@@ -420,7 +432,12 @@ impl VmFactory for SandboxFactory {
         }
     }
 
-    async fn boot(&self, sandbox_id: &str, spec: &serde_json::Value) -> Result<Box<dyn PodVm>> {
+    async fn boot(
+        &self,
+        sandbox_id: &str,
+        spec: &serde_json::Value,
+        share: bool,
+    ) -> Result<Box<dyn PodVm>> {
         let cfg = Config::load().map_err(Error::Config)?;
         if let Ok(Some(p)) = crate::pod::LayerPolicy::from_config(&cfg) {
             // Images of layers no snapshot has any more, once per pod start, off the way.
@@ -433,6 +450,7 @@ impl VmFactory for SandboxFactory {
             });
         }
         let mut vm = VmSpec::from_config(&cfg, sandbox_id);
+        vm.share = share;
         let size = annotations::vm_size(&cfg, spec).map_err(Error::InvalidArgument)?;
         vm.vcpus = size.vcpus;
         vm.memory_mib = size.memory_mib;

@@ -55,6 +55,10 @@ pub struct VmSpec {
     pub netns: Option<PathBuf>,
     /// How many NICs may be added while the VM runs ([`Vmm::nic_hotplug`]).
     pub hotplug_nics: u8,
+    /// Whether the VM starts with the virtio-fs share and its virtiofsd. Without it (issue
+    /// #29's pods that bind no host directory) [`Vmm::share_hotplug`] adds it when needed;
+    /// a backend that can't do that starts with it anyway.
+    pub share: bool,
 }
 
 /// One guest NIC backed by a tap the caller opened (in the pod's network namespace). The
@@ -79,6 +83,7 @@ impl VmSpec {
             nics: vec![],
             netns: None,
             hotplug_nics: 0,
+            share: true,
         }
     }
 }
@@ -114,6 +119,19 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     fn disk_hotplug(&self) -> Option<std::sync::Arc<dyn DiskHotplug>> {
         None
     }
+    /// Plugs the virtio-fs share in, for a VM started without it ([`VmSpec::share`]); None
+    /// when the VM had it from the start.
+    fn share_hotplug(&self) -> Option<std::sync::Arc<dyn ShareHotplug>> {
+        None
+    }
+}
+
+/// Adds the virtio-fs share (and its virtiofsd) to a VM that started without it.
+#[async_trait]
+pub trait ShareHotplug: Send + Sync + std::fmt::Debug {
+    /// Starts virtiofsd and plugs the share's device in; once it is in, returns at once. The
+    /// guest sees the device a moment later.
+    async fn attach(&self) -> Result<()>;
 }
 
 /// Plugs read-only disks into a running VM and takes them out (issue #29's layer images).

@@ -70,6 +70,15 @@ impl RunDir {
         })
     }
 
+    /// The same directory for a part of the driver that starts helpers later
+    /// (`qemu/late_share.rs`); removing the directory stays with its owner.
+    pub(crate) fn handle(&self) -> RunDir {
+        RunDir {
+            root: self.root.clone(),
+            created_root: false,
+        }
+    }
+
     pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.root.join(name)
     }

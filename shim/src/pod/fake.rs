@@ -365,8 +365,16 @@ pub struct FakeFactory {
 
 #[async_trait]
 impl VmFactory for Arc<FakeFactory> {
-    async fn boot(&self, sandbox_id: &str, _spec: &serde_json::Value) -> Result<Box<dyn PodVm>> {
-        self.journal.add(format!("vm boot {sandbox_id}"));
+    async fn boot(
+        &self,
+        sandbox_id: &str,
+        _spec: &serde_json::Value,
+        share: bool,
+    ) -> Result<Box<dyn PodVm>> {
+        self.journal.add(match share {
+            true => format!("vm boot {sandbox_id}"),
+            false => format!("vm boot {sandbox_id} without share"),
+        });
         if self.fail.load(Ordering::SeqCst) {
             return Err(Error::Boot(Box::new(Error::NotRunning)));
         }

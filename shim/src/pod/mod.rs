@@ -16,7 +16,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use cocoon_protocol::agent as ag;
 use cocoon_protocol::protobuf::MessageField;
 use cocoon_protocol::ProcessRef;
@@ -67,69 +66,11 @@ pub use layer_rootfs::{layers_of, LayerPolicy};
 mod layer_tests;
 mod mounts;
 mod ops;
+mod seams;
+pub use seams::{BootTimes, PodVm, VmFactory};
 #[cfg(test)]
 mod tests;
 mod watchers;
-
-/// Where the time of a boot went, host side.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BootTimes {
-    pub vmm_started: Duration,
-    pub agent_ready: Duration,
-}
-
-/// A booted pod VM whose agent answered.
-#[async_trait]
-pub trait PodVm: Send + Sync + std::fmt::Debug {
-    fn guest(&self) -> GuestLink;
-    /// `<state_dir>/<sandbox>`: where `state.json` goes.
-    fn run_dir(&self) -> PathBuf;
-    /// The host-only directory below which container rootfs are mounted, as
-    /// `<dir>/<id>/rootfs`; the guest sees its tree over virtio-fs, read-only at the top, so
-    /// it can't rename or replace the paths the host will later unmount.
-    fn rootfs_dir(&self) -> PathBuf;
-    /// The VM's host processes, for `shim delete` after a crash.
-    fn host_pids(&self) -> Vec<(String, u32)>;
-    fn boot_times(&self) -> Option<BootTimes>;
-    /// Why the VM is gone, if its VMM exited.
-    fn exit_reason(&mut self) -> Option<String>;
-    /// The process that serves the share (virtiofsd): volumes are bound in its mount
-    /// namespace (`crate::volumes::ns`).
-    fn share_pid(&self) -> Option<u32>;
-    /// Adds and removes layer disks (`layer_rootfs.rs`), where the VMM can.
-    fn disk_hotplug(&self) -> Option<Arc<dyn vmm_driver::DiskHotplug>> {
-        None
-    }
-    /// The host pid to report for every process of the pod (the VMM's, as Kata does): a guest
-    /// pid names nothing on the host, and Docker joins the pod's netns through this pid.
-    /// `None` reports guest pids.
-    fn reported_pid(&self) -> Option<u32> {
-        None
-    }
-    /// Raises the OOM score of the VM's host processes to `adj` where it is lower: a container
-    /// of the pod asked for it (`placement`).
-    fn raise_oom_score(&self, adj: i32);
-    /// The cgroup the VM's host processes joined, for `shim delete` after a crash.
-    fn cgroup(&self) -> Option<PathBuf> {
-        None
-    }
-    /// Kills the VM at once, for a guest that no longer answers: its processes end as if the
-    /// VM crashed (exit 255), and [`PodVm::exit_reason`] says so from then on.
-    fn kill(&mut self);
-    /// Powers the guest off and reaps every host process of the VM, whatever happens.
-    async fn shutdown(self: Box<Self>) -> Result<()>;
-}
-
-/// Boots the VM for a pod, sized from the spec of its first container.
-#[async_trait]
-pub trait VmFactory: Send + Sync + std::fmt::Debug {
-    async fn boot(&self, sandbox_id: &str, spec: &serde_json::Value) -> Result<Box<dyn PodVm>>;
-    /// Whether container rootfs may come as layer disks, and from which cache; `None` keeps
-    /// every rootfs on the share.
-    fn layer_policy(&self) -> Option<LayerPolicy> {
-        None
-    }
-}
 
 /// A container to create.
 #[derive(Debug, Clone)]
@@ -331,8 +272,12 @@ impl Pod {
     }
 
     /// Boots the VM for the container in `req` and records it; the caller holds `lifecycle`.
-    async fn boot(&self, req: &CreateRequest) -> Result<(GuestLink, PathBuf)> {
-        let vm = self.inner.factory.boot(&self.inner.id, &req.spec).await?;
+    async fn boot(&self, req: &CreateRequest, share: bool) -> Result<(GuestLink, PathBuf)> {
+        let vm = self
+            .inner
+            .factory
+            .boot(&self.inner.id, &req.spec, share)
+            .await?;
         if let Some(pid) = vm.reported_pid() {
             self.inner
                 .reported_pid
@@ -401,7 +346,7 @@ impl Pod {
             .await?;
         let (guest, rootfs_dir) = match running {
             Some(r) => r,
-            None => self.boot(&req).await?,
+            None => self.boot(&req, self.share_at_boot(&req, &plan)).await?,
         };
         let rootfs = rootfs_dir.join(&req.id).join("rootfs");
         let mut volumes: Vec<PathBuf> = vec![];
@@ -420,6 +365,10 @@ impl Pod {
                     .await?;
             }
             copies = self.put_copies(&guest, &mut plan, &req.id).await?;
+            let uses_share = layers.is_none() || !plan.binds.is_empty();
+            if uses_share {
+                self.ensure_share(&req.id).await?;
+            }
             volumes = self.bind_volumes(&mut plan, &rootfs_dir).await?;
             let relays = wire_stdio(&guest, &init, &req.stdio).await?;
             let creq = ag::CreateContainerRequest {
@@ -434,6 +383,7 @@ impl Pod {
                     None => format!("{}/rootfs", req.id),
                 },
                 layer_rootfs: layers.as_ref().map(|l| l.request.clone()).into(),
+                uses_share,
                 stdio: MessageField::some(req.stdio.streams()),
                 submounts: plan.submounts.clone(),
                 ephemeral_volumes: plan

@@ -53,6 +53,67 @@ impl Pod {
         Ok(held)
     }
 
+    /// Whether a VM booted for the container of `req` starts with the virtio-fs share: only
+    /// when it needs it now, for a host directory or a rootfs that stays on the share. A pod
+    /// whose container binds nothing and has its rootfs as layer disks runs no virtiofsd until a
+    /// later container needs one ([`Pod::ensure_share`]). `io.cocoon.rootfs: virtio-fs` (per
+    /// pod) and `[rootfs] mode = "virtio-fs"` (per handler) force the share.
+    pub(super) fn share_at_boot(&self, req: &super::CreateRequest, plan: &Plan) -> bool {
+        let why = if !plan.binds.is_empty() {
+            Some("a host directory or file is bound")
+        } else if crate::annotations::rootfs_on_share(&req.spec).unwrap_or(true) {
+            Some("the rootfs is asked for on the share")
+        } else if super::layers_of(&req.rootfs).is_err() {
+            Some("the rootfs can't come as layer disks")
+        } else if self.inner.factory.layer_policy().is_none() {
+            Some("rootfs layer disks are off")
+        } else {
+            None
+        };
+        match why {
+            Some(why) => log::info!("pod {}: VM with the virtio-fs share ({why})", self.id()),
+            None => log::info!(
+                "pod {}: VM without the virtio-fs share and virtiofsd (nothing to share yet)",
+                self.id()
+            ),
+        }
+        why.is_some()
+    }
+
+    /// Plugs the share into a VM that started without it, before container `cid` uses it:
+    /// virtiofsd starts, joins the pod's cgroup and the crash record.
+    pub(super) async fn ensure_share(&self, cid: &str) -> Result<()> {
+        let plug = self
+            .with_state(|s| {
+                let vm = s.vm.as_ref()?;
+                vm.share_pid()
+                    .is_none()
+                    .then(|| vm.share_hotplug())
+                    .flatten()
+            })
+            .await;
+        let Some(plug) = plug else {
+            return Ok(());
+        };
+        log::info!("container {cid}: plugging in the pod's virtio-fs share");
+        plug.attach().await.map_err(Error::Vmm)?;
+        self.with_state(|s| {
+            let Some(vm) = &s.vm else {
+                return;
+            };
+            vm.place_helpers();
+            s.footprint.pids = vm.host_pids();
+            s.footprint.starts = vm
+                .host_pids()
+                .iter()
+                .filter_map(|(_, p)| Some((*p, crate::state::start_time(*p)?)))
+                .collect();
+            s.save_footprint();
+        })
+        .await;
+        Ok(())
+    }
+
     /// Drops a container's use of `volumes`, unmounting those nobody else uses.
     pub(super) async fn release_volumes(&self, volumes: &[PathBuf]) {
         let gone = self.with_state(|s| s.volumes.release(volumes)).await;

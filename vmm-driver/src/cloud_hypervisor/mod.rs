@@ -138,6 +138,12 @@ impl ChVm {
         })?;
         let fs_bin = resolve_binary("virtiofsd", "virtiofsd", &cfg.paths.virtiofsd)?;
         check_image(cfg)?;
+        if !spec.share {
+            log::info!(
+                "VM {}: Cloud Hypervisor starts with the share all the same (it is not plugged in later here)",
+                spec.id
+            );
+        }
         let dir = RunDir::create(&spec.run_dir)?;
         let mut vm = ChVm {
             endpoint: VsockEndpoint {

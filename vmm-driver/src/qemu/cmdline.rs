@@ -22,8 +22,9 @@ pub struct QemuLaunch {
     pub console_socket: PathBuf,
     pub qmp_socket: PathBuf,
     pub vsock: VsockDevice,
-    /// vhost-user socket of the virtiofsd exporting the shared dir.
-    pub virtiofs_socket: PathBuf,
+    /// vhost-user socket of the virtiofsd exporting the shared dir; None for a VM that starts
+    /// without the share (`late_share.rs` plugs it in later, on the [`FS_PORT`] root port).
+    pub virtiofs_socket: Option<PathBuf>,
     pub virtiofs_tag: String,
     pub nics: Vec<NicArg>,
     /// Free PCIe root ports for NICs hot-plugged later (`hotplug.rs`), named
@@ -195,13 +196,17 @@ pub fn qemu_args(l: &QemuLaunch) -> Vec<String> {
         }
         _ => {}
     }
-    if l.template != Some(TemplateRole::Build) {
+    let fs_socket = l
+        .virtiofs_socket
+        .as_ref()
+        .filter(|_| l.template != Some(TemplateRole::Build));
+    if let Some(sock) = fs_socket {
         push(&[
             "-chardev",
-            &format!("socket,id={FS_CHARDEV},path={}", p(&l.virtiofs_socket)),
+            &format!("socket,id={FS_CHARDEV},path={}", p(sock)),
         ]);
     }
-    if devices {
+    if devices && l.virtiofs_socket.is_some() {
         push(&[
             "-device",
             &format!(
@@ -232,13 +237,17 @@ pub fn qemu_args(l: &QemuLaunch) -> Vec<String> {
             ),
         ]);
     }
-    if l.template.is_some() {
-        for (id, chassis) in [(VSOCK_PORT, 64), (FS_PORT, 65)] {
-            push(&[
-                "-device",
-                &format!("pcie-root-port,id={id},bus=pcie.0,chassis={chassis}"),
-            ]);
-        }
+    let ports: &[(&str, u32)] = match (l.template.is_some(), l.virtiofs_socket.is_some()) {
+        (true, _) => &[(VSOCK_PORT, 64), (FS_PORT, 65)],
+        // A cold boot without the share keeps the share's port free for it.
+        (false, false) => &[(FS_PORT, 65)],
+        (false, true) => &[],
+    };
+    for (id, chassis) in ports {
+        push(&[
+            "-device",
+            &format!("pcie-root-port,id={id},bus=pcie.0,chassis={chassis}"),
+        ]);
     }
     // Layer images arrive as LUNs on this controller (`disks.rs`); it is there from the
     // start in every VM, so that templates and cold boots have one device set.
@@ -287,7 +296,7 @@ mod tests {
             console_socket: "/r/console.sock".into(),
             qmp_socket: "/r/qmp.sock".into(),
             vsock,
-            virtiofs_socket: "/r/fs.sock".into(),
+            virtiofs_socket: Some("/r/fs.sock".into()),
             virtiofs_tag: "cocoon".into(),
             nics: vec![],
             hotplug_slots: 0,

@@ -3,6 +3,7 @@
 pub mod cmdline;
 mod disks;
 mod hotplug;
+mod late_share;
 pub mod qmp;
 mod restore;
 pub mod template;
@@ -52,6 +53,8 @@ pub struct QemuVm {
     qemu: Option<Daemon>,
     virtiofsd: Option<Daemon>,
     vsockd: Option<Daemon>,
+    /// The share plugged in on demand, for a VM that started without it.
+    late_share: Option<Arc<late_share::LateShare>>,
     /// Shared with [`hotplug::QemuHotplug`], which adds NICs while the VM runs.
     qmp: Option<Arc<tokio::sync::Mutex<Qmp<UnixStream>>>>,
     /// NICs added after the boot: the pod's own, for a VM restored from a template, and
@@ -158,6 +161,7 @@ impl QemuVm {
             endpoint,
             qemu: None,
             virtiofsd: None,
+            late_share: None,
             vsockd: None,
             qmp: None,
             hotplug: None,
@@ -168,6 +172,17 @@ impl QemuVm {
         };
         match vm.boot(cfg, spec, bins, chosen, from_template).await {
             Ok(()) => {
+                if let (false, Some(qmp), Some(q)) = (spec.share, &vm.qmp, &vm.qemu) {
+                    vm.late_share = Some(Arc::new(late_share::LateShare::new(
+                        &spec.id,
+                        cfg,
+                        vm.dir.handle(),
+                        bins.virtiofsd.clone(),
+                        qmp.clone(),
+                        q.watched(),
+                    )));
+                    log::info!("VM {}: started without the virtio-fs share", spec.id);
+                }
                 if let Err(e) = vm.supervise(&spec.id) {
                     log::warn!("VM {}: helpers are not supervised: {e}", spec.id);
                 }
@@ -203,8 +218,15 @@ impl QemuVm {
         accel: Chosen,
         from_template: bool,
     ) -> Result<()> {
-        let (fs, fs_sock) = spawn_virtiofsd(cfg, &self.dir, &bins.virtiofsd)?;
-        self.virtiofsd = Some(fs);
+        // A VM that starts without the share gets it from `late_share.rs` when it needs it.
+        let fs_sock = match spec.share {
+            true => {
+                let (fs, sock) = spawn_virtiofsd(cfg, &self.dir, &bins.virtiofsd)?;
+                self.virtiofsd = Some(fs);
+                Some(sock)
+            }
+            false => None,
+        };
 
         let vhost_sock = vsockd::vhost_path(&self.dir);
         if let Some(bin) = &bins.vsockd {
@@ -216,8 +238,8 @@ impl QemuVm {
             )?);
         }
         // Both daemons start together; only then can QEMU connect to them.
-        if let Some(d) = self.virtiofsd.as_mut() {
-            wait_for_socket(d, &fs_sock, DAEMON_READY).await?;
+        if let (Some(d), Some(sock)) = (self.virtiofsd.as_mut(), &fs_sock) {
+            wait_for_socket(d, sock, DAEMON_READY).await?;
         }
         if let Some(d) = self.vsockd.as_mut() {
             wait_for_socket(d, &vhost_sock, DAEMON_READY).await?;
@@ -333,7 +355,7 @@ fn shaped(cfg: &Config, spec: &VmSpec, accel: Chosen) -> QemuLaunch {
         console_socket: "/console".into(),
         qmp_socket: "/qmp".into(),
         vsock: VsockDevice::VhostUser("/vsock".into()),
-        virtiofs_socket: "/fs".into(),
+        virtiofs_socket: Some("/fs".into()),
         virtiofs_tag: VIRTIOFS_TAG.into(),
         nics: vec![],
         hotplug_slots: spec.hotplug_nics,
@@ -410,10 +432,12 @@ impl Vmm for QemuVm {
     }
 
     fn pids(&self) -> Vec<(&'static str, u32)> {
+        let late = self.late_share.as_ref().and_then(|s| s.pid());
         [&self.qemu, &self.virtiofsd, &self.vsockd]
             .into_iter()
             .flatten()
             .map(|d| (d.name, d.pid()))
+            .chain(late.map(|pid| (crate::virtiofsd::VIRTIOFSD, pid)))
             .collect()
     }
 
@@ -455,6 +479,12 @@ impl Vmm for QemuVm {
         self.disks.clone().map(|d| d as Arc<dyn crate::DiskHotplug>)
     }
 
+    fn share_hotplug(&self) -> Option<Arc<dyn crate::ShareHotplug>> {
+        self.late_share
+            .clone()
+            .map(|s| s as Arc<dyn crate::ShareHotplug>)
+    }
+
     async fn stop(&mut self) -> Result<()> {
         // Keep going after an error: every process is reaped and the directory removed
         // whatever happened to the others; the first error is reported.
@@ -490,6 +520,11 @@ impl Vmm for QemuVm {
             .flatten()
         {
             if let Err(e) = d.stop(STOP_GRACE).await {
+                first.get_or_insert(e);
+            }
+        }
+        if let Some(s) = self.late_share.take() {
+            if let Err(e) = s.stop().await {
                 first.get_or_insert(e);
             }
         }

@@ -150,11 +150,13 @@ impl QemuVm {
             Some(json!({"driver": "vhost-user-vsock-pci", "id": "vsock", "chardev": VSOCK_CHARDEV, "bus": VSOCK_PORT})),
         )
         .await?;
-        qmp.execute(
-            "device_add",
-            Some(json!({"driver": "vhost-user-fs-pci", "id": "fs", "chardev": FS_CHARDEV, "tag": cold.virtiofs_tag, "bus": FS_PORT})),
-        )
-        .await?;
+        if cold.virtiofs_socket.is_some() {
+            qmp.execute(
+                "device_add",
+                Some(json!({"driver": "vhost-user-fs-pci", "id": "fs", "chardev": FS_CHARDEV, "tag": cold.virtiofs_tag, "bus": FS_PORT})),
+            )
+            .await?;
+        }
         let qmp = Arc::new(tokio::sync::Mutex::new(qmp));
         let hp = Arc::new(hotplug::QemuHotplug::new(qmp.clone(), template::NIC_PORTS));
         for nic in &spec.nics {

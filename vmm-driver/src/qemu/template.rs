@@ -113,7 +113,7 @@ pub fn identity(template_dir: &Path, qemu: &Path, launch: &QemuLaunch) -> Identi
     l.name = "template".into();
     l.console_socket = "/console".into();
     l.qmp_socket = "/qmp".into();
-    l.virtiofs_socket = "/fs".into();
+    l.virtiofs_socket = Some("/fs".into());
     l.run_as = None;
     l.template = Some(TemplateRole::Build);
     l.ram_file = Some("/ram".into());

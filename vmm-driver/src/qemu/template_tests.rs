@@ -16,7 +16,7 @@ fn launch(dir: &Path) -> QemuLaunch {
         console_socket: dir.join("a/console.sock"),
         qmp_socket: dir.join("a/qmp.sock"),
         vsock: VsockDevice::VhostUser(dir.join("a/vhost.sock")),
-        virtiofs_socket: dir.join("a/fs.sock"),
+        virtiofs_socket: Some(dir.join("a/fs.sock")),
         virtiofs_tag: "cocoon".into(),
         nics: vec![],
         hotplug_slots: NIC_PORTS,
@@ -48,7 +48,7 @@ fn the_template_follows_the_machine_and_its_files_not_the_pod() {
     other_pod.name = "cocoon-b".into();
     other_pod.console_socket = d.path().join("b/console.sock");
     other_pod.qmp_socket = d.path().join("b/qmp.sock");
-    other_pod.virtiofs_socket = d.path().join("b/fs.sock");
+    other_pod.virtiofs_socket = Some(d.path().join("b/fs.sock"));
     other_pod.run_as = Some((2, 2));
     assert_eq!(identity(d.path(), &qemu, &other_pod).dir, base);
 

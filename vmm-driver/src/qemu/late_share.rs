@@ -1,0 +1,144 @@
+//! The virtio-fs share plugged into a running VM (issue #29). A pod whose first container binds
+//! no host directory and has its rootfs as layer disks starts without virtiofsd (`VmSpec::share`
+//! false): the guest's files are guest copies, and its key comes by fw_cfg. The first
+//! container that needs the share (a host directory, a rootfs that stays on the share) gets it
+//! here, once: virtiofsd starts sandboxed as at a boot, and its device is hot-plugged on the
+//! root port that a template pod's share uses too.
+//!
+//! QEMU runs unprivileged by then (`-runas`) and can't reach virtiofsd's socket in the `0700`
+//! run directory, so the driver connects to it and hands QEMU the connected socket (`getfd`,
+//! then a `chardev-add` on that fd), as it hands over tap fds.
+
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex as StdMutex, PoisonError};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use serde_json::json;
+use tokio::net::UnixStream;
+
+use super::cmdline::{FS_CHARDEV, FS_PORT};
+use super::qmp::Qmp;
+use crate::config::Config;
+use crate::daemon::{wait_for_socket, Daemon, Watched, DAEMON_READY, STOP_GRACE};
+use crate::error::{Error, Result};
+use crate::run_dir::RunDir;
+use crate::supervise::Supervisor;
+use crate::virtiofsd::{spawn_virtiofsd, VIRTIOFS_TAG};
+
+/// The name QEMU knows the connected socket by, between `getfd` and `chardev-add`.
+const FS_FD_NAME: &str = "fs0sock";
+
+/// A VM's share, plugged in on demand.
+#[derive(Debug)]
+pub(crate) struct LateShare {
+    vm: String,
+    cfg: Config,
+    dir: RunDir,
+    virtiofsd: PathBuf,
+    qmp: Arc<tokio::sync::Mutex<Qmp<UnixStream>>>,
+    qemu: Watched,
+    /// One attach at a time; the second caller finds the share there.
+    attaching: tokio::sync::Mutex<()>,
+    attached: StdMutex<Option<(Daemon, Option<Supervisor>)>>,
+}
+
+impl LateShare {
+    pub(crate) fn new(
+        vm: &str,
+        cfg: &Config,
+        dir: RunDir,
+        virtiofsd: PathBuf,
+        qmp: Arc<tokio::sync::Mutex<Qmp<UnixStream>>>,
+        qemu: Watched,
+    ) -> LateShare {
+        LateShare {
+            vm: vm.to_owned(),
+            cfg: cfg.clone(),
+            dir,
+            virtiofsd,
+            qmp,
+            qemu,
+            attaching: tokio::sync::Mutex::new(()),
+            attached: StdMutex::new(None),
+        }
+    }
+
+    /// virtiofsd's pid, once attached.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        let a = self.attached.lock().unwrap_or_else(PoisonError::into_inner);
+        a.as_ref().map(|(d, _)| d.pid())
+    }
+
+    /// Stops and reaps virtiofsd, if it was started.
+    pub(crate) async fn stop(&self) -> Result<()> {
+        let taken = self
+            .attached
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some((mut d, supervisor)) = taken else {
+            return Ok(());
+        };
+        drop(supervisor);
+        d.stop(STOP_GRACE).await.map(drop)
+    }
+
+    async fn plug(&self, sock: &std::path::Path) -> Result<()> {
+        let conn = std::os::unix::net::UnixStream::connect(sock)
+            .map_err(|e| Error::io(format!("connect to {}", sock.display()), e))?;
+        let mut qmp = self.qmp.lock().await;
+        qmp.getfd(FS_FD_NAME, conn.as_fd()).await?;
+        let backend = json!({"type": "socket", "data": {
+            "addr": {"type": "fd", "data": {"str": FS_FD_NAME}}, "server": false}});
+        qmp.execute(
+            "chardev-add",
+            Some(json!({"id": FS_CHARDEV, "backend": backend})),
+        )
+        .await?;
+        let device = json!({"driver": "vhost-user-fs-pci", "id": "fs", "chardev": FS_CHARDEV,
+            "tag": VIRTIOFS_TAG, "bus": FS_PORT});
+        if let Err(e) = qmp.execute("device_add", Some(device)).await {
+            let _ = qmp
+                .execute("chardev-remove", Some(json!({"id": FS_CHARDEV})))
+                .await;
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl crate::ShareHotplug for LateShare {
+    async fn attach(&self) -> Result<()> {
+        let _one = self.attaching.lock().await;
+        if self.pid().is_some() {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let (mut fs, sock) = spawn_virtiofsd(&self.cfg, &self.dir, &self.virtiofsd)?;
+        let plugged = match wait_for_socket(&mut fs, &sock, DAEMON_READY).await {
+            Ok(()) => self.plug(&sock).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = plugged {
+            if let Err(stop) = fs.stop(STOP_GRACE).await {
+                log::warn!("VM {}: stopping virtiofsd: {stop}", self.vm);
+            }
+            return Err(e);
+        }
+        // From now on a dead virtiofsd takes the VM down, as one started at boot does.
+        let supervisor = Supervisor::start(&self.vm, &self.qemu, &[fs.watched()])
+            .map_err(|e| log::warn!("VM {}: virtiofsd is not supervised: {e}", self.vm))
+            .ok();
+        log::info!(
+            "VM {}: virtio-fs share plugged in on demand in {} ms (virtiofsd pid {})",
+            self.vm,
+            t0.elapsed().as_millis(),
+            fs.pid()
+        );
+        *self.attached.lock().unwrap_or_else(PoisonError::into_inner) = Some((fs, supervisor));
+        Ok(())
+    }
+}
