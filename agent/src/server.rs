@@ -9,11 +9,11 @@ use cocoon_protocol::agent::{
     CreateContainerResponse, Empty, ExecProcessRequest, ExecProcessResponse, GetOOMEventRequest,
     GuestDetailsRequest, GuestDetailsResponse, Interface, ListProcessesRequest,
     ListProcessesResponse, ListenPortsRequest, ListenPortsResponse, OOMEvent,
-    PauseContainerRequest, PutFilesRequest, RefreshRequest, RemoveContainerRequest,
-    ResumeContainerRequest, ShutdownRequest, SignalProcessRequest, StartContainerRequest,
-    StartContainerResponse, StatsContainerRequest, StatsContainerResponse, TtyWinResizeRequest,
-    UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest, WaitProcessRequest,
-    WaitProcessResponse,
+    PauseContainerRequest, PutFilesRequest, ReadFileRequest, ReadFileResponse, RefreshRequest,
+    RemoveContainerRequest, ResumeContainerRequest, ShutdownRequest, SignalProcessRequest,
+    StartContainerRequest, StartContainerResponse, StatsContainerRequest, StatsContainerResponse,
+    TtyWinResizeRequest, UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest,
+    WaitProcessRequest, WaitProcessResponse,
 };
 use cocoon_protocol::agent_ttrpc::{create_agent_service, AgentService};
 use cocoon_protocol::{ProcessRef, AGENT_PORT, API_VERSION};
@@ -199,6 +199,17 @@ impl AgentService for Agent {
     ) -> ttrpc::Result<Empty> {
         self.containers.remove(&req.container_id).await?;
         Ok(Empty::default())
+    }
+
+    async fn read_file(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ReadFileRequest,
+    ) -> ttrpc::Result<ReadFileResponse> {
+        Ok(ReadFileResponse {
+            data: crate::containers::read_file(&req.name, req.max_bytes)?,
+            ..Default::default()
+        })
     }
 
     async fn put_files(&self, _ctx: &TtrpcContext, req: PutFilesRequest) -> ttrpc::Result<Empty> {

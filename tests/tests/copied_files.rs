@@ -1,7 +1,8 @@
 //! The small per-pod files that kubelet and containerd bind into every container (the pod's
 //! `/etc/hosts`, `resolv.conf`, `hostname`, configMap/secret/projected volumes) are copied
 //! into the guest by the agent instead of crossing virtio-fs, and a host change reaches the
-//! container within about a second (issue #29). Real containerd CRI, real VMs.
+//! container within about a second; kubelet's termination log goes back to its host file when
+//! the container exits; such a pod runs no virtiofsd (issue #29). Real containerd CRI, real VMs.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
@@ -9,6 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cocoon_tests::cri::{ContainerSpec, Cri, HANDLER};
+use cocoon_tests::leaks::pids_named;
 use cocoon_tests::{gate, Need};
 
 /// How long a host change may take to show in the container, polls included: the shim polls
@@ -52,7 +54,7 @@ async fn until_output(cri: &mut Cri, container: &str, cmd: &str, want: &str) -> 
 }
 
 #[tokio::test]
-async fn configmap_and_etc_hosts_are_guest_copies_that_follow_host_updates() {
+async fn a_kubelet_style_pod_needs_no_share_its_copies_follow_the_host_and_its_termination_log_comes_back() {
     let Some(_gate) = gate(&[Need::selected_guest()]).await else {
         return;
     };
@@ -66,7 +68,20 @@ async fn configmap_and_etc_hosts_are_guest_copies_that_follow_host_updates() {
     atomic_write(&cm, "..2026_12_05_1", "mode", "one\n");
     let hosts = pod_dir.join("etc-hosts");
     std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+    let termination_log = |name: &str| {
+        let dir = pod_dir.join("containers").join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("3f9a1c2b");
+        std::fs::write(&log, "").unwrap();
+        log
+    };
+    let app_log = termination_log("app");
     let mounts = vec![
+        k8s_cri::v1::Mount {
+            container_path: "/dev/termination-log".into(),
+            host_path: app_log.to_string_lossy().into_owned(),
+            ..Default::default()
+        },
         k8s_cri::v1::Mount {
             container_path: "/etc/config".into(),
             host_path: cm.to_string_lossy().into_owned(),
@@ -141,6 +156,47 @@ async fn configmap_and_etc_hosts_are_guest_copies_that_follow_host_updates() {
     std::fs::write(&hosts, "127.0.0.1 localhost\n10.1.2.3 peer\n").unwrap();
     let took = until_output(&mut cri, &app, "grep -c peer /etc/hosts", "1\n").await;
     eprintln!("etc-hosts update seen in the container after {took:?}");
+
+    // kubelet's pod files, volumes and termination log need no shared filesystem.
+    assert!(
+        pids_named(&cri.containerd.cocoon_state, "virtiofsd").is_empty(),
+        "a pod of copied files runs virtiofsd"
+    );
+    // A container's termination message reaches kubelet's file once it exits.
+    let ender_log = termination_log("ender");
+    cri.try_start_container_with(
+        &pod,
+        &config,
+        ContainerSpec {
+            name: "ender",
+            command: &[
+                "sh",
+                "-c",
+                "echo 'ended: out of cheese' > /dev/termination-log; exit 3",
+            ],
+        },
+        vec![k8s_cri::v1::Mount {
+            container_path: "/dev/termination-log".into(),
+            host_path: ender_log.to_string_lossy().into_owned(),
+            ..Default::default()
+        }],
+        None,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\ncontainerd log:\n{}", cri.containerd.log()));
+    let t0 = Instant::now();
+    while std::fs::read_to_string(&ender_log).unwrap() != "ended: out of cheese\n" {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the termination message never reached the host file"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        std::fs::read_to_string(&app_log).unwrap(),
+        "",
+        "app still runs"
+    );
 
     cri.stop_and_remove_pod(&pod).await;
 }

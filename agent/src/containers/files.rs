@@ -25,15 +25,36 @@ pub fn put_files(req: &PutFilesRequest) -> Res<()> {
     put_in(Path::new(cocoon_protocol::FILES_DIR), req)
 }
 
+/// The first `max` bytes of the copied file `name` (a file copied on its own).
+pub fn read_file(name: &str, max: u64) -> Res<Vec<u8>> {
+    read_in(Path::new(cocoon_protocol::FILES_DIR), name, max)
+}
+
+fn read_in(base: &Path, name: &str, max: u64) -> Res<Vec<u8>> {
+    use std::io::Read;
+    check_name(name)?;
+    let f = std::fs::File::open(base.join(name)).map_err(failed("open a copied file"))?;
+    let mut data = vec![];
+    f.take(max)
+        .read_to_end(&mut data)
+        .map_err(failed("read a copied file"))?;
+    Ok(data)
+}
+
+fn check_name(name: &str) -> Res<()> {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err(invalid(format!("copied files {name:?}: not one name")));
+    }
+    Ok(())
+}
+
 fn invalid(m: String) -> Failure {
     Failure::Invalid(m)
 }
 
 fn put_in(base: &Path, req: &PutFilesRequest) -> Res<()> {
     let name = req.name.as_str();
-    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-        return Err(invalid(format!("copied files {name:?}: not one name")));
-    }
+    check_name(name)?;
     let top = base.join(name);
     if req.remove {
         remove_any(&top).map_err(failed("remove copied files"))?;
@@ -334,6 +355,18 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_copied_file_is_read_back_within_the_bound() {
+        let d = tempfile::tempdir().unwrap();
+        put(d.path(), "log", vec![entry("", FileKind::REGULAR, "")]).unwrap();
+        std::fs::write(d.path().join("log"), "exit reason: boom").unwrap();
+        assert_eq!(read_in(d.path(), "log", 11).unwrap(), b"exit reason");
+        assert!(matches!(
+            read_in(d.path(), "../x", 10),
+            Err(Failure::Invalid(_))
+        ));
     }
 
     #[test]

@@ -11,7 +11,7 @@ pub use create::{provide_ephemeral, reach_submounts, RootfsFrom};
 mod delete;
 mod exec;
 mod files;
-pub use files::put_files;
+pub use files::{put_files, read_file};
 mod launch;
 mod layers;
 mod oom;

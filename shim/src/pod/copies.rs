@@ -32,6 +32,8 @@ struct Copied {
     stamp: Stamp,
     /// The last reason an update could not be copied, logged once.
     stuck: Option<String>,
+    /// Written back to the host when its container exits (`copied::copied_back`).
+    back: bool,
 }
 
 /// The pod's copied sources, by name below `FILES_DIR`, and the poll that keeps them current.
@@ -121,7 +123,7 @@ impl Pod {
                 "container {cid}: {source} copied into the guest as {}",
                 c.name
             );
-            let (name, source) = (c.name.clone(), c.bind.source);
+            let (name, source, back) = (c.name.clone(), c.bind.source, c.back);
             let weak = Arc::downgrade(&self.inner);
             self.with_state(move |s| {
                 s.copies.by_name.insert(
@@ -131,6 +133,7 @@ impl Pod {
                         users: 1,
                         stamp,
                         stuck: None,
+                        back,
                     },
                 );
                 if s.copies.poll.is_none() {
@@ -151,6 +154,63 @@ impl Pod {
             remove_in_guest(guest, &gone).await;
         }
     }
+}
+
+impl Pod {
+    /// Writes the guest's copy of each file that goes back (kubelet's termination log) of
+    /// container `cid` to its host file; its init has exited, and kubelet reads the file once
+    /// it hears of the exit, so this runs before the exit is published. At most
+    /// `COPY_MAX_BYTES` come back; a failure is logged and leaves the host file as it was.
+    pub(super) async fn copy_back(&self, cid: &str) {
+        let (guest, back) = self
+            .with_state(|s| {
+                let names = s
+                    .container(cid)
+                    .map(|c| c.copies.clone())
+                    .unwrap_or_default();
+                let back: Vec<(String, PathBuf)> = names
+                    .into_iter()
+                    .filter_map(|n| {
+                        let c = s.copies.by_name.get(&n).filter(|c| c.back)?;
+                        Some((n, c.source.clone()))
+                    })
+                    .collect();
+                (s.guest().ok(), back)
+            })
+            .await;
+        let Some(guest) = guest else {
+            return;
+        };
+        for (name, host) in back {
+            let req = ag::ReadFileRequest {
+                name,
+                max_bytes: copied::COPY_MAX_BYTES,
+                ..Default::default()
+            };
+            let read = guest
+                .call("read file", guest.agent.read_file(guest.ctx(), &req))
+                .await;
+            let written = match read {
+                Ok(r) => write_back(&host, &r.data).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = written {
+                log::warn!("container {cid}: {} not written back: {e}", host.display());
+            }
+        }
+    }
+}
+
+/// Overwrites the host file the spec named (never through a symlink in its last component).
+fn write_back(host: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(host)?;
+    f.write_all(data)
 }
 
 /// Removes copies from the guest; a failure only leaves a few small files in guest memory.

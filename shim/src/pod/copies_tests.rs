@@ -95,3 +95,31 @@ async fn a_file_too_big_to_copy_is_shared_and_a_writable_host_file_is_never_copi
         .count();
     assert_eq!(binds, 2, "{:?}", rig.journal.entries());
 }
+
+#[tokio::test]
+async fn a_termination_log_goes_back_to_the_host_before_the_exit_is_published() {
+    let rig = Rig::new();
+    let dir = rig.dir.path().join("pods/uid-1/containers/app");
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("5f1d2e3c");
+    std::fs::write(&log, "").unwrap();
+    let req = binding(&rig, "c1", &log, "/dev/termination-log", &["rbind", "rw"]);
+    rig.pod.create(req).await.unwrap();
+    rig.pod.start(&ProcessRef::init("c1")).await.unwrap();
+    rig.pod
+        .signal(&ProcessRef::init("c1"), 9, false)
+        .await
+        .unwrap();
+    rig.pod.wait(&ProcessRef::init("c1")).await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "written in the guest\n",
+        "the host file has the guest's content once the exit is out"
+    );
+    let name = crate::volumes::copied::name_for(&log);
+    assert_eq!(
+        puts(&rig),
+        [format!("agent put {name} 1 entries")],
+        "copied in, not shared"
+    );
+}

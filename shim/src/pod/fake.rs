@@ -208,6 +208,18 @@ impl AgentService for FakeAgent {
         Ok(ag::Empty::new())
     }
 
+    async fn read_file(
+        &self,
+        _: &TtrpcContext,
+        r: ag::ReadFileRequest,
+    ) -> ttrpc::Result<ag::ReadFileResponse> {
+        self.journal.add(format!("agent read {}", r.name));
+        Ok(ag::ReadFileResponse {
+            data: b"written in the guest\n".to_vec(),
+            ..Default::default()
+        })
+    }
+
     async fn get_oom_event(
         &self,
         _: &TtrpcContext,

@@ -112,6 +112,9 @@ impl Pod {
                      and writes nothing; its exit is published now, the relay stays"
                 );
             }
+            if process.exec_id.is_none() {
+                pod.copy_back(&process.container_id).await;
+            }
             pod.with_state(|s| {
                 if let Ok(p) = s.process_mut(&process) {
                     p.status = crate::process::Status::Stopped;

@@ -38,12 +38,18 @@ pub struct Copy {
     pub name: String,
     /// The bind to make instead when the source turns out too big to copy.
     pub bind: Bind,
+    /// The guest's copy goes back to the host file when the container exits
+    /// ([`copied_back`]).
+    pub back: bool,
 }
 
 /// Whether the bind of `h` at `dest` is copied rather than shared.
 pub fn copyable(dest: &str, source: &Path, h: &HostPath, readonly: bool) -> bool {
     match h.kind {
-        SourceKind::File => h.size <= COPY_MAX_BYTES && (readonly || POD_FILES.contains(&dest)),
+        SourceKind::File => {
+            h.size <= COPY_MAX_BYTES
+                && (readonly || POD_FILES.contains(&dest) || copied_back(source, h, readonly))
+        }
         SourceKind::Dir => {
             readonly
                 && source
@@ -53,6 +59,24 @@ pub fn copyable(dest: &str, source: &Path, h: &HostPath, readonly: bool) -> bool
         }
         _ => false,
     }
+}
+
+/// Whether the bind is kubelet's termination log (`…/pods/<uid>/containers/<name>/<id>`,
+/// writable, empty at start): copied in, and its content written back to the host file when
+/// the container exits, before the exit is published, which is when kubelet reads it.
+pub fn copied_back(source: &Path, h: &HostPath, readonly: bool) -> bool {
+    !readonly
+        && h.kind == SourceKind::File
+        && source
+            .parent()
+            .and_then(Path::parent)
+            .and_then(Path::file_name)
+            .is_some_and(|n| n == "containers")
+        && source
+            .ancestors()
+            .nth(4)
+            .and_then(Path::file_name)
+            .is_some_and(|n| n == "pods")
 }
 
 /// The copy's name for `source`: its last name, readable in logs, and a hash of the whole
@@ -253,6 +277,19 @@ mod tests {
             !copyable("/data/log", Path::new("/var/log/x"), &file, false),
             "writable"
         );
+        let log = Path::new("/var/lib/kubelet/pods/u1/containers/app/0a1b2c3d");
+        assert!(copyable("/dev/termination-log", log, &file, false));
+        assert!(copied_back(log, &file, false));
+        assert!(
+            !copied_back(log, &file, true),
+            "read-only: nothing to bring back"
+        );
+        assert!(!copied_back(
+            Path::new("/srv/containers/app/x"),
+            &file,
+            false
+        ));
+        assert!(!copied_back(sb, &file, false));
         let big = host(SourceKind::File, COPY_MAX_BYTES + 1);
         assert!(!copyable("/etc/hosts", sb, &big, true));
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::copied::{copyable, name_for, Copy};
+use super::copied::{copied_back, copyable, name_for, Copy};
 use super::{HostPath, SourceKind, EPHEMERAL_DIR, FILES_DIR};
 use crate::{Error, Result};
 
@@ -207,7 +207,8 @@ pub fn plan(
         if copyable(&dest, &bind.source, &h, bind.readonly) {
             let name = name_for(&bind.source);
             m["source"] = Value::String(format!("{FILES_DIR}/{name}"));
-            copies.push(Copy { name, bind });
+            let back = copied_back(&bind.source, &h, bind.readonly);
+            copies.push(Copy { name, bind, back });
         } else {
             binds.push(bind);
         }
