@@ -39,7 +39,23 @@ pub const MEMORY_MIB: &str = "io.cocoon.vm.memory_mib";
 /// disks (a workload that needs its writes in the host's snapshot). Only that way: layer disks
 /// are the operator's choice (`[rootfs] mode`), not a pod author's.
 pub const ROOTFS: &str = "io.cocoon.rootfs";
-const KNOWN: [&str; 3] = [VCPUS, MEMORY_MIB, ROOTFS];
+/// `"always"` gives the pod its virtio-fs share from the start, where it would get it only
+/// when a container needs it (a pod whose later containers bring host directories, which
+/// then don't wait for the share to be plugged in).
+pub const SHARE: &str = "io.cocoon.share";
+const KNOWN: [&str; 4] = [VCPUS, MEMORY_MIB, ROOTFS, SHARE];
+
+/// Whether the spec asks for the share from the start ([`SHARE`]).
+pub fn share_always(spec: &Value) -> Result<bool, String> {
+    match spec["annotations"][SHARE].as_str() {
+        None => Ok(false),
+        Some("always") => Ok(true),
+        Some(other) => Err(format!(
+            "annotation {SHARE}={other:?}: the only value is \"always\" (the share is \
+             otherwise plugged in when a container needs it)"
+        )),
+    }
+}
 
 /// Whether the spec asks for its rootfs on the share ([`ROOTFS`]).
 pub fn rootfs_on_share(spec: &Value) -> Result<bool, String> {
@@ -60,6 +76,7 @@ pub fn check(spec: &Value) -> Result<(), String> {
         return Ok(());
     };
     rootfs_on_share(spec)?;
+    share_always(spec)?;
     for k in ann.keys().filter(|k| k.starts_with("io.cocoon.")) {
         if !KNOWN.contains(&k.as_str()) {
             return Err(format!(
@@ -258,5 +275,15 @@ mod tests {
         assert_eq!(rootfs_on_share(&json!({})), Ok(false));
         let e = check(&json!({"annotations": {ROOTFS: "layers"}})).unwrap_err();
         assert!(e.contains(ROOTFS) && e.contains("[rootfs] mode"), "{e}");
+    }
+
+    #[test]
+    fn a_pod_can_ask_for_its_share_from_the_start_and_nothing_else() {
+        let always = json!({"annotations": {SHARE: "always"}});
+        assert_eq!(share_always(&always), Ok(true));
+        assert!(check(&always).is_ok());
+        assert_eq!(share_always(&json!({})), Ok(false));
+        let e = check(&json!({"annotations": {SHARE: "never"}})).unwrap_err();
+        assert!(e.contains(SHARE) && e.contains("always"), "{e}");
     }
 }

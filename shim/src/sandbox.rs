@@ -450,7 +450,10 @@ impl VmFactory for SandboxFactory {
             });
         }
         let mut vm = VmSpec::from_config(&cfg, sandbox_id);
-        vm.share = share;
+        vm.share = share || cfg.vm.share == vmm_driver::config::ShareMode::Always;
+        if vm.share && !share {
+            log::info!("pod {sandbox_id}: VM with the virtio-fs share ([vm] share = \"always\")");
+        }
         let size = annotations::vm_size(&cfg, spec).map_err(Error::InvalidArgument)?;
         vm.vcpus = size.vcpus;
         vm.memory_mib = size.memory_mib;

@@ -54,7 +54,8 @@ async fn until_output(cri: &mut Cri, container: &str, cmd: &str, want: &str) -> 
 }
 
 #[tokio::test]
-async fn a_kubelet_style_pod_needs_no_share_its_copies_follow_the_host_and_its_termination_log_comes_back() {
+async fn a_kubelet_style_pod_needs_no_share_its_copies_follow_the_host_and_its_termination_log_comes_back(
+) {
     let Some(_gate) = gate(&[Need::selected_guest()]).await else {
         return;
     };

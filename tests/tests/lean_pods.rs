@@ -85,7 +85,42 @@ async fn a_pod_that_binds_nothing_runs_no_virtiofsd_and_one_that_binds_a_directo
         exec(&c, "full", "cat", "cat /data/from-host"),
         "host-data\n"
     );
-    for id in ["lean", "full"] {
+    // A pod may ask for its share from the start, and only that way.
+    let forced = c.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        "io.cocoon.share=always",
+        IMAGE,
+        "forced",
+        "sleep",
+        "600",
+    ]);
+    assert!(
+        forced.status.success(),
+        "{}\n{}",
+        text(&forced.stderr),
+        c.log()
+    );
+    assert!(
+        !pids_named(&c.cocoon_state.join("forced"), "virtiofsd").is_empty(),
+        "io.cocoon.share=always"
+    );
+    let bad = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        "io.cocoon.share=never",
+        IMAGE,
+        "bad",
+        "true",
+    ]);
+    assert!(!bad.status.success() && text(&bad.stderr).contains("io.cocoon.share"));
+    for id in ["lean", "full", "forced"] {
         c.kill_and_remove(id);
     }
     c.assert_clean();

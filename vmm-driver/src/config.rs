@@ -79,6 +79,17 @@ pub enum TemplateMode {
     Off,
 }
 
+/// When a pod VM gets its virtio-fs share and virtiofsd (issue #29).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ShareMode {
+    /// When a container needs it: from the start if the first one does, plugged in later if
+    /// a later one does, never for a pod that binds no host directory.
+    OnDemand,
+    /// From the start, in every pod (a handler whose pods mostly gain host directories late).
+    Always,
+}
+
 /// How virtiofsd confines itself (its `--sandbox`). There is deliberately no `none`: the guest
 /// can send virtiofsd raw FUSE requests, and without a sandbox an absolute name in one acts on
 /// the host's `/` (Kata's GHSA-2gv2-cffp-j227).
@@ -196,6 +207,8 @@ pub struct VmDefaults {
     pub annotations: bool,
     /// Start pods from a VM template instead of booting a kernel.
     pub template: TemplateMode,
+    /// When a pod gets the virtio-fs share.
+    pub share: ShareMode,
 }
 
 /// How long the host waits for the agent. A hung or frozen guest must cost a caller an error
@@ -269,6 +282,7 @@ impl Default for VmDefaults {
             max_memory_mib: 4096,
             annotations: true,
             template: TemplateMode::Auto,
+            share: ShareMode::OnDemand,
         }
     }
 }
@@ -464,6 +478,15 @@ mod tests {
         assert_eq!(cfg.vm.memory_mib, 512);
         assert_eq!(cfg.paths.qemu, PathBuf::from("/opt/q"));
         assert_eq!(cfg.paths.virtiofsd, PathBuf::from("virtiofsd"));
+    }
+
+    #[test]
+    fn the_share_is_on_demand_unless_the_handler_says_always() {
+        assert_eq!(Config::default().vm.share, ShareMode::OnDemand);
+        let cfg = Config::parse("[vm]\nshare = \"always\"\n").unwrap();
+        assert_eq!(cfg.vm.share, ShareMode::Always);
+        let err = Config::parse("[vm]\nshare = \"never\"\n").unwrap_err().to_string();
+        assert!(err.contains("on-demand") && err.contains("always"), "{err}");
     }
 
     #[test]

@@ -56,10 +56,12 @@ impl Pod {
     /// Whether a VM booted for the container of `req` starts with the virtio-fs share: only
     /// when it needs it now, for a host directory or a rootfs that stays on the share. A pod
     /// whose container binds nothing and has its rootfs as layer disks runs no virtiofsd until a
-    /// later container needs one ([`Pod::ensure_share`]). `io.cocoon.rootfs: virtio-fs` (per
-    /// pod) and `[rootfs] mode = "virtio-fs"` (per handler) force the share.
+    /// later container needs one ([`Pod::ensure_share`]). `io.cocoon.share: always` (per pod)
+    /// and `[vm] share = "always"` (per handler, applied by the factory) force the share.
     pub(super) fn share_at_boot(&self, req: &super::CreateRequest, plan: &Plan) -> bool {
-        let why = if !plan.binds.is_empty() {
+        let why = if crate::annotations::share_always(&req.spec).unwrap_or(true) {
+            Some("io.cocoon.share=always")
+        } else if !plan.binds.is_empty() {
             Some("a host directory or file is bound")
         } else if crate::annotations::rootfs_on_share(&req.spec).unwrap_or(true) {
             Some("the rootfs is asked for on the share")
