@@ -15,6 +15,7 @@ pub mod docker;
 pub mod docker_bench;
 pub mod fuse_client;
 pub mod gate;
+pub mod layer_bench;
 pub mod leaks;
 pub mod oci;
 pub mod paths;

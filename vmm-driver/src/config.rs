@@ -485,7 +485,9 @@ mod tests {
         assert_eq!(Config::default().vm.share, ShareMode::OnDemand);
         let cfg = Config::parse("[vm]\nshare = \"always\"\n").unwrap();
         assert_eq!(cfg.vm.share, ShareMode::Always);
-        let err = Config::parse("[vm]\nshare = \"never\"\n").unwrap_err().to_string();
+        let err = Config::parse("[vm]\nshare = \"never\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("on-demand") && err.contains("always"), "{err}");
     }
 

@@ -323,6 +323,9 @@ fn main() {
         with_extra_config(&c);
         let r = rootfs_io(&c, &runtimes(c.dir.path()), runs.clamp(1, 3));
         println!("{}", cocoon_tests::volume_bench::rootfs_markdown(&r));
+        let l = cocoon_tests::layer_bench::figures(&c, runs.clamp(1, 3));
+        println!("layer_images: {l}");
+        println!("{}", cocoon_tests::layer_bench::markdown(&l));
         return;
     }
     if std::env::var("BENCH_ONLY").as_deref() == Ok("docker") {
@@ -432,6 +435,11 @@ fn main() {
     res.insert("volumes".into(), volumes(&c, &rts, runs.clamp(1, 3)));
     println!("root filesystem I/O…");
     res.insert("rootfs_io".into(), rootfs_io(&c, &rts, runs.clamp(1, 3)));
+    // After rootfs_io, which imported the bench image.
+    res.insert(
+        "layer_images".into(),
+        cocoon_tests::layer_bench::figures(&c, runs.clamp(1, 3)),
+    );
     println!("docker run…");
     let docker = std::panic::catch_unwind(|| cocoon_tests::docker_bench::figures(runs.clamp(1, 5)))
         .unwrap_or_else(|_| json!({"error": "the Docker figures panicked; see the output above"}));
@@ -575,6 +583,7 @@ fn markdown(r: &Value) -> String {
     s += &cocoon_tests::cri_bench::markdown(&r["cri"]);
     s += &cocoon_tests::volume_bench::markdown(&r["volumes"]);
     s += &cocoon_tests::volume_bench::rootfs_markdown(&r["rootfs_io"]);
+    s += &cocoon_tests::layer_bench::markdown(&r["layer_images"]);
     s += &cocoon_tests::docker_bench::markdown(&r["docker"]);
     s += "\n| Cocoon idle pods | guest memory (MiB) | PSS per pod, plus guest RAM no process maps (MiB) | by process (MiB per pod) | shim RSS (MiB) |\n|---|---|---|---|---|\n";
     for v in r["idle_pod_memory"].as_array().into_iter().flatten() {
