@@ -2,7 +2,9 @@
 //! `cocoon`, `runc` and `gvisor` (runc's shim running `runsc`) side by side, one run, one
 //! machine: pod start (RunPodSandbox to the first HTTP reply from the pod IP) and the round
 //! trip of a small HTTP request, and host → pod TCP throughput (32 MiB into `nc -l` in the pod,
-//! timed from connect to the server's close after it read everything).
+//! timed from connect to the server's close after it read everything); and a second container
+//! that binds a host directory, created and started in the running pod (in a Cocoon pod, which
+//! started without virtio-fs, that is when the share is plugged in).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -121,12 +123,35 @@ async fn one_handler(cri: &mut Cri, handler: &str, runs: usize) -> Value {
     let mut start = vec![];
     let mut rtt = vec![];
     let mut tcp = vec![];
+    let mut joined = vec![];
+    let volume = tempfile::tempdir().map_err(|e| e.to_string());
     for i in 0..runs {
         let (pod, ip, t) = match start_pod(cri, &format!("bench-{handler}-{i}"), handler).await {
             Ok(v) => v,
             Err(e) => return json!({"error": e}),
         };
         start.push(ms(t));
+        let config = cri.pod_config(&format!("bench-{handler}-{i}"));
+        let mount = k8s_cri::v1::Mount {
+            container_path: "/data".into(),
+            host_path: match &volume {
+                Ok(d) => d.path().to_string_lossy().into_owned(),
+                Err(e) => return json!({"error": format!("a temp dir: {e}")}),
+            },
+            ..Default::default()
+        };
+        let with_dir = ContainerSpec {
+            name: "with-dir",
+            command: &["sleep", "1000"],
+        };
+        let t0 = Instant::now();
+        match cri
+            .try_start_container_with(&pod, &config, with_dir, vec![mount], None)
+            .await
+        {
+            Ok(_) => joined.push(ms(t0.elapsed())),
+            Err(e) => return json!({"error": e}),
+        }
         if i == 0 {
             let addr: SocketAddr = format!("{ip}:8080")
                 .parse()
@@ -141,7 +166,6 @@ async fn one_handler(cri: &mut Cri, handler: &str, runs: usize) -> Value {
                 name: "sink",
                 command: SINK,
             };
-            let config = cri.pod_config(&format!("bench-{handler}-{i}"));
             if let Err(e) = cri.try_start_container(&pod, &config, sink).await {
                 return json!({"error": e});
             }
@@ -160,6 +184,7 @@ async fn one_handler(cri: &mut Cri, handler: &str, runs: usize) -> Value {
         "pod_start_ms": summary(&start),
         "http_rtt_ms": summary(&rtt),
         "tcp_host_to_pod_mbps": summary(&tcp),
+        "host_dir_container_ms": summary(&joined),
     })
 }
 
@@ -167,18 +192,19 @@ async fn one_handler(cri: &mut Cri, handler: &str, runs: usize) -> Value {
 pub fn markdown(cri: &Value) -> String {
     let f = |v: &Value| format!("{:.1}", v.as_f64().unwrap_or(f64::NAN));
     let mut s = String::from(
-        "\n| CRI pod | pod start, RunPodSandbox → first HTTP reply (ms, median) | HTTP round trip (ms, median) | TCP host → pod (MB/s, median of 3 × 32 MiB) |\n|---|---|---|---|\n",
+        "\n| CRI pod | pod start, RunPodSandbox → first HTTP reply (ms, median) | HTTP round trip (ms, median) | TCP host → pod (MB/s, median of 3 × 32 MiB) | a container with a host directory joins (create + start, ms, median) |\n|---|---|---|---|---|\n",
     );
     for (name, _) in HANDLERS {
         let v = &cri[name];
         if let Some(e) = v["error"].as_str() {
-            s += &format!("| {name} | failed: {e} | | |\n");
+            s += &format!("| {name} | failed: {e} | | | |\n");
         } else {
             s += &format!(
-                "| {name} | {} | {} | {} |\n",
+                "| {name} | {} | {} | {} | {} |\n",
                 f(&v["pod_start_ms"]["median"]),
                 f(&v["http_rtt_ms"]["median"]),
-                f(&v["tcp_host_to_pod_mbps"]["median"])
+                f(&v["tcp_host_to_pod_mbps"]["median"]),
+                f(&v["host_dir_container_ms"]["median"])
             );
         }
     }
