@@ -94,7 +94,8 @@ test-cloud-hypervisor: image
 # test` runs them from the VM template, the default.
 test-template-off: image
 	COCOON_TEST_TEMPLATE=off $(CARGO) test --release -p cocoon-tests \
-	  --test ctr --test containers --test cri --test docker --test faults --test volumes
+	  --test ctr --test containers --test cri --test docker --test faults --test volumes \
+	  --test lean_pods --test copied_files
 
 # Cocoon vs runc vs gVisor on one machine in one run; BENCH_RUNS=N samples per figure.
 # Writes target/bench/results.{json,md}. Not a test: nothing here asserts on timing.
