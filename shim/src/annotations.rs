@@ -45,28 +45,36 @@ pub const ROOTFS: &str = "io.cocoon.rootfs";
 pub const SHARE: &str = "io.cocoon.share";
 const KNOWN: [&str; 4] = [VCPUS, MEMORY_MIB, ROOTFS, SHARE];
 
-/// Whether the spec asks for the share from the start ([`SHARE`]).
-pub fn share_always(spec: &Value) -> Result<bool, String> {
-    match spec["annotations"][SHARE].as_str() {
+/// Whether the spec sets the opt-in annotation `key` to its one `value`; any other value is
+/// refused, naming the annotation, the value it takes and `why` only that one.
+fn opted_in(spec: &Value, key: &str, value: &str, why: &str) -> Result<bool, String> {
+    match spec["annotations"][key].as_str() {
         None => Ok(false),
-        Some("always") => Ok(true),
+        Some(v) if v == value => Ok(true),
         Some(other) => Err(format!(
-            "annotation {SHARE}={other:?}: the only value is \"always\" (the share is \
-             otherwise plugged in when a container needs it)"
+            "annotation {key}={other:?}: the only value is {value:?} ({why})"
         )),
     }
 }
 
+/// Whether the spec asks for the share from the start ([`SHARE`]).
+pub fn share_always(spec: &Value) -> Result<bool, String> {
+    opted_in(
+        spec,
+        SHARE,
+        "always",
+        "the share is otherwise plugged in when a container needs it",
+    )
+}
+
 /// Whether the spec asks for its rootfs on the share ([`ROOTFS`]).
 pub fn rootfs_on_share(spec: &Value) -> Result<bool, String> {
-    match spec["annotations"][ROOTFS].as_str() {
-        None => Ok(false),
-        Some("virtio-fs") => Ok(true),
-        Some(other) => Err(format!(
-            "annotation {ROOTFS}={other:?}: the only value is \"virtio-fs\" (layer disks are \
-             the config's choice, [rootfs] mode)"
-        )),
-    }
+    opted_in(
+        spec,
+        ROOTFS,
+        "virtio-fs",
+        "layer disks are the config's choice, [rootfs] mode",
+    )
 }
 
 /// Refuses `io.cocoon.*` annotations this runtime does not know, or with a value it does not

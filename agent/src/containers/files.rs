@@ -18,7 +18,7 @@ use std::path::{Component, Path, PathBuf};
 
 use cocoon_protocol::agent::{FileEntry, FileKind, PutFilesRequest};
 
-use super::{failed, Failure, Res};
+use super::{check_id, failed, Failure, Res};
 
 /// Applies one PutFiles request below `FILES_DIR`.
 pub fn put_files(req: &PutFilesRequest) -> Res<()> {
@@ -32,7 +32,7 @@ pub fn read_file(name: &str, max: u64) -> Res<Vec<u8>> {
 
 fn read_in(base: &Path, name: &str, max: u64) -> Res<Vec<u8>> {
     use std::io::Read;
-    check_name(name)?;
+    check_id("copied files", name)?;
     let f = std::fs::File::open(base.join(name)).map_err(failed("open a copied file"))?;
     let mut data = vec![];
     f.take(max)
@@ -41,20 +41,14 @@ fn read_in(base: &Path, name: &str, max: u64) -> Res<Vec<u8>> {
     Ok(data)
 }
 
-fn check_name(name: &str) -> Res<()> {
-    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-        return Err(invalid(format!("copied files {name:?}: not one name")));
-    }
-    Ok(())
-}
-
 fn invalid(m: String) -> Failure {
     Failure::Invalid(m)
 }
 
 fn put_in(base: &Path, req: &PutFilesRequest) -> Res<()> {
     let name = req.name.as_str();
-    check_name(name)?;
+    // The shim names a copy like an id (`volumes::copied::name_for`): one plain name.
+    check_id("copied files", name)?;
     let top = base.join(name);
     if req.remove {
         remove_any(&top).map_err(failed("remove copied files"))?;

@@ -112,10 +112,7 @@ impl Pod {
                 entries,
                 ..Default::default()
             };
-            if let Err(e) = guest
-                .call("put files", guest.agent.put_files(guest.ctx(), &req))
-                .await
-            {
+            if let Err(e) = put(guest, &req).await {
                 self.release_copies(Some(guest), &held).await;
                 return Err(e);
             }
@@ -213,6 +210,14 @@ fn write_back(host: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
     f.write_all(data)
 }
 
+/// One PutFiles call, bounded like every call that should be answered at once.
+async fn put(guest: &GuestLink, req: &ag::PutFilesRequest) -> Result<()> {
+    guest
+        .call("put files", guest.agent.put_files(guest.ctx(), req))
+        .await
+        .map(drop)
+}
+
 /// Removes copies from the guest; a failure only leaves a few small files in guest memory.
 pub(super) async fn remove_in_guest(guest: &GuestLink, gone: &[String]) {
     for name in gone {
@@ -221,10 +226,7 @@ pub(super) async fn remove_in_guest(guest: &GuestLink, gone: &[String]) {
             remove: true,
             ..Default::default()
         };
-        if let Err(e) = guest
-            .call("put files", guest.agent.put_files(guest.ctx(), &req))
-            .await
-        {
+        if let Err(e) = put(guest, &req).await {
             log::warn!("removing the guest's copy {name}: {e}");
         }
     }
@@ -272,10 +274,9 @@ impl Pod {
                         entries,
                         ..Default::default()
                     };
-                    guest
-                        .call("put files", guest.agent.put_files(guest.ctx(), &req))
+                    put(&guest, &req)
                         .await
-                        .map(|_| stamp)
+                        .map(|()| stamp)
                         .map_err(|e| e.to_string())
                 }
                 Err(e) => Err(format!("{e}; the guest keeps the last copy")),

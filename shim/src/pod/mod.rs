@@ -162,6 +162,17 @@ impl PodState {
     }
 }
 
+/// Records the VM's host processes in the crash record, with their start times: at boot, and
+/// again when the VM started one later (a virtiofsd plugged in on demand).
+fn record_processes(footprint: &mut SandboxState, vm: &dyn PodVm) {
+    footprint.pids = vm.host_pids();
+    footprint.starts = footprint
+        .pids
+        .iter()
+        .filter_map(|(_, p)| Some((*p, crate::state::start_time(*p)?)))
+        .collect();
+}
+
 struct Inner {
     id: String,
     factory: Box<dyn VmFactory>,
@@ -292,17 +303,14 @@ impl Pod {
         }
         let guest = vm.guest();
         let rootfs_dir = vm.rootfs_dir();
-        let footprint = SandboxState {
+        let mut footprint = SandboxState {
             sandbox_id: self.inner.id.clone(),
-            starts: vm
-                .host_pids()
-                .iter()
-                .filter_map(|(_, p)| Some((*p, crate::state::start_time(*p)?)))
-                .collect(),
-            pids: vm.host_pids(),
+            starts: vec![],
+            pids: vec![],
             mounts: vec![],
             cgroup: vm.cgroup(),
         };
+        record_processes(&mut footprint, vm.as_ref());
         let oom_watch = self.watch_oom(guest.agent.clone());
         self.with_state(|s| {
             s.vm = Some(vm);

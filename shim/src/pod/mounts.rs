@@ -104,12 +104,7 @@ impl Pod {
                 return;
             };
             vm.place_helpers();
-            s.footprint.pids = vm.host_pids();
-            s.footprint.starts = vm
-                .host_pids()
-                .iter()
-                .filter_map(|(_, p)| Some((*p, crate::state::start_time(*p)?)))
-                .collect();
+            super::record_processes(&mut s.footprint, vm.as_ref());
             s.save_footprint();
         })
         .await;

@@ -71,6 +71,13 @@ pub const FS_PORT: &str = "tfs";
 pub const VSOCK_CHARDEV: &str = "vsock0";
 pub const FS_CHARDEV: &str = "fs0";
 
+/// The `device_add` arguments of the share's device on its root port ([`FS_PORT`]): at a
+/// template restore, and when the share is plugged in later (`late_share.rs`).
+pub fn fs_device_args(tag: &str) -> serde_json::Value {
+    serde_json::json!({"driver": "vhost-user-fs-pci", "id": "fs", "chardev": FS_CHARDEV,
+        "tag": tag, "bus": FS_PORT})
+}
+
 /// The id prefix of the root ports kept free for hot-plugged NICs.
 pub const HOTPLUG_PORT: &str = "hp";
 

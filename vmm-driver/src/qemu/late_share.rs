@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use serde_json::json;
 use tokio::net::UnixStream;
 
-use super::cmdline::{FS_CHARDEV, FS_PORT};
+use super::cmdline::FS_CHARDEV;
 use super::qmp::Qmp;
 use crate::config::Config;
 use crate::daemon::{wait_for_socket, Daemon, Watched, DAEMON_READY, STOP_GRACE};
@@ -97,8 +97,7 @@ impl LateShare {
             Some(json!({"id": FS_CHARDEV, "backend": backend})),
         )
         .await?;
-        let device = json!({"driver": "vhost-user-fs-pci", "id": "fs", "chardev": FS_CHARDEV,
-            "tag": VIRTIOFS_TAG, "bus": FS_PORT});
+        let device = super::cmdline::fs_device_args(VIRTIOFS_TAG);
         if let Err(e) = qmp.execute("device_add", Some(device)).await {
             let _ = qmp
                 .execute("chardev-remove", Some(json!({"id": FS_CHARDEV})))

@@ -8,9 +8,7 @@ use command_fds::{CommandFdExt, FdMapping};
 use serde_json::json;
 use tokio::process::Command;
 
-use super::cmdline::{
-    self, QemuLaunch, TemplateRole, FS_CHARDEV, FS_PORT, VSOCK_CHARDEV, VSOCK_PORT,
-};
+use super::cmdline::{self, QemuLaunch, TemplateRole, VSOCK_CHARDEV, VSOCK_PORT};
 use super::{disks, hotplug, template, template_ram, Binaries, QemuVm};
 use crate::config::Config;
 use crate::daemon::{tail_lines, Daemon};
@@ -153,7 +151,7 @@ impl QemuVm {
         if cold.virtiofs_socket.is_some() {
             qmp.execute(
                 "device_add",
-                Some(json!({"driver": "vhost-user-fs-pci", "id": "fs", "chardev": FS_CHARDEV, "tag": cold.virtiofs_tag, "bus": FS_PORT})),
+                Some(cmdline::fs_device_args(&cold.virtiofs_tag)),
             )
             .await?;
         }
