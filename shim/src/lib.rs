@@ -18,6 +18,7 @@ pub mod child;
 pub mod convert;
 pub mod events;
 pub mod forwarder;
+pub mod guard;
 pub mod guest;
 pub mod hooks;
 pub mod host_ns;

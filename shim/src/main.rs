@@ -17,6 +17,10 @@ fn main() -> Result<()> {
     if args.first().map(String::as_str) == Some(cocoon_shim::volumes::ns::HELPER_ARG) {
         return Ok(cocoon_shim::volumes::ns::helper_main(&args[1..])?);
     }
+    // The pod's guard needs no runtime: it waits on a pipe and cleans up if the shim dies.
+    if args.first().map(String::as_str) == Some(cocoon_shim::guard::GUARD_ARG) {
+        return Ok(cocoon_shim::guard::guard_main(&args[1..])?);
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -15,6 +15,7 @@ use containerd_shim_protos::protobuf::MessageField;
 use crate::annotations::{bundle_spec, grouping_id};
 use crate::events::RemoteSink;
 use crate::forwarder::Forwarder;
+use crate::guard::Guard;
 use crate::pod::Pod;
 use crate::rootfs::HostMounter;
 use crate::sandbox::SandboxFactory;
@@ -33,6 +34,8 @@ pub struct CocoonShim {
     exit: Arc<ExitSignal>,
     /// The pod's events to containerd, flushed before the shim exits.
     forwarder: Arc<std::sync::OnceLock<Forwarder>>,
+    /// The pod's guard (`guard.rs`), released once the pod is down.
+    guard: Arc<std::sync::Mutex<Option<Guard>>>,
 }
 
 /// How long an exiting shim waits for containerd to take the events it still holds.
@@ -96,6 +99,7 @@ impl Shim for CocoonShim {
             containerd_address: args.address.clone(),
             exit: Arc::new(ExitSignal::default()),
             forwarder: Arc::default(),
+            guard: Arc::default(),
         }
     }
 
@@ -152,6 +156,10 @@ impl Shim for CocoonShim {
         if let Some(f) = self.forwarder.get() {
             f.flush(FLUSH_ON_EXIT).await;
         }
+        let guard = self.guard.lock().ok().and_then(|mut g| g.take());
+        if let Some(g) = guard {
+            g.release().await;
+        }
         if let Err(e) = std::fs::remove_file(socket_file(&self.socket)) {
             log::debug!("removing {}: {e}", self.socket);
         }
@@ -159,6 +167,7 @@ impl Shim for CocoonShim {
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
         let sandbox = grouping_id(&self.id, &bundle_spec(Path::new(&self.bundle)));
+        self.start_guard(&sandbox);
         let pod = Pod::new(
             sandbox,
             Box::new(SandboxFactory),
@@ -172,6 +181,28 @@ impl Shim for CocoonShim {
         );
         on_stop_signal(pod.clone(), self.exit.clone());
         TaskService::new(pod, self.exit.clone())
+    }
+}
+
+impl CocoonShim {
+    /// Starts the pod's guard before anything of the pod exists, so that a shim killed even
+    /// in the middle of a boot leaves nothing behind.
+    fn start_guard(&self, sandbox: &str) {
+        let run_dir = match vmm_driver::Config::load() {
+            Ok(cfg) => cfg.state_dir.join(sandbox),
+            Err(e) => {
+                log::warn!("no guard for pod {sandbox}: cannot read the cocoon config ({e})");
+                return;
+            }
+        };
+        match Guard::start(&run_dir, &self.socket) {
+            Ok(g) => {
+                if let Ok(mut slot) = self.guard.lock() {
+                    *slot = Some(g);
+                }
+            }
+            Err(e) => log::warn!("no guard for pod {sandbox}: {e}"),
+        }
     }
 }
 

@@ -20,6 +20,10 @@ pub struct SandboxState {
     /// The cgroup the VM's processes joined (`placement`), removed once they are gone.
     #[serde(default)]
     pub cgroup: Option<PathBuf>,
+    /// The pid of the shim that booted the VM: the pod's guard (`guard.rs`) leaves a run
+    /// directory that a later shim of the same name took over alone.
+    #[serde(default)]
+    pub shim: Option<u32>,
 }
 
 pub const FILE: &str = "state.json";
@@ -132,6 +136,7 @@ mod tests {
             starts: vec![(child.id(), child_start + 1)],
             mounts: vec![],
             cgroup: None,
+            shim: None,
         };
         st.save(&run).unwrap();
         cleanup(&run);
@@ -154,6 +159,7 @@ mod tests {
             starts: vec![],
             mounts: vec![],
             cgroup: None,
+            shim: None,
         };
         st.save(&run).unwrap();
         assert_eq!(SandboxState::load(&run), Some(st));

@@ -134,13 +134,16 @@ fn unmapped_guest_ram_kib(pid: &str) -> u64 {
     total
 }
 
-/// Host memory of every Cocoon process of `c` (shim, qemu, virtiofsd, vhost-device-vsock), by
-/// kind: each one's PSS, plus the guest RAM its QEMU's memfds hold unmapped.
+/// Host memory of every Cocoon process of `c` (shim, its guard, qemu, virtiofsd,
+/// vhost-device-vsock), by kind: each one's PSS, plus the guest RAM its QEMU's memfds hold
+/// unmapped.
 pub fn cocoon_pss(c: &Containerd) -> BTreeMap<&'static str, u64> {
     let mut by = BTreeMap::new();
     for p in crate::processes_mentioning(c.dir.path()) {
         let pid = p.split(':').next().unwrap_or("");
-        let kind = if p.contains("containerd-shim-cocoon") {
+        let kind = if p.contains(cocoon_shim::guard::GUARD_ARG) {
+            "guard"
+        } else if p.contains("containerd-shim-cocoon") {
             "shim"
         } else if p.contains("qemu-system") {
             "qemu"

@@ -224,3 +224,71 @@ async fn a_cri_pod_survives_a_containerd_restart() {
     c.stop_and_remove_pod(&pod).await;
     c.containerd.assert_clean();
 }
+
+/// A shim killed while containerd is down (an OOM kill in a node upgrade): containerd can't
+/// run the dead shim's `delete` now, and may never if the bundle goes first, so the pod's
+/// guard stops the VM and its helpers and removes its run directory at once. containerd, back,
+/// finds the task dead and removes it as usual.
+#[tokio::test]
+async fn a_shim_killed_while_containerd_is_down_leaves_nothing() {
+    let Some(_gate) = gate(&[Need::selected_guest()]).await else {
+        return;
+    };
+    let mut c = Containerd::start_configured(cocoon_tests::test_hypervisor(), |_| {
+        "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n".to_owned()
+    });
+    c.import_test_image();
+    let out = c.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "guarded",
+        "sleep",
+        "1000",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let run_dir = c.cocoon_state.join("guarded");
+    let pod_processes = || cocoon_tests::processes_mentioning(&run_dir);
+    let vm = cocoon_tests::pids_named(&run_dir, "qemu-system-x86_64");
+    assert_eq!(vm.len(), 1, "one VM: {:#?}", pod_processes());
+    let shim: Vec<i32> = cocoon_tests::processes_mentioning(c.dir.path())
+        .iter()
+        .filter(|p| p.contains("containerd-shim-cocoon-v2") && p.contains("-id guarded"))
+        .filter_map(|p| p.split(':').next()?.parse().ok())
+        .collect();
+    assert_eq!(shim.len(), 1, "one shim for the pod");
+
+    c.stop();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    while !pod_processes().is_empty() || run_dir.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "with its shim dead and containerd down, the pod lives on: {:#?}, run dir there: {}",
+            pod_processes(),
+            run_dir.exists()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    c.start_again();
+    let t0 = Instant::now();
+    while task_line(&c, "guarded").is_some_and(|(_, s)| s == "RUNNING") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "containerd still takes the task for running\n{}",
+            c.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = c.ctr(&["task", "delete", "guarded"]);
+    let del = c.ctr(&["containers", "delete", "guarded"]);
+    assert!(del.status.success(), "{}", text(&del.stderr));
+    c.assert_clean();
+}

@@ -309,6 +309,7 @@ impl Pod {
             pids: vec![],
             mounts: vec![],
             cgroup: vm.cgroup(),
+            shim: Some(std::process::id()),
         };
         record_processes(&mut footprint, vm.as_ref());
         let oom_watch = self.watch_oom(guest.agent.clone());
