@@ -67,6 +67,8 @@ CONTAINERD2_PREFIX ?= /var/tmp/cocoon-containerd2
 
 test: build image
 	$(CARGO) test --release --workspace
+	COCOON_TEST_VSOCK=serial $(CARGO) test --release -p cocoon-tests --test ctr --test restart \
+	  --test lean_pods --test faults
 	scripts/fetch-containerd.sh $(CONTAINERD2_PREFIX)
 	COCOON_TEST_CONTAINERD_BIN=$(CONTAINERD2_PREFIX)/usr/bin $(CARGO) test --release -p cocoon-tests \
 	  --test restart --test ctr

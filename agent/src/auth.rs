@@ -3,13 +3,16 @@
 //! (or, with a VMM that has none, at the top of the share). The
 //! listeners here hand on only connections that did; the rest are dropped and logged.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cocoon_protocol::auth::{AgentKey, KEY_FILE, KEY_FW_CFG_PATH, KEY_LEN};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, watch, OnceCell};
-use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY};
+use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
+
+use crate::host_stream::HostStream;
 
 use crate::init::Booted;
 
@@ -23,6 +26,8 @@ pub struct Gate {
     /// Where the key may be, in order: the first that exists is the one.
     key_paths: Vec<std::path::PathBuf>,
     key: OnceCell<Option<AgentKey>>,
+    /// Each listening port's channel of admitted connections.
+    ports: Mutex<HashMap<u32, mpsc::Sender<HostStream>>>,
 }
 
 impl Gate {
@@ -47,6 +52,7 @@ impl Gate {
             booted,
             key_paths,
             key: OnceCell::new(),
+            ports: Mutex::default(),
         })
     }
 
@@ -100,23 +106,22 @@ impl Gate {
         }
     }
 
-    /// Listens on `port`; every connection that opens with the key comes out of the channel.
-    /// Each one is checked in a task of its own, so a peer that never sends its key holds up
-    /// nobody else.
-    pub fn listen(self: &Arc<Self>, port: u32) -> std::io::Result<mpsc::Receiver<VsockStream>> {
+    /// Listens on `port`, on vsock and on the serial channel (`serial.rs`, which hands its
+    /// streams to [`Gate::offer`]); every connection that opens with the key comes out of the
+    /// channel.
+    pub fn listen(self: &Arc<Self>, port: u32) -> std::io::Result<mpsc::Receiver<HostStream>> {
         let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, port))?;
         let (tx, rx) = mpsc::channel(16);
+        self.ports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(port, tx);
         let gate = self.clone();
         tokio::spawn(async move {
             loop {
                 match listener.accept().await {
-                    Ok((mut s, _)) => {
-                        let (gate, tx) = (gate.clone(), tx.clone());
-                        tokio::spawn(async move {
-                            if gate.admit(&mut s, port).await {
-                                let _ = tx.send(s).await;
-                            }
-                        });
+                    Ok((s, _)) => {
+                        gate.offer(port, HostStream::Vsock(s));
                     }
                     Err(e) => {
                         log::warn!("port {port}: accept: {e}");
@@ -126,6 +131,28 @@ impl Gate {
             }
         });
         Ok(rx)
+    }
+
+    /// Hands a new connection to `port`'s listener if it opens with the key, checked in a task
+    /// of its own so that a peer that never sends its key holds up nobody else. False if
+    /// nothing listens on `port`.
+    pub fn offer(self: &Arc<Self>, port: u32, mut s: HostStream) -> bool {
+        let tx = self
+            .ports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&port)
+            .cloned();
+        let Some(tx) = tx else {
+            return false;
+        };
+        let gate = self.clone();
+        tokio::spawn(async move {
+            if gate.admit(&mut s, port).await {
+                let _ = tx.send(s).await;
+            }
+        });
+        true
     }
 }
 

@@ -11,12 +11,12 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::host_stream::HostStream;
 use cocoon_protocol::dns::{parse_header, DnsFrame, HEADER_LEN};
 use cocoon_protocol::DNS_RELAY_PORT;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
-use tokio_vsock::VsockStream;
 
 /// Docker's embedded DNS address, which resolv.conf names.
 const EMBEDDED_DNS: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 11);
@@ -75,7 +75,7 @@ pub fn serve(gate: &Arc<crate::auth::Gate>) -> std::io::Result<()> {
 }
 
 /// Serves 127.0.0.11:53 until the host's stream ends.
-async fn relay(host: VsockStream) -> std::io::Result<()> {
+async fn relay(host: HostStream) -> std::io::Result<()> {
     let addr = SocketAddr::from((EMBEDDED_DNS, 53));
     let udp = Arc::new(UdpSocket::bind(addr).await?);
     let tcp = TcpListener::bind(addr).await?;

@@ -7,9 +7,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use crate::host_stream::HostStream;
 use cocoon_protocol::FORWARD_PORT;
 use tokio::net::TcpStream;
-use tokio_vsock::VsockStream;
 
 use crate::stdio::read_hello;
 
@@ -93,7 +93,7 @@ pub fn serve(gate: &std::sync::Arc<crate::auth::Gate>) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn relay(mut host: VsockStream) {
+async fn relay(mut host: HostStream) {
     let Some(line) = read_hello(&mut host).await else {
         log::warn!("forward connection without a port line; closing it");
         return;

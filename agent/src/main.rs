@@ -5,6 +5,7 @@ mod containers;
 mod dns;
 mod exec_seccomp;
 mod forward;
+mod host_stream;
 mod init;
 mod logger;
 mod modprobe;
@@ -14,6 +15,7 @@ mod reaper;
 mod refresh;
 mod runner;
 mod scrub;
+mod serial;
 mod server;
 mod spec;
 mod stdio;
@@ -101,6 +103,15 @@ fn run() -> anyhow::Result<()> {
         tokio::spawn(reaper.clone().run());
         // Every port the host connects to admits only connections that open with the pod's key.
         let gate = auth::Gate::new(booted_rx.clone());
+        // The serial channel, when the host chose it, serves the same ports (`serial.rs`).
+        let (api_ready, api_ready_rx) = tokio::sync::watch::channel(false);
+        let serial = serial::wanted();
+        if serial {
+            tokio::spawn(serial::serve(gate.clone(), api_ready_rx));
+        }
+        // A template guest announces itself only once bring-up finished: that is after its
+        // restore, when the host has plugged in its devices and connected.
+        let wait_for_bring_up = template.then(|| booted_rx.clone());
         let hub = std::sync::Arc::new(stdio::StdioHub::default());
         hub.clone().serve(&gate).await?;
         forward::serve(&gate).context("listen for port-forward connections")?;
@@ -112,8 +123,23 @@ fn run() -> anyhow::Result<()> {
             let _ = bound_tx.send(());
         })
         .await?;
+        if serial {
+            tokio::spawn(async move {
+                if let Some(mut rx) = wait_for_bring_up {
+                    let _ = rx.wait_for(Option::is_some).await;
+                }
+                let _ = api_ready.send(true);
+            });
+        } else {
+            tokio::spawn(server::announce_ready(wait_for_bring_up));
+        }
         log::info!(
-            "serving the agent API on vsock port {}",
+            "serving the agent API on {} port {}",
+            if serial {
+                "the serial channel's"
+            } else {
+                "vsock"
+            },
             cocoon_protocol::AGENT_PORT
         );
         std::future::pending::<anyhow::Result<()>>().await

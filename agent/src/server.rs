@@ -416,7 +416,7 @@ fn net_status(e: network::NetError) -> ttrpc::Error {
 ///
 /// A template guest (`wait_for` set) announces only once bring-up finished: that is after
 /// its restore, when its vsock device has been hot-plugged.
-async fn announce_ready(wait_for: Option<tokio::sync::watch::Receiver<Option<Booted>>>) {
+pub async fn announce_ready(wait_for: Option<tokio::sync::watch::Receiver<Option<Booted>>>) {
     use tokio::io::AsyncWriteExt;
     if let Some(mut rx) = wait_for {
         let _ = rx.wait_for(Option::is_some).await;
@@ -463,7 +463,6 @@ pub async fn serve(
     }
     log::debug!("bound");
     bound();
-    tokio::spawn(announce_ready(agent.template.then(|| agent.booted.clone())));
     let mut server = server.register_service(create_agent_service(Arc::new(agent)));
     server.start().await?;
     Ok(server)

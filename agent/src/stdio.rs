@@ -10,11 +10,11 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::host_stream::HostStream;
 use cocoon_protocol::process::MAX_HELLO_LEN;
 use cocoon_protocol::{ProcessRef, StdioHello, StdioKind, STDIO_PORT};
 use tokio::io::AsyncReadExt;
 use tokio::sync::Notify;
-use tokio_vsock::VsockStream;
 
 use crate::auth::Gate;
 
@@ -24,7 +24,7 @@ const HELLO_WAIT: Duration = Duration::from_secs(5);
 /// Streams that arrived and wait to be claimed, by the hello line that named them.
 #[derive(Debug, Default)]
 pub struct StdioHub {
-    pending: Mutex<HashMap<StdioHello, VsockStream>>,
+    pending: Mutex<HashMap<StdioHello, HostStream>>,
     arrived: Notify,
 }
 
@@ -44,7 +44,7 @@ impl StdioHub {
         Ok(())
     }
 
-    async fn register(&self, mut stream: VsockStream) {
+    async fn register(&self, mut stream: HostStream) {
         let Some(line) = read_hello(&mut stream).await else {
             log::warn!("stdio connection without a hello line; closing it");
             return;
@@ -72,7 +72,7 @@ impl StdioHub {
         process: &ProcessRef,
         stream: StdioKind,
         timeout: Duration,
-    ) -> Result<VsockStream, String> {
+    ) -> Result<HostStream, String> {
         let key = StdioHello {
             process: process.clone(),
             stream,
@@ -113,7 +113,7 @@ impl StdioHub {
 }
 
 /// The hello line without its newline, or None if the peer sent none in time.
-pub(crate) async fn read_hello(stream: &mut VsockStream) -> Option<Vec<u8>> {
+pub(crate) async fn read_hello(stream: &mut HostStream) -> Option<Vec<u8>> {
     let mut line = Vec::new();
     let read = tokio::time::timeout(HELLO_WAIT, async {
         // Up to MAX_HELLO_LEN bytes before the newline: never less than the protocol allows.
@@ -132,7 +132,7 @@ pub(crate) async fn read_hello(stream: &mut VsockStream) -> Option<Vec<u8>> {
 
 /// The stream's socket as a plain blocking fd, for a child process's stdio or a relay thread.
 /// Consumes the stream: the runtime must not poll a socket that is now blocking.
-pub fn into_blocking_fd(stream: VsockStream) -> std::io::Result<OwnedFd> {
+pub fn into_blocking_fd(stream: HostStream) -> std::io::Result<OwnedFd> {
     let fd = rustix::io::dup(stream.as_fd())?;
     drop(stream);
     let flags = rustix::fs::fcntl_getfl(&fd)?;

@@ -36,6 +36,12 @@ pub const FORWARD_PORT: u32 = 1027;
 /// has Docker's embedded DNS (127.0.0.11 in the pod's netns on the host), and the agent
 /// serves 127.0.0.11:53 in the guest through it.
 pub const DNS_RELAY_PORT: u32 = 1028;
+/// The name of the virtio-serial port that carries the agent's channel when the host chose it
+/// over vsock: a yamux session whose streams each open with the vsock port they stand for
+/// (four bytes, little-endian).
+pub const SERIAL_PORT_NAME: &str = "io.cocoon.agent";
+/// On the guest kernel's command line when the agent's channel is that virtio-serial port.
+pub const SERIAL_CHANNEL_ARG: &str = "cocoon.channel=serial";
 /// Where the agent mounts the virtio-fs share in the guest: the host's exported tree, with a
 /// container's rootfs at `<GUEST_SHARE>/<id>/rootfs` and the pod's volumes at `_volumes/<n>`.
 pub const GUEST_SHARE: &str = "/run/cocoon/shared";

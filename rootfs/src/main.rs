@@ -19,11 +19,13 @@ const META_PACKAGE: &str = "linux-image-cloud-amd64";
 /// the balloon for free page reporting, virtio-net for the pod's NICs, virtio-scsi, SCSI
 /// disks and EROFS for the image layers (issue #29). Loaded in this order (vsock first: the
 /// API waits on it).
-const MODULES: [&str; 10] = [
+const MODULES: [&str; 11] = [
     "virtio_pci",
     // The agent's key arrives as a fw_cfg item (`cocoon_protocol::auth`).
     "qemu_fw_cfg",
     "vmw_vsock_virtio_transport",
+    // The agent's channel when the host chooses virtio-serial over vsock (`vsock = "serial"`).
+    "virtio_console",
     "virtiofs",
     "overlay",
     "virtio_balloon",

@@ -101,7 +101,7 @@ pub fn guard_main(args: &[String]) -> Result<()> {
         return Ok(());
     }
     crate::state::cleanup(&run_dir);
-    crate::service::remove_dead_socket(socket);
+    crate::shim_socket::remove_dead_socket(socket);
     Ok(())
 }
 

@@ -72,6 +72,15 @@ impl Outputs {
             .push(relay_output(stream, fifo, self.moved.clone()));
     }
 
+    /// Stops every relay now, closing its FIFO: for a process that never started, whose
+    /// streams may stay open (a guest that stopped answering) and whose reader (`ctr`) waits
+    /// for the FIFOs to close before it reports the failure.
+    pub fn abort(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+
     /// Waits until every relay has finished, or until none has moved a byte for `idle`: a
     /// process that exited may have left a child behind that holds its output open, and its
     /// exit must not wait for that child. Relays still open keep running. True if all ended.

@@ -33,6 +33,7 @@ pub mod process;
 pub mod rootfs;
 pub mod sandbox;
 pub mod service;
+pub mod shim_socket;
 pub mod state;
 pub mod task;
 pub mod unmount;

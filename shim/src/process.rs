@@ -82,6 +82,16 @@ pub struct Relays {
     pub stdin: Option<StdinCloser>,
 }
 
+impl Relays {
+    /// Stops the relays of a process that failed to start ([`Outputs::abort`]).
+    pub fn abort(self) {
+        self.outputs.abort();
+        if let Some((_, stdin)) = self.stdin {
+            stdin.abort();
+        }
+    }
+}
+
 /// One process: a container's init or an exec.
 #[derive(Debug)]
 pub struct Process {

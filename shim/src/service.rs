@@ -19,6 +19,7 @@ use crate::guard::Guard;
 use crate::pod::Pod;
 use crate::rootfs::HostMounter;
 use crate::sandbox::SandboxFactory;
+use crate::shim_socket::{remove_dead_socket, socket_file};
 use crate::task::TaskService;
 
 /// The shim.
@@ -41,40 +42,12 @@ pub struct CocoonShim {
 /// How long an exiting shim waits for containerd to take the events it still holds.
 const FLUSH_ON_EXIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The file behind a shim socket address (`unix:///run/containerd/s/<hash>`).
-pub fn socket_file(address: &str) -> &Path {
-    Path::new(address.strip_prefix("unix://").unwrap_or(address))
-}
-
-/// Whether a shim serves on `address`.
-fn shim_alive(address: &str) -> bool {
-    !address.is_empty() && std::os::unix::net::UnixStream::connect(socket_file(address)).is_ok()
-}
-
 /// What a dead shim of pod `sandbox` left: its VM's processes, mounts and runtime directory.
 fn cleanup_sandbox(sandbox: &str) {
     match vmm_driver::Config::load() {
         Ok(cfg) => crate::state::cleanup(&cfg.state_dir.join(sandbox)),
         Err(e) => log::warn!("delete: cannot read the cocoon config ({e}); nothing cleaned"),
     }
-}
-
-/// Removes a shim socket that nothing listens on any more; says whether a live shim still
-/// serves it (then it stays). The containerd-shim library removes it at exit only through the
-/// `address` file of the bundle it was started in, and never after a crash.
-pub fn remove_dead_socket(address: &str) -> bool {
-    let path = socket_file(address);
-    if address.is_empty() || !path.exists() {
-        return false;
-    }
-    if shim_alive(address) {
-        return true; // a live shim (another container of the pod) still serves it
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => log::debug!("removed shim socket {}", path.display()),
-        Err(e) => log::warn!("cannot remove shim socket {}: {e}", path.display()),
-    }
-    false
 }
 
 impl std::fmt::Debug for CocoonShim {

@@ -87,7 +87,11 @@ pub fn write_cocoon_toml(path: &Path, hypervisor: Hypervisor, state_dir: &Path) 
             TemplateMode::Auto => "",
         } + &std::env::var("COCOON_TEST_GUEST_LOG")
             .map(|level| format!("log_level = \"{level}\"\n"))
-            .unwrap_or_default(),
+            .unwrap_or_default()
+            // The agent's channel: `make test-vsock-hybrid` runs suites on the other one.
+            + &std::env::var("COCOON_TEST_VSOCK")
+                .map(|mode| format!("vsock = \"{mode}\"\n"))
+                .unwrap_or_default(),
     )
     .unwrap();
 }

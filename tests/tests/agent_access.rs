@@ -66,6 +66,10 @@ async fn an_unprivileged_host_user_cannot_call_the_agent() {
             vec!["hybrid".into(), uds.display().to_string()]
         }
         VsockTransport::Kernel { cid } => vec!["kernel".into(), cid.to_string()],
+        VsockTransport::Serial(link) => {
+            assert_eq!(mode(&pod.sb.run_dir()), 0o700, "the run dir");
+            vec!["serial".into(), link.socket().display().to_string()]
+        }
     };
     let out = std::process::Command::new(&probe)
         .args(&target)
@@ -75,7 +79,7 @@ async fn an_unprivileged_host_user_cannot_call_the_agent() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     match ep.transport {
-        VsockTransport::Hybrid(_) => assert!(
+        VsockTransport::Hybrid(_) | VsockTransport::Serial(_) => assert!(
             out.status.code() == Some(2) && err.contains("Permission denied"),
             "nobody reached the agent's socket: {:?} {err}",
             out.status

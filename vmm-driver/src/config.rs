@@ -41,6 +41,10 @@ pub enum VsockMode {
     Hybrid,
     /// AF_VSOCK through the host kernel's vhost-vsock.
     Kernel,
+    /// Not vsock: the agent's channel is a virtio-serial port carrying a yamux session
+    /// (`serial.rs`), QEMU's own device, so no vhost-user daemon maps the guest's RAM
+    /// (QEMU only).
+    Serial,
 }
 
 /// virtiofsd's cache policy for the shared directory (its `--cache`).

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::daemon::tail_lines;
 use crate::error::{Error, Result};
+use crate::serial::SerialLink;
 use crate::vsock::{connect_once, Backoff, BoxedStream, VsockEndpoint, VsockTransport};
 use crate::Vmm;
 
@@ -75,6 +76,36 @@ async fn wait_for_ready(
     result
 }
 
+/// Waits for the guest's ready stream on the serial channel (`serial.rs`), watching the VMM.
+async fn wait_for_serial(vm: &mut dyn Vmm, link: &SerialLink, timeout: Duration) -> Result<()> {
+    let start = tokio::time::Instant::now();
+    let ready = link.wait_ready();
+    tokio::pin!(ready);
+    loop {
+        if let Some(e) = vm.exit_error() {
+            return Err(e);
+        }
+        if start.elapsed() >= timeout {
+            return Err(unreachable(vm, timeout));
+        }
+        match tokio::time::timeout(Duration::from_millis(50), &mut ready).await {
+            Ok(Ok(())) => return Ok(()),
+            // The session ended: the VMM is going; say why if it shows in time.
+            Ok(Err(e)) => {
+                let t = tokio::time::Instant::now();
+                while t.elapsed() < Duration::from_secs(1) {
+                    if let Some(exit) = vm.exit_error() {
+                        return Err(exit);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                return Err(e);
+            }
+            Err(_) => {}
+        }
+    }
+}
+
 /// Connects to guest port `port`: retrying until the guest listens, the VM dies or `timeout`
 /// passes. With hybrid vsock and a `ready_port`, first waits for the guest's ready call.
 /// A dead or silent guest yields an error carrying the console tail.
@@ -86,8 +117,10 @@ pub async fn connect_guest(
 ) -> Result<BoxedStream> {
     let start = tokio::time::Instant::now();
     let ep: VsockEndpoint = vm.agent_endpoint().clone();
-    if let (VsockTransport::Hybrid(uds), Some(rp)) = (&ep.transport, ready_port) {
-        wait_for_ready(vm, uds, rp, timeout).await?;
+    match (&ep.transport, ready_port) {
+        (VsockTransport::Hybrid(uds), Some(rp)) => wait_for_ready(vm, uds, rp, timeout).await?,
+        (VsockTransport::Serial(link), Some(_)) => wait_for_serial(vm, link, timeout).await?,
+        _ => {}
     }
     let mut backoff = Backoff::default();
     loop {

@@ -177,6 +177,9 @@ impl RunDir {
             "qemu-template.log",
             "tcons.sock",
             "tqmp.sock",
+            // The serial channel's, a pod's and a template build's (`qemu/mod.rs`).
+            "agent.sock",
+            "tagent.sock",
             "ch-api.sock",
             "ch-api.sock.lock",
             "cloud-hypervisor.log",

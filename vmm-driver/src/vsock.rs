@@ -5,10 +5,10 @@
 //! accepted. Until the guest listens, the VMM closes the connection, so callers retry.
 
 use std::path::PathBuf;
-use std::pin::Pin;
+
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 use cocoon_protocol::auth::AgentKey;
@@ -22,6 +22,8 @@ pub enum VsockTransport {
     Hybrid(PathBuf),
     /// Kernel AF_VSOCK with the guest's context id.
     Kernel { cid: u32 },
+    /// The virtio-serial channel (`serial.rs`): a stream of its session per connection.
+    Serial(crate::serial::SerialLink),
 }
 
 /// Where a guest's vsock is reached, and the key every connection opens with
@@ -39,17 +41,12 @@ impl VsockEndpoint {
     pub fn hybrid_socket(&self) -> Option<&std::path::Path> {
         match &self.transport {
             VsockTransport::Hybrid(uds) => Some(uds),
-            VsockTransport::Kernel { .. } => None,
+            VsockTransport::Kernel { .. } | VsockTransport::Serial(_) => None,
         }
     }
 }
 
-/// A connected byte stream to a guest port, whatever the transport.
-pub trait GuestStream: AsyncRead + AsyncWrite + Send + Sync + Unpin + std::fmt::Debug {}
-impl<T: AsyncRead + AsyncWrite + Send + Sync + Unpin + std::fmt::Debug> GuestStream for T {}
-
-/// A boxed [`GuestStream`].
-pub type BoxedStream = Pin<Box<dyn GuestStream>>;
+pub use crate::stream::{BoxedStream, GuestStream};
 
 /// The longest reply line accepted; real replies are `OK <u32>\n`.
 const MAX_REPLY: usize = 32;
@@ -104,6 +101,7 @@ pub async fn connect_once(ep: &VsockEndpoint, port: u32) -> Result<BoxedStream> 
                 .map_err(|e| Error::io(format!("vsock connect {cid}:{port}"), e))?;
             Box::pin(s)
         }
+        VsockTransport::Serial(link) => link.open(port).await?,
     };
     if let Some(key) = &ep.key {
         s.write_all(key.as_bytes())

@@ -9,9 +9,9 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::host_stream::HostStream;
 use cocoon_protocol::agent::StdioStreams;
 use cocoon_protocol::{ProcessRef, StdioKind};
-use tokio_vsock::VsockStream;
 
 use super::tty::ConsoleSocket;
 use super::wait::watch_exit;
@@ -24,9 +24,9 @@ const STREAM_WAIT: Duration = Duration::from_secs(10);
 /// The host's streams for one process, those the call said it has.
 #[derive(Debug)]
 struct HostStreams {
-    stdin: Option<VsockStream>,
-    stdout: Option<VsockStream>,
-    stderr: Option<VsockStream>,
+    stdin: Option<HostStream>,
+    stdout: Option<HostStream>,
+    stderr: Option<HostStream>,
 }
 
 /// How a process's stdio is wired: set up before the runner runs, finished after it.
@@ -35,16 +35,16 @@ enum Wiring {
     /// The pty master comes back over the console socket; the agent relays both directions.
     Terminal {
         console: ConsoleSocket,
-        stdin: Option<VsockStream>,
-        stdout: Option<VsockStream>,
+        stdin: Option<HostStream>,
+        stdout: Option<HostStream>,
     },
     /// Each stream is a pipe on the process's side, relayed by the agent: stdin fed from the
     /// host's stream (kept here with its write end), stdout and stderr copied to theirs (kept
     /// with their read ends). Pipes, as under runc: a program may reopen `/dev/stdout`
     /// (nginx's logs, `tee /dev/stderr`), which a socket refuses with ENXIO.
     Plain {
-        stdin: Option<(VsockStream, OwnedFd)>,
-        outputs: Vec<(OwnedFd, VsockStream)>,
+        stdin: Option<(HostStream, OwnedFd)>,
+        outputs: Vec<(OwnedFd, HostStream)>,
     },
 }
 
@@ -133,7 +133,7 @@ impl Manager {
         p: &ProcessRef,
         wanted: bool,
         kind: StdioKind,
-    ) -> Res<Option<VsockStream>> {
+    ) -> Res<Option<HostStream>> {
         if !wanted {
             return Ok(None);
         }

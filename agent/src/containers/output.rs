@@ -7,8 +7,8 @@
 
 use std::os::fd::OwnedFd;
 
+use crate::host_stream::HostStream;
 use tokio::io::BufReader;
-use tokio_vsock::VsockStream;
 
 use super::{failed, Res};
 
@@ -16,14 +16,14 @@ use super::{failed, Res};
 const CHUNK: usize = 64 * 1024;
 
 /// Copies the pipe's read end `pipe` into `host` until EOF, then half-closes `host`.
-pub(super) fn drain(pipe: OwnedFd, host: VsockStream) -> Res<()> {
+pub(super) fn drain(pipe: OwnedFd, host: HostStream) -> Res<()> {
     let from =
         tokio::net::unix::pipe::Receiver::from_owned_fd(pipe).map_err(failed("output pipe"))?;
     tokio::spawn(async move {
         let mut from = BufReader::with_capacity(CHUNK, from);
         let mut to = host;
         let r = tokio::io::copy_buf(&mut from, &mut to).await;
-        let _ = to.shutdown(std::net::Shutdown::Write);
+        let _ = to.shutdown_write();
         log::debug!("output relay ended: {r:?}");
     });
     Ok(())

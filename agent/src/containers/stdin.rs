@@ -5,8 +5,8 @@
 
 use std::os::fd::OwnedFd;
 
+use crate::host_stream::HostStream;
 use cocoon_protocol::ProcessRef;
-use tokio_vsock::VsockStream;
 
 use super::{dup, failed, Failure, Manager, Res};
 
@@ -30,7 +30,7 @@ pub(super) fn pipe() -> Res<(OwnedFd, OwnedFd)> {
 
 /// Copies the host's stream into the pipe until EOF; answers a duplicate of the stream, for
 /// CloseStdin to shut.
-pub(super) fn feed(stream: VsockStream, pipe: OwnedFd) -> Res<OwnedFd> {
+pub(super) fn feed(stream: HostStream, pipe: OwnedFd) -> Res<OwnedFd> {
     let dup = dup(&stream)?;
     let mut sink =
         tokio::net::unix::pipe::Sender::from_owned_fd(pipe).map_err(failed("stdin pipe"))?;

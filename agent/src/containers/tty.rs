@@ -8,9 +8,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::host_stream::HostStream;
 use cocoon_protocol::ProcessRef;
 use tokio::sync::oneshot;
-use tokio_vsock::VsockStream;
 
 use super::Relays;
 use super::{dup, failed, Failure, Manager, Res};
@@ -72,8 +72,8 @@ impl ConsoleSocket {
     /// and starts the relays between it and the host's streams.
     pub(super) fn attach(
         self,
-        stdin: Option<VsockStream>,
-        stdout: Option<VsockStream>,
+        stdin: Option<HostStream>,
+        stdout: Option<HostStream>,
     ) -> Res<Relays> {
         self.listener
             .set_nonblocking(false)

@@ -406,13 +406,23 @@ impl Pod {
                     .collect(),
                 ..Default::default()
             };
-            let pid = guest
-                .call("create", guest.agent.create_container(guest.ctx(), &creq))
-                .await?
-                .pid;
-            self.created_hooks(&guest, &kept_hooks, &req.id, &req.bundle, pid)
-                .await?;
-            Ok::<_, Error>((pid, relays))
+            let started = async {
+                let pid = guest
+                    .call("create", guest.agent.create_container(guest.ctx(), &creq))
+                    .await?
+                    .pid;
+                self.created_hooks(&guest, &kept_hooks, &req.id, &req.bundle, pid)
+                    .await?;
+                Ok::<_, Error>(pid)
+            }
+            .await;
+            match started {
+                Ok(pid) => Ok::<_, Error>((pid, relays)),
+                Err(e) => {
+                    relays.abort();
+                    Err(e)
+                }
+            }
         }
         .await;
         let (pid, relays) = match created {

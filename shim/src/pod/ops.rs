@@ -89,10 +89,16 @@ impl Pod {
             stdio: MessageField::some(stdio.streams()),
             ..Default::default()
         };
-        let pid = guest
+        let pid = match guest
             .call("exec", guest.agent.exec_process(guest.ctx(), &req))
-            .await?
-            .pid;
+            .await
+        {
+            Ok(r) => r.pid,
+            Err(e) => {
+                relays.abort();
+                return Err(e);
+            }
+        };
         let stdin = relays.stdin;
         let tx = self
             .with_state(|s| {

@@ -1,16 +1,17 @@
-//! Tries to call the agent's `Check` the way another host user would: `hybrid <socket>` or
-//! `kernel <cid>`, with no key. Exits 0 if the agent answered, 2 if the connection itself was
-//! refused (the message says why), 3 if the agent gave no answer. The access-control tests run
-//! it as an unprivileged user.
+//! Tries to call the agent's `Check` the way another host user would: `hybrid <socket>`,
+//! `kernel <cid>` or `serial <socket>`, with no key. Exits 0 if the agent answered, 2 if the
+//! connection itself was refused (the message says why), 3 if the agent gave no answer. The
+//! access-control tests run it as an unprivileged user.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a probe: a panic is its report
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cocoon_protocol::agent::CheckRequest;
 use cocoon_protocol::agent_ttrpc::AgentServiceClient;
 use cocoon_protocol::AGENT_PORT;
+use vmm_driver::serial::SerialLink;
 use vmm_driver::vsock::{connect_once, VsockEndpoint, VsockTransport};
 
 #[tokio::main(flavor = "current_thread")]
@@ -21,8 +22,9 @@ async fn main() {
         (Some("kernel"), Some(c)) => VsockTransport::Kernel {
             cid: c.parse().expect("a context id"),
         },
+        (Some("serial"), Some(p)) => VsockTransport::Serial(SerialLink::new(Path::new(p))),
         _ => {
-            eprintln!("usage: cocoon-agent-probe hybrid <socket> | kernel <cid>");
+            eprintln!("usage: cocoon-agent-probe hybrid <socket> | kernel <cid> | serial <socket>");
             std::process::exit(64);
         }
     };

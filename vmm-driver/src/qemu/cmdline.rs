@@ -97,7 +97,13 @@ pub enum VsockDevice {
     VhostUser(PathBuf),
     /// In-kernel vhost-vsock with this context id.
     Kernel { cid: u32 },
+    /// No vsock: the agent's channel is a virtio-serial port whose chardev QEMU serves on this
+    /// socket (`serial.rs`). QEMU's own device, migrated with the rest: templates have it too.
+    Serial(PathBuf),
 }
+
+/// The chardev id of the agent's virtio-serial port.
+pub const SERIAL_CHARDEV: &str = "agentch";
 
 fn p(path: &std::path::Path) -> String {
     path.display().to_string()
@@ -201,6 +207,21 @@ pub fn qemu_args(l: &QemuLaunch) -> Vec<String> {
         VsockDevice::Kernel { cid } if devices => {
             push(&["-device", &format!("vhost-vsock-pci,guest-cid={cid}")]);
         }
+        // Port 0 is the console's; the agent's is 1, so two ports are all it needs.
+        VsockDevice::Serial(sock) => push(&[
+            "-chardev",
+            &format!(
+                "socket,id={SERIAL_CHARDEV},path={},server=on,wait=off",
+                p(sock)
+            ),
+            "-device",
+            "virtio-serial-pci,id=vser0,max_ports=2",
+            "-device",
+            &format!(
+                "virtserialport,bus=vser0.0,nr=1,chardev={SERIAL_CHARDEV},name={}",
+                cocoon_protocol::SERIAL_PORT_NAME
+            ),
+        ]),
         _ => {}
     }
     let fs_socket = l
@@ -311,6 +332,28 @@ mod tests {
             template: None,
             ram_file: None,
             agent_key: Some("/run/x/agent-key".into()),
+        }
+    }
+
+    #[test]
+    fn the_serial_channel_is_the_same_device_in_every_role_and_no_vsock() {
+        let args = |role| {
+            let mut l = launch(Chosen::Tcg, VsockDevice::Serial("/r/agent.sock".into()));
+            l.template = role;
+            qemu_args(&l)
+        };
+        for role in [None, Some(TemplateRole::Build), Some(TemplateRole::Restore)] {
+            let a = args(role);
+            assert!(values(&a, "-chardev")
+                .contains(&"socket,id=agentch,path=/r/agent.sock,server=on,wait=off"));
+            let devices = values(&a, "-device");
+            assert!(devices.contains(&"virtio-serial-pci,id=vser0,max_ports=2"));
+            assert!(devices
+                .contains(&"virtserialport,bus=vser0.0,nr=1,chardev=agentch,name=io.cocoon.agent"));
+            assert!(
+                !devices.iter().any(|d| d.contains("vsock-pci")),
+                "{devices:?}"
+            );
         }
     }
 

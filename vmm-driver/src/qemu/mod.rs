@@ -31,6 +31,7 @@ use crate::daemon::{
 };
 use crate::error::{Error, Result};
 use crate::run_dir::RunDir;
+use crate::serial::SerialLink;
 use crate::virtiofsd::{spawn_virtiofsd, VIRTIOFS_TAG};
 use crate::vsock::{VsockEndpoint, VsockTransport};
 use crate::{VmSpec, Vmm};
@@ -70,6 +71,30 @@ pub struct QemuVm {
     console: Option<ConsoleRelay>,
 }
 
+/// The agent's channel for the VMs of a config: `vsock`, with `auto` taking the kernel's
+/// vhost-vsock where the host has it and hybrid vsock otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Channel {
+    Hybrid,
+    Kernel,
+    Serial,
+}
+
+impl Channel {
+    pub(crate) fn of(cfg: &Config) -> Channel {
+        match cfg.vsock {
+            VsockMode::Hybrid => Channel::Hybrid,
+            VsockMode::Kernel => Channel::Kernel,
+            VsockMode::Serial => Channel::Serial,
+            VsockMode::Auto if Path::new("/dev/vhost-vsock").exists() => Channel::Kernel,
+            VsockMode::Auto => Channel::Hybrid,
+        }
+    }
+}
+
+/// The serial channel's socket in the run directory (QEMU serves it).
+const SERIAL_SOCKET: &str = "agent.sock";
+
 struct Binaries {
     qemu: PathBuf,
     virtiofsd: PathBuf,
@@ -80,11 +105,8 @@ impl QemuVm {
     /// Checks everything that can be checked before a process starts, then boots. Any failure
     /// after the first process started tears down what was started.
     pub async fn launch(cfg: &Config, spec: &VmSpec) -> Result<QemuVm> {
-        let hybrid = match cfg.vsock {
-            VsockMode::Hybrid => true,
-            VsockMode::Kernel => false,
-            VsockMode::Auto => !Path::new("/dev/vhost-vsock").exists(),
-        };
+        let channel = Channel::of(cfg);
+        let hybrid = channel == Channel::Hybrid;
         let bins = Binaries {
             qemu: resolve_binary("qemu-system-x86_64", "qemu", &cfg.paths.qemu)?,
             virtiofsd: resolve_binary("virtiofsd", "virtiofsd", &cfg.paths.virtiofsd)?,
@@ -105,9 +127,9 @@ impl QemuVm {
             log::warn!("VM {}: {notice}", spec.id);
         }
 
-        let use_template = match (cfg.vm.template, hybrid) {
+        let use_template = match (cfg.vm.template, channel) {
             (crate::config::TemplateMode::Off, _) => false,
-            (_, false) => {
+            (_, Channel::Kernel) => {
                 log::info!(
                     "VM {}: no VM template with kernel vsock yet; booting the kernel",
                     spec.id
@@ -127,14 +149,14 @@ impl QemuVm {
             _ => true,
         };
         if use_template {
-            match QemuVm::start(cfg, spec, &bins, chosen, hybrid, true).await {
+            match QemuVm::start(cfg, spec, &bins, chosen, channel, true).await {
                 Err(Error::Template(why)) => {
                     log::warn!("VM {}: {why}; booting the kernel instead", spec.id);
                 }
                 other => return other,
             }
         }
-        QemuVm::start(cfg, spec, &bins, chosen, hybrid, false).await
+        QemuVm::start(cfg, spec, &bins, chosen, channel, false).await
     }
 
     /// One attempt: from the template if `from_template`, else a kernel boot. Any failure
@@ -144,15 +166,17 @@ impl QemuVm {
         spec: &VmSpec,
         bins: &Binaries,
         chosen: Chosen,
-        hybrid: bool,
+        channel: Channel,
         from_template: bool,
     ) -> Result<QemuVm> {
         let dir = RunDir::create(&spec.run_dir)?;
         let endpoint = VsockEndpoint {
-            transport: if hybrid {
-                VsockTransport::Hybrid(vsockd::uds_path(&dir))
-            } else {
-                VsockTransport::Kernel { cid: kernel_cid()? }
+            transport: match channel {
+                Channel::Hybrid => VsockTransport::Hybrid(vsockd::uds_path(&dir)),
+                Channel::Kernel => VsockTransport::Kernel { cid: kernel_cid()? },
+                Channel::Serial => {
+                    VsockTransport::Serial(SerialLink::new(&dir.path(SERIAL_SOCKET)))
+                }
             },
             key: Some(dir.hand_fw_cfg_key()?),
         };
@@ -261,6 +285,7 @@ impl QemuVm {
             vsock: match &self.endpoint.transport {
                 VsockTransport::Hybrid(_) => VsockDevice::VhostUser(vhost_sock),
                 VsockTransport::Kernel { cid } => VsockDevice::Kernel { cid: *cid },
+                VsockTransport::Serial(link) => VsockDevice::Serial(link.socket().to_owned()),
             },
             virtiofs_socket: fs_sock,
             run_as: Some(unprivileged_id()?).map(|id| (id, id)),
@@ -351,10 +376,21 @@ fn shaped(cfg: &Config, spec: &VmSpec, accel: Chosen) -> QemuLaunch {
         memory_mib: spec.memory_mib,
         kernel: cfg.kernel.clone(),
         initramfs: cfg.initramfs.clone(),
-        cmdline: kernel_cmdline(cfg, spec),
+        cmdline: match Channel::of(cfg) {
+            // The agent looks for its port only where the host said so.
+            Channel::Serial => format!(
+                "{} {}",
+                kernel_cmdline(cfg, spec),
+                cocoon_protocol::SERIAL_CHANNEL_ARG
+            ),
+            _ => kernel_cmdline(cfg, spec),
+        },
         console_socket: "/console".into(),
         qmp_socket: "/qmp".into(),
-        vsock: VsockDevice::VhostUser("/vsock".into()),
+        vsock: match Channel::of(cfg) {
+            Channel::Serial => VsockDevice::Serial("/agent".into()),
+            _ => VsockDevice::VhostUser("/vsock".into()),
+        },
         virtiofs_socket: Some("/fs".into()),
         virtiofs_tag: VIRTIOFS_TAG.into(),
         nics: vec![],

@@ -143,11 +143,14 @@ impl QemuVm {
         }
         drop(file);
         let t_restored = t0.elapsed();
-        qmp.execute(
-            "device_add",
-            Some(json!({"driver": "vhost-user-vsock-pci", "id": "vsock", "chardev": VSOCK_CHARDEV, "bus": VSOCK_PORT})),
-        )
-        .await?;
+        // The serial channel is in the template already; vhost-user vsock is plugged now.
+        if matches!(cold.vsock, cmdline::VsockDevice::VhostUser(_)) {
+            qmp.execute(
+                "device_add",
+                Some(json!({"driver": "vhost-user-vsock-pci", "id": "vsock", "chardev": VSOCK_CHARDEV, "bus": VSOCK_PORT})),
+            )
+            .await?;
+        }
         if cold.virtiofs_socket.is_some() {
             qmp.execute(
                 "device_add",

@@ -36,7 +36,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::process::Command;
 
-use super::cmdline::{qemu_args, QemuLaunch, TemplateRole};
+use super::cmdline::{qemu_args, QemuLaunch, TemplateRole, VsockDevice};
 use crate::console::{ConsoleRelay, CONSOLE_CAP};
 use crate::daemon::{tail_lines, Daemon, STOP_GRACE};
 use crate::error::{Error, Result};
@@ -114,6 +114,9 @@ pub fn identity(template_dir: &Path, qemu: &Path, launch: &QemuLaunch) -> Identi
     l.console_socket = "/console".into();
     l.qmp_socket = "/qmp".into();
     l.virtiofs_socket = Some("/fs".into());
+    if let VsockDevice::Serial(_) = l.vsock {
+        l.vsock = VsockDevice::Serial("/agent".into());
+    }
     l.run_as = None;
     l.template = Some(TemplateRole::Build);
     l.ram_file = Some("/ram".into());
@@ -421,6 +424,10 @@ async fn build(
     // already holds a 64-character pod id.
     l.console_socket = dir.path("tcons.sock");
     l.qmp_socket = dir.path("tqmp.sock");
+    // Nobody connects to the template's channel: its agent waits for the host of each pod.
+    if let VsockDevice::Serial(_) = l.vsock {
+        l.vsock = VsockDevice::Serial(dir.path("tagent.sock"));
+    }
     // The template's key item has the size of a real one and no key in it: each pod restored
     // from it hands its own (`cocoon_protocol::auth::KEY_FW_CFG`); the guest reads it only
     // after the restore, at the host's first connection.
