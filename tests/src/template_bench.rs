@@ -139,8 +139,10 @@ fn unmapped_guest_ram_kib(pid: &str) -> u64 {
 /// unmapped.
 pub fn cocoon_pss(c: &Containerd) -> BTreeMap<&'static str, u64> {
     let mut by = BTreeMap::new();
+    let mut counted = std::collections::BTreeSet::new();
     for p in crate::processes_mentioning(c.dir.path()) {
         let pid = p.split(':').next().unwrap_or("");
+        counted.insert(pid.to_owned());
         let kind = if p.contains(cocoon_shim::guard::GUARD_ARG) {
             "guard"
         } else if p.contains("containerd-shim-cocoon") {
@@ -159,7 +161,34 @@ pub fn cocoon_pss(c: &Containerd) -> BTreeMap<&'static str, u64> {
             *by.entry("guest RAM not mapped").or_default() += unmapped_guest_ram_kib(pid);
         }
     }
+    for pid in vsock_daemons_below(c.dir.path()) {
+        if counted.insert(pid.clone()) {
+            *by.entry("vhost-device-vsock").or_default() += pss_kib(&pid);
+        }
+    }
     by
+}
+
+/// The vhost-device-vsock daemons of pods below `dir`: each runs with relative socket paths
+/// in a directory of its own in the pod's run dir (`qemu/vsockd.rs`), so its command line
+/// names no path below `dir` but its working directory is one.
+fn vsock_daemons_below(dir: &std::path::Path) -> Vec<String> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    procs
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().into_owned();
+            if !pid.chars().all(|c| c.is_ascii_digit()) {
+                return None;
+            }
+            let cwd = std::fs::read_link(e.path().join("cwd")).ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            (cwd.starts_with(dir) && String::from_utf8_lossy(&cmd).contains("vhost-device-vsock"))
+                .then_some(pid)
+        })
+        .collect()
 }
 
 /// Host PSS per pod of `n` idle pods (MiB), a few seconds after they started.
