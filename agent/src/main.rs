@@ -123,16 +123,16 @@ fn run() -> anyhow::Result<()> {
             let _ = bound_tx.send(());
         })
         .await?;
-        if serial {
-            tokio::spawn(async move {
-                if let Some(mut rx) = wait_for_bring_up {
-                    let _ = rx.wait_for(Option::is_some).await;
-                }
+        tokio::spawn(async move {
+            if let Some(mut rx) = wait_for_bring_up {
+                let _ = rx.wait_for(Option::is_some).await;
+            }
+            if serial {
                 let _ = api_ready.send(true);
-            });
-        } else {
-            tokio::spawn(server::announce_ready(wait_for_bring_up));
-        }
+            } else {
+                server::announce_ready().await;
+            }
+        });
         log::info!(
             "serving the agent API on {} port {}",
             if serial {

@@ -413,14 +413,10 @@ fn net_status(e: network::NetError) -> ttrpc::Error {
 
 /// Tells the host the API listens, by connecting to its READY_PORT. A host that polls instead
 /// (kernel vsock) has no listener there; after a few seconds of trying, the agent gives up.
-///
-/// A template guest (`wait_for` set) announces only once bring-up finished: that is after
-/// its restore, when its vsock device has been hot-plugged.
-pub async fn announce_ready(wait_for: Option<tokio::sync::watch::Receiver<Option<Booted>>>) {
+/// A template guest calls it only once bring-up finished (`main.rs`): that is after its
+/// restore, when its vsock device has been hot-plugged.
+pub async fn announce_ready() {
     use tokio::io::AsyncWriteExt;
-    if let Some(mut rx) = wait_for {
-        let _ = rx.wait_for(Option::is_some).await;
-    }
     let addr =
         tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_HOST, cocoon_protocol::READY_PORT);
     for _ in 0..500 {

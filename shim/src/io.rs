@@ -72,9 +72,7 @@ impl Outputs {
             .push(relay_output(stream, fifo, self.moved.clone()));
     }
 
-    /// Stops every relay now, closing its FIFO: for a process that never started, whose
-    /// streams may stay open (a guest that stopped answering) and whose reader (`ctr`) waits
-    /// for the FIFOs to close before it reports the failure.
+    /// Stops every relay now, closing its FIFO: for a process that never started.
     pub fn abort(self) {
         for t in &self.tasks {
             t.abort();

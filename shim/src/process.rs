@@ -83,11 +83,19 @@ pub struct Relays {
 }
 
 impl Relays {
-    /// Stops the relays of a process that failed to start ([`Outputs::abort`]).
-    pub fn abort(self) {
-        self.outputs.abort();
-        if let Some((_, stdin)) = self.stdin {
-            stdin.abort();
+    /// The relays with what starting their process gave, or, if it failed, the error with
+    /// the relays stopped ([`Outputs::abort`]): their streams may never close on their own (a
+    /// guest that stopped answering) while their reader (`ctr`) waits for the FIFOs to.
+    pub fn kept_if<T>(self, started: Result<T>) -> Result<(T, Relays)> {
+        match started {
+            Ok(v) => Ok((v, self)),
+            Err(e) => {
+                self.outputs.abort();
+                if let Some((_, stdin)) = self.stdin {
+                    stdin.abort();
+                }
+                Err(e)
+            }
         }
     }
 }

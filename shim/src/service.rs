@@ -42,10 +42,15 @@ pub struct CocoonShim {
 /// How long an exiting shim waits for containerd to take the events it still holds.
 const FLUSH_ON_EXIT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The runtime directory of pod `sandbox`, from the cocoon config.
+fn run_dir_of(sandbox: &str) -> Result<std::path::PathBuf, vmm_driver::error::Error> {
+    vmm_driver::Config::load().map(|cfg| cfg.state_dir.join(sandbox))
+}
+
 /// What a dead shim of pod `sandbox` left: its VM's processes, mounts and runtime directory.
 fn cleanup_sandbox(sandbox: &str) {
-    match vmm_driver::Config::load() {
-        Ok(cfg) => crate::state::cleanup(&cfg.state_dir.join(sandbox)),
+    match run_dir_of(sandbox) {
+        Ok(run_dir) => crate::state::cleanup(&run_dir),
         Err(e) => log::warn!("delete: cannot read the cocoon config ({e}); nothing cleaned"),
     }
 }
@@ -161,8 +166,8 @@ impl CocoonShim {
     /// Starts the pod's guard before anything of the pod exists, so that a shim killed even
     /// in the middle of a boot leaves nothing behind.
     fn start_guard(&self, sandbox: &str) {
-        let run_dir = match vmm_driver::Config::load() {
-            Ok(cfg) => cfg.state_dir.join(sandbox),
+        let run_dir = match run_dir_of(sandbox) {
+            Ok(run_dir) => run_dir,
             Err(e) => {
                 log::warn!("no guard for pod {sandbox}: cannot read the cocoon config ({e})");
                 return;

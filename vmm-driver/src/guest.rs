@@ -52,25 +52,24 @@ async fn wait_for_ready(
             )
         })?;
     }
-    let result = loop {
-        if let Some(e) = vm.exit_error() {
-            break Err(e);
+    let result = watching(vm, start, timeout, async {
+        loop {
+            match listener.accept().await {
+                Ok((mut s, _)) => {
+                    let mut b = [0u8; 16];
+                    let _ = tokio::time::timeout(
+                        Duration::from_millis(200),
+                        tokio::io::AsyncReadExt::read(&mut s, &mut b),
+                    )
+                    .await;
+                    return;
+                }
+                // Yield before trying again, so that the watch can end the wait.
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
         }
-        if start.elapsed() >= timeout {
-            break Err(unreachable(vm, timeout));
-        }
-        if let Ok(Ok((mut s, _))) =
-            tokio::time::timeout(Duration::from_millis(50), listener.accept()).await
-        {
-            let mut b = [0u8; 16];
-            let _ = tokio::time::timeout(
-                Duration::from_millis(200),
-                tokio::io::AsyncReadExt::read(&mut s, &mut b),
-            )
-            .await;
-            break Ok(());
-        }
-    };
+    })
+    .await;
     drop(listener);
     let _ = std::fs::remove_file(&path);
     result
@@ -79,8 +78,29 @@ async fn wait_for_ready(
 /// Waits for the guest's ready stream on the serial channel (`serial.rs`), watching the VMM.
 async fn wait_for_serial(vm: &mut dyn Vmm, link: &SerialLink, timeout: Duration) -> Result<()> {
     let start = tokio::time::Instant::now();
-    let ready = link.wait_ready();
-    tokio::pin!(ready);
+    let Err(ended) = watching(vm, start, timeout, link.wait_ready()).await? else {
+        return Ok(());
+    };
+    // The session ended: the VMM is going; say why if it shows in time.
+    let t = tokio::time::Instant::now();
+    while t.elapsed() < Duration::from_secs(1) {
+        if let Some(exit) = vm.exit_error() {
+            return Err(exit);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(ended)
+}
+
+/// Runs `fut` while watching the VMM every 50 ms: its exit, or `timeout` counted from
+/// `start`, ends the wait with the error that says why.
+async fn watching<T>(
+    vm: &mut dyn Vmm,
+    start: tokio::time::Instant,
+    timeout: Duration,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T> {
+    tokio::pin!(fut);
     loop {
         if let Some(e) = vm.exit_error() {
             return Err(e);
@@ -88,20 +108,8 @@ async fn wait_for_serial(vm: &mut dyn Vmm, link: &SerialLink, timeout: Duration)
         if start.elapsed() >= timeout {
             return Err(unreachable(vm, timeout));
         }
-        match tokio::time::timeout(Duration::from_millis(50), &mut ready).await {
-            Ok(Ok(())) => return Ok(()),
-            // The session ended: the VMM is going; say why if it shows in time.
-            Ok(Err(e)) => {
-                let t = tokio::time::Instant::now();
-                while t.elapsed() < Duration::from_secs(1) {
-                    if let Some(exit) = vm.exit_error() {
-                        return Err(exit);
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                return Err(e);
-            }
-            Err(_) => {}
+        if let Ok(v) = tokio::time::timeout(Duration::from_millis(50), &mut fut).await {
+            return Ok(v);
         }
     }
 }

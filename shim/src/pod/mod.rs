@@ -416,13 +416,7 @@ impl Pod {
                 Ok::<_, Error>(pid)
             }
             .await;
-            match started {
-                Ok(pid) => Ok::<_, Error>((pid, relays)),
-                Err(e) => {
-                    relays.abort();
-                    Err(e)
-                }
-            }
+            relays.kept_if(started)
         }
         .await;
         let (pid, relays) = match created {

@@ -89,16 +89,11 @@ impl Pod {
             stdio: MessageField::some(stdio.streams()),
             ..Default::default()
         };
-        let pid = match guest
+        let started = guest
             .call("exec", guest.agent.exec_process(guest.ctx(), &req))
             .await
-        {
-            Ok(r) => r.pid,
-            Err(e) => {
-                relays.abort();
-                return Err(e);
-            }
-        };
+            .map(|r| r.pid);
+        let (pid, relays) = relays.kept_if(started)?;
         let stdin = relays.stdin;
         let tx = self
             .with_state(|s| {

@@ -369,6 +369,7 @@ impl QemuVm {
 /// VM has of its own (name, sockets, uid): the one place the machine's shape is set, so that
 /// a pod and `check` name the same template.
 fn shaped(cfg: &Config, spec: &VmSpec, accel: Chosen) -> QemuLaunch {
+    let channel = Channel::of(cfg);
     QemuLaunch {
         name: String::new(),
         accel,
@@ -376,7 +377,7 @@ fn shaped(cfg: &Config, spec: &VmSpec, accel: Chosen) -> QemuLaunch {
         memory_mib: spec.memory_mib,
         kernel: cfg.kernel.clone(),
         initramfs: cfg.initramfs.clone(),
-        cmdline: match Channel::of(cfg) {
+        cmdline: match channel {
             // The agent looks for its port only where the host said so.
             Channel::Serial => format!(
                 "{} {}",
@@ -387,7 +388,7 @@ fn shaped(cfg: &Config, spec: &VmSpec, accel: Chosen) -> QemuLaunch {
         },
         console_socket: "/console".into(),
         qmp_socket: "/qmp".into(),
-        vsock: match Channel::of(cfg) {
+        vsock: match channel {
             Channel::Serial => VsockDevice::Serial("/agent".into()),
             _ => VsockDevice::VhostUser("/vsock".into()),
         },
