@@ -322,6 +322,32 @@ impl Containerd {
         out
     }
 
+    /// `ctr run -d` of the test image as `id`, running `cmd` under Cocoon; fails the test
+    /// with ctr's error and containerd's log if the run does.
+    pub fn run_detached(&self, id: &str, cmd: &[&str]) {
+        let mut args = vec!["run", "-d", "--runtime", RUNTIME, IMAGE, id];
+        args.extend_from_slice(cmd);
+        let out = self.ctr(&args);
+        assert!(
+            out.status.success(),
+            "ctr run -d {id}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+    }
+
+    /// The pid of the one shim serving container `id` (its daemon, started with `-id <id>`).
+    pub fn shim_pid(&self, id: &str) -> i32 {
+        let flag = format!("-id {id} ");
+        let shims: Vec<i32> = crate::processes_mentioning(self.dir.path())
+            .iter()
+            .filter(|p| p.contains("containerd-shim-cocoon-v2") && p.contains(&flag))
+            .filter_map(|p| p.split(':').next()?.parse().ok())
+            .collect();
+        assert_eq!(shims.len(), 1, "one shim for {id}: {shims:?}");
+        shims[0]
+    }
+
     /// Nothing of any pod may be left: no shim, VM process, mount or runtime directory.
     pub fn assert_clean(&self) {
         let t0 = Instant::now();

@@ -51,6 +51,29 @@ pub fn pids_named(needle: &Path, comm: &str) -> Vec<i32> {
         .collect()
 }
 
+/// The vhost-device-vsock daemons of pods below `dir`: each runs with relative socket paths
+/// in a directory of its own in the pod's run dir (`qemu/vsockd.rs`), so its command line
+/// names no path below `dir` ([`processes_mentioning`] misses it) but its working directory
+/// is one.
+pub fn vsock_daemons_below(dir: &Path) -> Vec<String> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    procs
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().into_owned();
+            if !pid.chars().all(|c| c.is_ascii_digit()) {
+                return None;
+            }
+            let cwd = std::fs::read_link(e.path().join("cwd")).ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            (cwd.starts_with(dir) && String::from_utf8_lossy(&cmd).contains("vhost-device-vsock"))
+                .then_some(pid)
+        })
+        .collect()
+}
+
 /// Sends `sig` to each of `pids`; one that is already gone is skipped (virtiofsd's sandboxed
 /// child can die with its parent first).
 pub fn signal_all(pids: &[i32], sig: nix::sys::signal::Signal) {

@@ -161,34 +161,12 @@ pub fn cocoon_pss(c: &Containerd) -> BTreeMap<&'static str, u64> {
             *by.entry("guest RAM not mapped").or_default() += unmapped_guest_ram_kib(pid);
         }
     }
-    for pid in vsock_daemons_below(c.dir.path()) {
+    for pid in crate::leaks::vsock_daemons_below(c.dir.path()) {
         if counted.insert(pid.clone()) {
             *by.entry("vhost-device-vsock").or_default() += pss_kib(&pid);
         }
     }
     by
-}
-
-/// The vhost-device-vsock daemons of pods below `dir`: each runs with relative socket paths
-/// in a directory of its own in the pod's run dir (`qemu/vsockd.rs`), so its command line
-/// names no path below `dir` but its working directory is one.
-fn vsock_daemons_below(dir: &std::path::Path) -> Vec<String> {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return vec![];
-    };
-    procs
-        .flatten()
-        .filter_map(|e| {
-            let pid = e.file_name().to_string_lossy().into_owned();
-            if !pid.chars().all(|c| c.is_ascii_digit()) {
-                return None;
-            }
-            let cwd = std::fs::read_link(e.path().join("cwd")).ok()?;
-            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
-            (cwd.starts_with(dir) && String::from_utf8_lossy(&cmd).contains("vhost-device-vsock"))
-                .then_some(pid)
-        })
-        .collect()
 }
 
 /// Host PSS per pod of `n` idle pods (MiB), a few seconds after they started.

@@ -192,17 +192,7 @@ async fn detached_task_exec_ps_kill_delete() {
     let c = Containerd::start();
     c.import_test_image();
 
-    let out = c.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "bg",
-        "sleep",
-        "1000",
-    ]);
-    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+    c.run_detached("bg", &["sleep", "1000"]);
 
     let out = c.ctr(&[
         "task",
@@ -442,24 +432,8 @@ async fn a_killed_vm_ends_its_task_and_a_killed_shim_leaves_nothing() {
     );
 
     // SIGKILL the shim while a task runs, then `ctr task delete -f`: nothing may be left.
-    let out = c.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "orphan",
-        "sleep",
-        "1000",
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let shim: Vec<i32> = cocoon_tests::processes_mentioning(c.dir.path())
-        .iter()
-        .filter(|p| p.contains("containerd-shim-cocoon-v2") && p.contains("-id orphan"))
-        .filter_map(|p| p.split(':').next()?.parse().ok())
-        .collect();
-    assert_eq!(shim.len(), 1, "one shim for the pod");
-    kill9(shim[0]);
+    c.run_detached("orphan", &["sleep", "1000"]);
+    kill9(c.shim_pid("orphan"));
     let _ = c.ctr(&["task", "delete", "-f", "orphan"]);
     let _ = c.ctr(&["containers", "delete", "orphan"]);
     let _ = events.kill();

@@ -47,17 +47,7 @@ fn short_bounds(c: &Containerd) {
 }
 
 fn run_detached(c: &Containerd, id: &str) {
-    let out = c.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        id,
-        "sleep",
-        "1000",
-    ]);
-    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+    c.run_detached(id, &["sleep", "1000"]);
     wait_until("the task to run", 60, || task_status(c, id) == "RUNNING");
 }
 

@@ -125,17 +125,7 @@ async fn a_detached_containers_rootfs_is_no_host_mount_and_its_disk_goes_with_it
     };
     let (c, _cache) = containerd_with_cache();
     c.import_test_image();
-    let out = c.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "held",
-        "sleep",
-        "600",
-    ]);
-    assert!(out.status.success(), "{}\n{}", text(&out.stderr), c.log());
+    c.run_detached("held", &["sleep", "600"]);
     let mounts = mounts_mentioning(&c.cocoon_state);
     assert!(
         mounts.iter().all(|m| !m.contains("held/rootfs")),

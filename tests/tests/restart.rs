@@ -234,35 +234,18 @@ async fn a_shim_killed_while_containerd_is_down_leaves_nothing() {
     let Some(_gate) = gate(&[Need::selected_guest()]).await else {
         return;
     };
-    let mut c = Containerd::start_configured(cocoon_tests::test_hypervisor(), |_| {
-        "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n".to_owned()
-    });
+    let mut c = Containerd::start();
     c.import_test_image();
-    let out = c.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "guarded",
-        "sleep",
-        "1000",
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    c.run_detached("guarded", &["sleep", "1000"]);
     let run_dir = c.cocoon_state.join("guarded");
     let pod_processes = || cocoon_tests::processes_mentioning(&run_dir);
     let vm = cocoon_tests::pids_named(&run_dir, "qemu-system-x86_64");
     assert_eq!(vm.len(), 1, "one VM: {:#?}", pod_processes());
-    let shim: Vec<i32> = cocoon_tests::processes_mentioning(c.dir.path())
-        .iter()
-        .filter(|p| p.contains("containerd-shim-cocoon-v2") && p.contains("-id guarded"))
-        .filter_map(|p| p.split(':').next()?.parse().ok())
-        .collect();
-    assert_eq!(shim.len(), 1, "one shim for the pod");
+    let shim = c.shim_pid("guarded");
 
     c.stop();
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(shim[0]),
+        nix::unistd::Pid::from_raw(shim),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();

@@ -9,12 +9,25 @@
 use std::io::Write;
 use std::process::Stdio;
 
-use cocoon_tests::containerd::{containerd_bin, Containerd, IMAGE, RUNTIME};
-use cocoon_tests::leaks::{pids_named, processes_mentioning};
+use cocoon_tests::containerd::{containerd_bin, Containerd};
+use cocoon_tests::leaks::{pids_named, processes_mentioning, vsock_daemons_below};
 use cocoon_tests::{gate, Need};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
+}
+
+/// `ctr task exec` of `cmd` in the pod, with its stdout and stderr piped to the test.
+fn exec_child(c: &Containerd, exec_id: &str, cmd: &str, stdin: Stdio) -> std::process::Child {
+    std::process::Command::new(containerd_bin("ctr"))
+        .arg("--address")
+        .arg(&c.address)
+        .args(["task", "exec", "--exec-id", exec_id, "serial", cmd])
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 #[tokio::test]
@@ -26,21 +39,11 @@ async fn a_pod_on_the_serial_channel_has_no_vsock_and_its_streams_do_not_wait_on
     std::env::set_var("COCOON_TEST_VSOCK", "serial");
     let c = Containerd::start();
     c.import_test_image();
-    let out = c.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "serial",
-        "sleep",
-        "600",
-    ]);
-    assert!(out.status.success(), "{}\n{}", text(&out.stderr), c.log());
+    c.run_detached("serial", &["sleep", "600"]);
     let vm = pids_named(&c.cocoon_state, "qemu-system-x86_64");
     assert_eq!(vm.len(), 1);
     assert!(
-        pids_named(&c.cocoon_state, "vhost-device-vsock").is_empty(),
+        vsock_daemons_below(&c.cocoon_state).is_empty(),
         "the serial channel needs no vhost-device-vsock: {:#?}",
         processes_mentioning(&c.cocoon_state)
     );
@@ -52,26 +55,10 @@ async fn a_pod_on_the_serial_channel_has_no_vsock_and_its_streams_do_not_wait_on
 
     // A process whose output nobody reads fills its stream's window; exec and stdin to
     // another process of the pod still go through.
-    let mut stalled = std::process::Command::new(containerd_bin("ctr"))
-        .arg("--address")
-        .arg(&c.address)
-        .args(["task", "exec", "--exec-id", "flood", "serial", "yes"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut stalled = exec_child(&c, "flood", "yes", Stdio::null());
     std::thread::sleep(std::time::Duration::from_secs(2));
     let input: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
-    let mut cat = std::process::Command::new(containerd_bin("ctr"))
-        .arg("--address")
-        .arg(&c.address)
-        .args(["task", "exec", "--exec-id", "cat", "serial", "cat"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut cat = exec_child(&c, "cat", "cat", Stdio::piped());
     let mut stdin = cat.stdin.take().unwrap();
     let feed = {
         let input = input.clone();
