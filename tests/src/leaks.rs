@@ -4,10 +4,12 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-/// Processes whose command line mentions `needle` (a per-test temp dir): anything listed after
-/// a VM stopped is a leak.
+/// Processes whose command line mentions `needle` (a per-test temp dir) or whose working
+/// directory is below it: anything listed after a VM stopped is a leak. The working directory
+/// counts because vhost-device-vsock runs with relative socket paths in a directory of the
+/// pod's run dir (`qemu/vsockd.rs`): its command line names no path at all.
 pub fn processes_mentioning(needle: &Path) -> Vec<String> {
-    let needle = needle.to_string_lossy().into_owned();
+    let text = needle.to_string_lossy().into_owned();
     let me = std::process::id().to_string();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return vec![];
@@ -23,7 +25,8 @@ pub fn processes_mentioning(needle: &Path) -> Vec<String> {
         .filter_map(|e| {
             let raw = std::fs::read(e.path().join("cmdline")).ok()?;
             let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
-            cmd.contains(&needle)
+            let cwd = std::fs::read_link(e.path().join("cwd")).ok();
+            (cmd.contains(&text) || cwd.is_some_and(|d| d.starts_with(needle)))
                 .then(|| format!("{}: {cmd}", e.file_name().to_string_lossy()))
         })
         .collect()
@@ -47,29 +50,6 @@ pub fn pids_named(needle: &Path, comm: &str) -> Vec<i32> {
         .into_iter()
         .filter(|p| {
             std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm)
-        })
-        .collect()
-}
-
-/// The vhost-device-vsock daemons of pods below `dir`: each runs with relative socket paths
-/// in a directory of its own in the pod's run dir (`qemu/vsockd.rs`), so its command line
-/// names no path below `dir` ([`processes_mentioning`] misses it) but its working directory
-/// is one.
-pub fn vsock_daemons_below(dir: &Path) -> Vec<String> {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return vec![];
-    };
-    procs
-        .flatten()
-        .filter_map(|e| {
-            let pid = e.file_name().to_string_lossy().into_owned();
-            if !pid.chars().all(|c| c.is_ascii_digit()) {
-                return None;
-            }
-            let cwd = std::fs::read_link(e.path().join("cwd")).ok()?;
-            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
-            (cwd.starts_with(dir) && String::from_utf8_lossy(&cmd).contains("vhost-device-vsock"))
-                .then_some(pid)
         })
         .collect()
 }

@@ -139,10 +139,8 @@ fn unmapped_guest_ram_kib(pid: &str) -> u64 {
 /// unmapped.
 pub fn cocoon_pss(c: &Containerd) -> BTreeMap<&'static str, u64> {
     let mut by = BTreeMap::new();
-    let mut counted = std::collections::BTreeSet::new();
     for p in crate::processes_mentioning(c.dir.path()) {
         let pid = p.split(':').next().unwrap_or("");
-        counted.insert(pid.to_owned());
         let kind = if p.contains(cocoon_shim::guard::GUARD_ARG) {
             "guard"
         } else if p.contains("containerd-shim-cocoon") {
@@ -159,11 +157,6 @@ pub fn cocoon_pss(c: &Containerd) -> BTreeMap<&'static str, u64> {
         *by.entry(kind).or_default() += pss_kib(pid);
         if kind == "qemu" {
             *by.entry("guest RAM not mapped").or_default() += unmapped_guest_ram_kib(pid);
-        }
-    }
-    for pid in crate::leaks::vsock_daemons_below(c.dir.path()) {
-        if counted.insert(pid.clone()) {
-            *by.entry("vhost-device-vsock").or_default() += pss_kib(&pid);
         }
     }
     by

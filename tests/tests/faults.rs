@@ -34,6 +34,22 @@ fn task_status(c: &Containerd, id: &str) -> String {
         .to_owned()
 }
 
+/// `ctr run -d` arguments for a pod that shares a host directory, so that it is a full pod
+/// and runs both helpers (a lean pod has no virtiofsd).
+fn run_with_share(share: &std::path::Path, id: &str) -> Vec<String> {
+    let mount = format!("type=bind,src={},dst=/share,options=rbind:ro", share.display());
+    ["run", "-d", "--runtime", RUNTIME, "--mount", &mount, IMAGE, id, "sleep", "1000"]
+        .map(str::to_owned)
+        .to_vec()
+}
+
+/// Says why `helper` has no process to kill for this VM; virtiofsd always has one for a pod
+/// that shares a host directory.
+fn nothing_to_kill(helper: &str) {
+    assert_ne!(helper, "virtiofsd", "a pod sharing a host directory runs virtiofsd");
+    eprintln!("{helper}: not running for this VM (kernel vsock or serial channel); nothing to kill");
+}
+
 /// The pids of this containerd's VM processes named `comm`.
 fn vm_processes(c: &Containerd, comm: &str) -> Vec<i32> {
     pids_named(&c.cocoon_state, comm)
@@ -213,25 +229,15 @@ async fn a_helper_that_dies_during_boot_fails_the_create_and_names_itself() {
     };
     let c = Containerd::start();
     c.import_test_image();
+    let share = tempfile::tempdir().unwrap();
     for helper in ["virtiofsd", "vhost-device-vsock"] {
         let id = format!("boot-{helper}-dies");
         let address = c.address.clone();
-        let run_id = id.clone();
+        let args = run_with_share(share.path(), &id);
         let run = std::thread::spawn(move || {
             let t0 = Instant::now();
-            let out = Containerd::ctr_at(
-                &address,
-                &[
-                    "run",
-                    "-d",
-                    "--runtime",
-                    RUNTIME,
-                    IMAGE,
-                    &run_id,
-                    "sleep",
-                    "1000",
-                ],
-            );
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = Containerd::ctr_at(&address, &args);
             (out, t0.elapsed())
         });
         wait_until("the VMM to start", 60, || {
@@ -240,7 +246,7 @@ async fn a_helper_that_dies_during_boot_fails_the_create_and_names_itself() {
         });
         let pids = vm_processes(&c, helper);
         if pids.is_empty() {
-            eprintln!("{helper}: not running for this VM (kernel vsock?); nothing to kill");
+            nothing_to_kill(helper);
         }
         signal_all(&pids, nix::sys::signal::Signal::SIGKILL);
         let (out, took) = run.join().unwrap();
@@ -279,25 +285,18 @@ async fn a_dead_helper_stops_its_vm_and_the_pod_cleans_up() {
     };
     let c = Containerd::start();
     c.import_test_image();
+    let share = tempfile::tempdir().unwrap();
     for helper in ["virtiofsd", "vhost-device-vsock"] {
         let id = format!("victim-{helper}");
-        let out = c.ctr(&[
-            "run",
-            "-d",
-            "--runtime",
-            RUNTIME,
-            IMAGE,
-            &id,
-            "sleep",
-            "1000",
-        ]);
+        let args = run_with_share(share.path(), &id);
+        let out = c.ctr(&args.iter().map(String::as_str).collect::<Vec<_>>());
         assert!(out.status.success(), "run -d: {}", text(&out.stderr));
         wait_until("the task to run", 60, || task_status(&c, &id) == "RUNNING");
         // The helper's own processes (virtiofsd is two: the sandboxed one is its child), by
         // name: QEMU's command line mentions both helpers' sockets.
         let pids = vm_processes(&c, helper);
         if pids.is_empty() {
-            eprintln!("{helper}: not running for this VM (kernel vsock?); nothing to kill");
+            nothing_to_kill(helper);
         }
         // virtiofsd's sandboxed child may die with its parent before its own kill arrives.
         signal_all(&pids, nix::sys::signal::Signal::SIGKILL);
