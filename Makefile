@@ -18,9 +18,9 @@ HELPERS      := virtiofsd@1.14.0 vhost-device-vsock@0.3.0
 
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: setup deps helpers build agent image install test test-containerd2 conformance test-cloud-hypervisor test-template-off bench soak demo clean
+.PHONY: setup deps helpers qemu build agent image install test test-containerd2 conformance test-cloud-hypervisor test-template-off bench soak demo clean
 
-setup: deps helpers build image install
+setup: deps helpers qemu build image install
 
 deps:
 	apt-get update -q
@@ -37,6 +37,12 @@ helpers:
 	    $(CARGO) install --locked --root $(PREFIX) $$h || exit 1; \
 	  fi; \
 	done
+
+# Cocoon's own QEMU (bookworm-backports' 10 beside Debian 12's 7.2): the shim uses it where it
+# is (vmm_driver::config::COCOON_QEMU), and only 8.2 and later let pods share the template's RAM.
+COCOON_QEMU_PREFIX := /usr/local/lib/cocoon/qemu
+qemu:
+	scripts/fetch-qemu.sh $(COCOON_QEMU_PREFIX)
 
 build: agent
 	$(CARGO) build --release -p cocoon-shim -p cocoon-rootfs -p cocoon-tests --bins
@@ -67,7 +73,7 @@ CONTAINERD2_PREFIX ?= /var/tmp/cocoon-containerd2
 
 test: build image
 	$(CARGO) test --release --workspace
-	COCOON_TEST_VSOCK=serial $(CARGO) test --release -p cocoon-tests --test ctr --test restart \
+	COCOON_TEST_VSOCK=hybrid $(CARGO) test --release -p cocoon-tests --test ctr --test restart \
 	  --test lean_pods --test faults
 	scripts/fetch-containerd.sh $(CONTAINERD2_PREFIX)
 	COCOON_TEST_CONTAINERD_BIN=$(CONTAINERD2_PREFIX)/usr/bin $(CARGO) test --release -p cocoon-tests \

@@ -35,3 +35,26 @@ pub fn apply(unix_time_ns: i64, entropy: &[u8]) -> Result<()> {
     }
     Ok(())
 }
+
+/// Where the virtio balloon's driver lists the devices it drives.
+const BALLOON_DRIVER: &str = "/sys/bus/virtio/drivers/virtio_balloon";
+
+/// Unbinds the virtio balloon, whose only work here is free page reporting: in a VM whose RAM
+/// is a private clone of the template's, QEMU can't discard what it is told (the file is
+/// read-only to it), so every report would cost the guest work and QEMU an error line. Best
+/// effort: a guest that keeps reporting is slower, not wrong.
+pub fn stop_free_page_reporting() {
+    let Ok(devices) = std::fs::read_dir(BALLOON_DRIVER) else {
+        return;
+    };
+    for d in devices.flatten() {
+        let name = d.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("virtio") {
+            continue;
+        }
+        match std::fs::write(format!("{BALLOON_DRIVER}/unbind"), &name) {
+            Ok(()) => log::debug!("{name}: balloon unbound (RAM is a copy-on-write clone)"),
+            Err(e) => log::warn!("{name}: could not unbind the balloon: {e}"),
+        }
+    }
+}

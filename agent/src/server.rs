@@ -125,6 +125,9 @@ impl AgentService for Agent {
             ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::INTERNAL, format!("{e:#}")))
         })?;
         log::debug!("clock and RNG refreshed from the host");
+        if req.ram_private {
+            crate::refresh::stop_free_page_reporting();
+        }
         Ok(Empty::default())
     }
 

@@ -19,6 +19,12 @@ pub fn grouping_id(id: &str, spec: &serde_json::Value) -> String {
     }
 }
 
+/// Whether more containers may join the pod that `spec` (its first container) starts: only a
+/// CRI pod sandbox's ([`grouping_id`] puts a container in another's pod only by its id).
+pub fn takes_later_containers(spec: &serde_json::Value) -> bool {
+    spec["annotations"][CONTAINER_TYPE].as_str() == Some("sandbox")
+}
+
 /// The bundle's `config.json`, or null when it can't be read: `start` and `delete` only need
 /// its annotations, and a missing one means "not part of a CRI pod".
 pub fn bundle_spec(bundle: &std::path::Path) -> serde_json::Value {
@@ -249,6 +255,8 @@ mod tests {
         let c = json!({"annotations": {CONTAINER_TYPE: "container", SANDBOX_ID: "pod1"}});
         assert_eq!(grouping_id("c1", &c), "pod1");
         let sb = json!({"annotations": {CONTAINER_TYPE: "sandbox", SANDBOX_ID: "pod1"}});
+        assert!(takes_later_containers(&sb) && !takes_later_containers(&c));
+        assert!(!takes_later_containers(&json!({})));
         assert_eq!(grouping_id("pod1", &sb), "pod1");
         assert_eq!(grouping_id("solo", &json!({})), "solo");
     }

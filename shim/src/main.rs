@@ -67,17 +67,19 @@ async fn run(args: Vec<String>) -> Result<()> {
 }
 
 /// Where the VM template of a default-sized pod stands.
-fn template_state(cfg: &Config) -> String {
+async fn template_state(cfg: &Config) -> String {
     use vmm_driver::config::{Hypervisor, TemplateMode};
     match (cfg.vm.template, cfg.hypervisor) {
         (TemplateMode::Off, _) => "off (vm.template = \"off\"): pods boot the kernel".into(),
         (_, Hypervisor::CloudHypervisor) => {
             "not used with cloud-hypervisor: pods boot the kernel".into()
         }
-        (TemplateMode::Auto, Hypervisor::Qemu) => match vmm_driver::qemu::default_identity(cfg) {
-            Ok(id) => id.describe(),
-            Err(e) => format!("unknown: {e}"),
-        },
+        (TemplateMode::Auto, Hypervisor::Qemu) => {
+            match vmm_driver::qemu::default_identity(cfg).await {
+                Ok(id) => id.describe(),
+                Err(e) => format!("unknown: {e}"),
+            }
+        }
     }
 }
 
@@ -118,7 +120,7 @@ async fn check(show_console: bool) -> Result<()> {
             &d.shared_mount
         }
     );
-    println!("template    : {}", template_state(&cfg));
+    println!("template    : {}", template_state(&cfg).await);
     println!(
         "boot        : VMM up {:?}, agent connected {:?}, agent answered {:?} (guest uptime at agent ready {} ms)",
         t.vmm_started, t.agent_connected, t.agent_ready, d.agent_ready_uptime_ms

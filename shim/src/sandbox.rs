@@ -211,6 +211,7 @@ impl Sandbox {
             unix_time_ns: i64::try_from(now.as_nanos()).unwrap_or(i64::MAX),
             entropy,
             share: vm.share_hotplug().is_none(),
+            ram_private: vm.ram_cloned(),
             ..Default::default()
         };
         let refresh = agent.refresh(context::with_duration(limit), &req);
@@ -451,6 +452,7 @@ impl VmFactory for SandboxFactory {
         }
         let mut vm = VmSpec::from_config(&cfg, sandbox_id);
         vm.share = share || cfg.vm.share == vmm_driver::config::ShareMode::Always;
+        vm.later_containers = annotations::takes_later_containers(spec);
         if vm.share && !share {
             log::info!("pod {sandbox_id}: VM with the virtio-fs share ([vm] share = \"always\")");
         }

@@ -16,11 +16,24 @@ fn image_config(state: &Path) -> Config {
         kernel: img.join("vmlinuz"),
         initramfs: img.join("initramfs.img"),
         state_dir: state.to_owned(),
+        vsock: test_vsock(),
         vm: vmm_driver::config::VmDefaults {
             template: test_template(),
             ..Config::default().vm
         },
         ..Config::default()
+    }
+}
+
+/// The agent's channel: the default, or `COCOON_TEST_VSOCK` (`make test` runs some suites on
+/// hybrid vsock too).
+pub fn test_vsock() -> vmm_driver::config::VsockMode {
+    match std::env::var("COCOON_TEST_VSOCK").as_deref() {
+        Err(_) | Ok("" | "auto") => vmm_driver::config::VsockMode::Auto,
+        Ok("hybrid") => vmm_driver::config::VsockMode::Hybrid,
+        Ok("serial") => vmm_driver::config::VsockMode::Serial,
+        Ok("kernel") => vmm_driver::config::VsockMode::Kernel,
+        Ok(other) => panic!("COCOON_TEST_VSOCK={other}: use auto, hybrid, serial or kernel"),
     }
 }
 
@@ -88,7 +101,7 @@ pub fn write_cocoon_toml(path: &Path, hypervisor: Hypervisor, state_dir: &Path) 
         } + &std::env::var("COCOON_TEST_GUEST_LOG")
             .map(|level| format!("log_level = \"{level}\"\n"))
             .unwrap_or_default()
-            // The agent's channel: `make test-vsock-hybrid` runs suites on the other one.
+            // The agent's channel: `make test` runs some suites on hybrid vsock too.
             + &std::env::var("COCOON_TEST_VSOCK")
                 .map(|mode| format!("vsock = \"{mode}\"\n"))
                 .unwrap_or_default(),

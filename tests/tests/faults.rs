@@ -37,17 +37,36 @@ fn task_status(c: &Containerd, id: &str) -> String {
 /// `ctr run -d` arguments for a pod that shares a host directory, so that it is a full pod
 /// and runs both helpers (a lean pod has no virtiofsd).
 fn run_with_share(share: &std::path::Path, id: &str) -> Vec<String> {
-    let mount = format!("type=bind,src={},dst=/share,options=rbind:ro", share.display());
-    ["run", "-d", "--runtime", RUNTIME, "--mount", &mount, IMAGE, id, "sleep", "1000"]
-        .map(str::to_owned)
-        .to_vec()
+    let mount = format!(
+        "type=bind,src={},dst=/share,options=rbind:ro",
+        share.display()
+    );
+    [
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--mount",
+        &mount,
+        IMAGE,
+        id,
+        "sleep",
+        "1000",
+    ]
+    .map(str::to_owned)
+    .to_vec()
 }
 
 /// Says why `helper` has no process to kill for this VM; virtiofsd always has one for a pod
 /// that shares a host directory.
 fn nothing_to_kill(helper: &str) {
-    assert_ne!(helper, "virtiofsd", "a pod sharing a host directory runs virtiofsd");
-    eprintln!("{helper}: not running for this VM (kernel vsock or serial channel); nothing to kill");
+    assert_ne!(
+        helper, "virtiofsd",
+        "a pod sharing a host directory runs virtiofsd"
+    );
+    eprintln!(
+        "{helper}: not running for this VM (kernel vsock or serial channel); nothing to kill"
+    );
 }
 
 /// The pids of this containerd's VM processes named `comm`.

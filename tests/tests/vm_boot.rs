@@ -404,7 +404,9 @@ async fn the_run_dir_is_private_and_qemu_and_vhost_device_vsock_are_unprivileged
         return;
     };
     let state = tempfile::tempdir().unwrap();
-    let cfg = test_config(state.path());
+    let mut cfg = test_config(state.path());
+    // The channel with a daemon of its own, whose privileges are checked below.
+    cfg.vsock = vmm_driver::config::VsockMode::Hybrid;
     let spec = VmSpec::from_config(&cfg, "private");
     let sb = Sandbox::boot(&cfg, &spec).await.unwrap();
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;

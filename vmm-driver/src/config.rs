@@ -35,7 +35,9 @@ pub enum Accel {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VsockMode {
-    /// Kernel vsock where `/dev/vhost-vsock` exists, hybrid otherwise.
+    /// Kernel vsock where `/dev/vhost-vsock` exists; elsewhere the serial channel with QEMU
+    /// (no vhost-user daemon, so pods can share the template's RAM) and hybrid vsock with
+    /// Cloud Hypervisor.
     Auto,
     /// A unix socket speaking `CONNECT <port>` (vhost-device-vsock, Cloud Hypervisor).
     Hybrid,
@@ -213,6 +215,22 @@ pub struct VmDefaults {
     pub template: TemplateMode,
     /// When a pod gets the virtio-fs share.
     pub share: ShareMode,
+    /// Whether a pod restored from the template may map the template's RAM copy-on-write
+    /// instead of holding a copy of its own (`qemu/restore.rs`).
+    pub clone_ram: CloneRam,
+}
+
+/// How a pod restored from the VM template holds its RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CloneRam {
+    /// Copy-on-write from the template's RAM file wherever the pod can't need shared RAM: no
+    /// vhost-user device (the agent's channel is `serial`, no virtio-fs share) and no later
+    /// containers that could bring one (a CRI pod sandbox keeps a copy of its own), on a QEMU
+    /// that can map a file it opened read-only (8.2 on).
+    Auto,
+    /// Every pod holds its own copy (shared memory, as vhost-user needs).
+    Off,
 }
 
 /// How long the host waits for the agent. A hung or frozen guest must cost a caller an error
@@ -237,6 +255,20 @@ pub struct VmmSettings {
     /// One QMP exchange (the greeting and capabilities handshake, each command) or one Cloud
     /// Hypervisor API call.
     pub api_timeout_ms: u64,
+}
+
+/// Cocoon's own QEMU, where `make setup` unpacks it (`scripts/fetch-qemu.sh`): Debian 12's
+/// QEMU 7.2 can't map a read-only file as private guest RAM, which clones of the VM template
+/// need (`qemu/version.rs`), and bookworm-backports' 10.0 can.
+pub const COCOON_QEMU: &str = "/usr/local/lib/cocoon/qemu/usr/bin/qemu-system-x86_64";
+
+/// Cocoon's own QEMU where it is installed, else `qemu-system-x86_64` on PATH.
+pub fn default_qemu() -> PathBuf {
+    if Path::new(COCOON_QEMU).exists() {
+        COCOON_QEMU.into()
+    } else {
+        "qemu-system-x86_64".into()
+    }
 }
 
 /// Helper binaries. A bare name is looked up on PATH (and in /usr/local/bin, /usr/libexec).
@@ -287,6 +319,7 @@ impl Default for VmDefaults {
             annotations: true,
             template: TemplateMode::Auto,
             share: ShareMode::OnDemand,
+            clone_ram: CloneRam::Auto,
         }
     }
 }
@@ -331,7 +364,7 @@ impl VmmSettings {
 impl Default for BinaryPaths {
     fn default() -> Self {
         BinaryPaths {
-            qemu: "qemu-system-x86_64".into(),
+            qemu: default_qemu(),
             cloud_hypervisor: "cloud-hypervisor".into(),
             virtiofsd: "virtiofsd".into(),
             vhost_device_vsock: "vhost-device-vsock".into(),

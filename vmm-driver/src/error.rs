@@ -75,6 +75,10 @@ pub enum Error {
     #[error("QMP: {0}")]
     Qmp(String),
 
+    /// A host directory asked of a pod VM that can't take the virtio-fs share (`late_share.rs`).
+    #[error("{0}")]
+    ShareRefused(String),
+
     /// A VM template could not be made or restored; the launch falls back to a cold boot.
     #[error("VM template: {0}")]
     Template(String),

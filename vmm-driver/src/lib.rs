@@ -61,6 +61,10 @@ pub struct VmSpec {
     /// #29's pods that bind no host directory) [`Vmm::share_hotplug`] adds it when needed;
     /// a backend that can't do that starts with it anyway.
     pub share: bool,
+    /// Whether more containers may join the VM after its first (a CRI pod sandbox). Such a VM
+    /// keeps its RAM shared even when it starts lean, so that a later container that binds a
+    /// host directory can still get the share (vhost-user daemons map guest RAM).
+    pub later_containers: bool,
 }
 
 /// One guest NIC backed by a tap the caller opened (in the pod's network namespace). The
@@ -86,6 +90,7 @@ impl VmSpec {
             netns: None,
             hotplug_nics: 0,
             share: true,
+            later_containers: false,
         }
     }
 }
@@ -125,6 +130,11 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     /// when the VM had it from the start.
     fn share_hotplug(&self) -> Option<std::sync::Arc<dyn ShareHotplug>> {
         None
+    }
+    /// Whether the guest's RAM is a copy-on-write clone of a VM template's, which no
+    /// vhost-user daemon can map and whose freed pages the VMM can't take back.
+    fn ram_cloned(&self) -> bool {
+        false
     }
 }
 

@@ -6,12 +6,15 @@
 
 use std::path::PathBuf;
 
+use super::version::QemuVersion;
 use crate::accel::Chosen;
 
 /// Everything the command line depends on.
 #[derive(Debug, Clone)]
 pub struct QemuLaunch {
     pub name: String,
+    /// The release that runs it (`version.rs`).
+    pub version: QemuVersion,
     pub accel: Chosen,
     pub vcpus: u32,
     pub memory_mib: u32,
@@ -38,6 +41,10 @@ pub struct QemuLaunch {
     /// template's RAM is kept in its directory, and a restored pod's is a memfd the driver
     /// filled from it, named `/proc/self/fd/<n>`. Shared either way: vhost-user daemons map it.
     pub ram_file: Option<PathBuf>,
+    /// Map `ram_file` copy-on-write from a file QEMU opens read-only (`readonly=on,rom=off`,
+    /// QEMU 8.2 on): a clone of the template that shares its pages with every other clone
+    /// (`restore.rs`). Only for a VM without vhost-user devices, whose daemons need shared RAM.
+    pub ram_private: bool,
     /// The file holding the agent's key, handed to the guest as the fw_cfg item
     /// `cocoon_protocol::auth::KEY_FW_CFG` (QEMU reads it before `-runas`).
     pub agent_key: Option<PathBuf>,
@@ -139,6 +146,10 @@ pub fn qemu_args(l: &QemuLaunch) -> Vec<String> {
     // vhost-user devices need guest memory the daemons can map: shared, and backed by a file
     // descriptor QEMU can hand them.
     let backend = match &l.ram_file {
+        Some(f) if l.ram_private => format!(
+            "memory-backend-file,id={RAM_BACKEND},size={mem},mem-path={},share=off,readonly=on,rom=off",
+            p(f)
+        ),
         Some(f) => format!(
             "memory-backend-file,id={RAM_BACKEND},size={mem},mem-path={},share=on",
             p(f)
@@ -170,7 +181,11 @@ pub fn qemu_args(l: &QemuLaunch) -> Vec<String> {
     // Root only while it sets up (KVM, vhost-user and console sockets, taps, QMP): QEMU then
     // becomes an unprivileged user with no capabilities, before the guest runs a cycle.
     if let Some((uid, gid)) = l.run_as {
-        push(&["-runas", &format!("{uid}:{gid}")]);
+        if l.version.has_run_with_user() {
+            push(&["-run-with", &format!("user={uid}:{gid}")]);
+        } else {
+            push(&["-runas", &format!("{uid}:{gid}")]);
+        }
     }
     push(&[
         "-chardev",
@@ -315,6 +330,7 @@ mod tests {
     fn launch(accel: Chosen, vsock: VsockDevice) -> QemuLaunch {
         QemuLaunch {
             name: "cocoon-abc".into(),
+            version: crate::qemu::version::QemuVersion::new(7, 2),
             accel,
             vcpus: 2,
             memory_mib: 256,
@@ -331,6 +347,7 @@ mod tests {
             run_as: Some((1_879_048_200, 1_879_048_200)),
             template: None,
             ram_file: None,
+            ram_private: false,
             agent_key: Some("/run/x/agent-key".into()),
         }
     }
@@ -459,10 +476,8 @@ mod tests {
 
     #[test]
     fn tcg_hybrid_vsock_line() {
-        let args = qemu_args(&launch(
-            Chosen::Tcg,
-            VsockDevice::VhostUser("/r/vhost.sock".into()),
-        ));
+        let l = launch(Chosen::Tcg, VsockDevice::VhostUser("/r/vhost.sock".into()));
+        let args = qemu_args(&l);
         assert_eq!(values(&args, "-machine"), ["q35"]);
         assert_eq!(values(&args, "-accel"), ["tcg,tb-size=128"]);
         assert_eq!(values(&args, "-cpu"), ["max,-erms,-fsrm"]);
@@ -504,6 +519,12 @@ mod tests {
             ["on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"]
         );
         assert_eq!(values(&args, "-runas"), ["1879048200:1879048200"]);
+        // QEMU 10 has no -runas.
+        let mut l10 = l.clone();
+        l10.version = crate::qemu::version::QemuVersion::new(10, 0);
+        let args10 = qemu_args(&l10);
+        assert_eq!(values(&args10, "-run-with"), ["user=1879048200:1879048200"]);
+        assert!(values(&args10, "-runas").is_empty());
         // The agent's key goes as a fw_cfg item, by file: never on the command line.
         assert_eq!(
             values(&args, "-fw_cfg"),

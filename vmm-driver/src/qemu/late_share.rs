@@ -42,6 +42,9 @@ pub(crate) struct LateShare {
     /// One attach at a time; the second caller finds the share there.
     attaching: tokio::sync::Mutex<()>,
     attached: StdMutex<Option<(Daemon, Option<Supervisor>)>>,
+    /// Why the share can't be plugged into this VM: its RAM is a private copy-on-write clone
+    /// of the template's, which no vhost-user daemon can map.
+    refused: Option<String>,
 }
 
 impl LateShare {
@@ -62,7 +65,21 @@ impl LateShare {
             qemu,
             attaching: tokio::sync::Mutex::new(()),
             attached: StdMutex::new(None),
+            refused: None,
         }
+    }
+
+    /// The share of a VM whose RAM is the template's, copy-on-write: every attach fails with
+    /// an error that says why and what to change.
+    pub(crate) fn refused(mut self) -> LateShare {
+        self.refused = Some(format!(
+            "pod VM {} maps the VM template's RAM copy-on-write, which virtiofsd can't map, so a \
+             later container can't bind a host directory into it; give the pod's first container \
+             the annotation io.cocoon.share=always, or set [vm] clone_ram = \"off\" (or share = \
+             \"always\") in the Cocoon config",
+            self.vm
+        ));
+        self
     }
 
     /// virtiofsd's pid, once attached.
@@ -111,6 +128,9 @@ impl LateShare {
 #[async_trait]
 impl crate::ShareHotplug for LateShare {
     async fn attach(&self) -> Result<()> {
+        if let Some(why) = &self.refused {
+            return Err(Error::ShareRefused(why.clone()));
+        }
         let _one = self.attaching.lock().await;
         if self.pid().is_some() {
             return Ok(());

@@ -8,6 +8,7 @@ pub mod qmp;
 mod restore;
 pub mod template;
 mod template_ram;
+pub mod version;
 mod vsockd;
 
 pub use restore::default_identity;
@@ -67,6 +68,8 @@ pub struct QemuVm {
     hotplug_slots: u8,
     /// Stops the VM when a helper dies (`supervise.rs`).
     supervisor: Option<crate::supervise::Supervisor>,
+    /// Whether its RAM is the template's, copy-on-write (`restore.rs`).
+    ram_cloned: bool,
     /// Writes the guest console to `console.log`, capped.
     console: Option<ConsoleRelay>,
 }
@@ -87,7 +90,8 @@ impl Channel {
             VsockMode::Kernel => Channel::Kernel,
             VsockMode::Serial => Channel::Serial,
             VsockMode::Auto if Path::new("/dev/vhost-vsock").exists() => Channel::Kernel,
-            VsockMode::Auto => Channel::Hybrid,
+            // No vhost-user daemon: the pod can be a clone of the template's RAM (`restore.rs`).
+            VsockMode::Auto => Channel::Serial,
         }
     }
 }
@@ -97,6 +101,8 @@ const SERIAL_SOCKET: &str = "agent.sock";
 
 struct Binaries {
     qemu: PathBuf,
+    /// `qemu`'s release (`version.rs`).
+    version: version::QemuVersion,
     virtiofsd: PathBuf,
     vsockd: Option<PathBuf>,
 }
@@ -107,8 +113,10 @@ impl QemuVm {
     pub async fn launch(cfg: &Config, spec: &VmSpec) -> Result<QemuVm> {
         let channel = Channel::of(cfg);
         let hybrid = channel == Channel::Hybrid;
+        let qemu = resolve_binary("qemu-system-x86_64", "qemu", &cfg.paths.qemu)?;
         let bins = Binaries {
-            qemu: resolve_binary("qemu-system-x86_64", "qemu", &cfg.paths.qemu)?,
+            version: version::probe(&qemu, &cfg.template_dir).await?,
+            qemu,
             virtiofsd: resolve_binary("virtiofsd", "virtiofsd", &cfg.paths.virtiofsd)?,
             vsockd: if hybrid {
                 Some(resolve_binary(
@@ -193,18 +201,24 @@ impl QemuVm {
             hotplug_slots: spec.hotplug_nics,
             supervisor: None,
             console: None,
+            ram_cloned: false,
         };
         match vm.boot(cfg, spec, bins, chosen, from_template).await {
             Ok(()) => {
                 if let (false, Some(qmp), Some(q)) = (spec.share, &vm.qmp, &vm.qemu) {
-                    vm.late_share = Some(Arc::new(late_share::LateShare::new(
+                    let share = late_share::LateShare::new(
                         &spec.id,
                         cfg,
                         vm.dir.handle(),
                         bins.virtiofsd.clone(),
                         qmp.clone(),
                         q.watched(),
-                    )));
+                    );
+                    vm.late_share = Some(Arc::new(if vm.ram_cloned {
+                        share.refused()
+                    } else {
+                        share
+                    }));
                     log::info!("VM {}: started without the virtio-fs share", spec.id);
                 }
                 if let Err(e) = vm.supervise(&spec.id) {
@@ -290,7 +304,7 @@ impl QemuVm {
             virtiofs_socket: fs_sock,
             run_as: Some(unprivileged_id()?).map(|id| (id, id)),
             agent_key: Some(self.dir.fw_cfg_key_file()),
-            ..shaped(cfg, spec, accel)
+            ..shaped(cfg, spec, accel, bins.version)
         };
         if from_template {
             return self.restore(cfg, spec, bins, launch).await;
@@ -368,10 +382,11 @@ impl QemuVm {
 /// The kernel-boot launch of a VM shaped by `cfg` and `spec`, with placeholders for what each
 /// VM has of its own (name, sockets, uid): the one place the machine's shape is set, so that
 /// a pod and `check` name the same template.
-fn shaped(cfg: &Config, spec: &VmSpec, accel: Chosen) -> QemuLaunch {
+fn shaped(cfg: &Config, spec: &VmSpec, accel: Chosen, version: version::QemuVersion) -> QemuLaunch {
     let channel = Channel::of(cfg);
     QemuLaunch {
         name: String::new(),
+        version,
         accel,
         vcpus: spec.vcpus,
         memory_mib: spec.memory_mib,
@@ -399,6 +414,7 @@ fn shaped(cfg: &Config, spec: &VmSpec, accel: Chosen) -> QemuLaunch {
         run_as: None,
         template: None,
         ram_file: None,
+        ram_private: false,
         agent_key: Some("/key".into()),
     }
 }
@@ -514,6 +530,10 @@ impl Vmm for QemuVm {
 
     fn disk_hotplug(&self) -> Option<Arc<dyn crate::DiskHotplug>> {
         self.disks.clone().map(|d| d as Arc<dyn crate::DiskHotplug>)
+    }
+
+    fn ram_cloned(&self) -> bool {
+        self.ram_cloned
     }
 
     fn share_hotplug(&self) -> Option<Arc<dyn crate::ShareHotplug>> {

@@ -31,12 +31,41 @@ fn template_launch(cold: &QemuLaunch) -> QemuLaunch {
     t
 }
 
+/// Why a pod restored from the template needs RAM of its own; None when it can map the
+/// template's copy-on-write. Shared RAM is what vhost-user daemons need: a clone's pages are
+/// private to its QEMU, so a pod with (or that may later get) a vhost-user device gets a copy.
+fn own_ram_copy(
+    cfg: &Config,
+    spec: &VmSpec,
+    cold: &QemuLaunch,
+    version: super::version::QemuVersion,
+) -> Option<String> {
+    if cfg.vm.clone_ram == crate::config::CloneRam::Off {
+        Some("[vm] clone_ram = \"off\"".into())
+    } else if !matches!(cold.vsock, cmdline::VsockDevice::Serial(_)) {
+        Some("the agent's channel is vhost-user vsock; vsock = \"serial\" needs none".into())
+    } else if cold.virtiofs_socket.is_some() {
+        Some("it has the virtio-fs share".into())
+    } else if spec.later_containers {
+        Some(
+            "more containers may join it (a pod sandbox), and one may bind a host directory".into(),
+        )
+    } else if !version.maps_read_only_ram_private() {
+        Some(format!(
+            "QEMU {version} can't map a file it opened read-only as private RAM; 8.2 and later can"
+        ))
+    } else {
+        None
+    }
+}
+
 /// Which template a pod of `cfg`'s default shape uses, for `check`.
-pub fn default_identity(cfg: &Config) -> Result<template::Identity> {
+pub async fn default_identity(cfg: &Config) -> Result<template::Identity> {
     let qemu = crate::daemon::resolve_binary("qemu-system-x86_64", "qemu", &cfg.paths.qemu)?;
+    let version = super::version::probe(&qemu, &cfg.template_dir).await?;
     let spec = VmSpec::from_config(cfg, "check");
     let (accel, _) = crate::accel::choose(cfg.accel, &crate::accel::HostFacts::probe())?;
-    let cold = super::shaped(cfg, &spec, accel);
+    let cold = super::shaped(cfg, &spec, accel, version);
     Ok(template::identity(
         &cfg.template_dir,
         &qemu,
@@ -70,33 +99,52 @@ impl QemuVm {
         .await?;
         let t_template = t0.elapsed();
 
-        // The pod's RAM: a memfd QEMU maps as a file, filled from the template's RAM while
-        // QEMU starts (`template_ram.rs`).
-        let ram = template_ram::memfd(tl.memory_bytes())?;
-        let for_qemu = ram
-            .try_clone()
-            .map_err(|e| Error::Template(format!("dup the guest RAM memfd: {e}")))?;
-        let ram_file = id.ram();
-        let filling = tokio::task::spawn_blocking(move || template_ram::fill(&ram_file, &ram));
         let mut rl = tl;
         rl.template = Some(TemplateRole::Restore);
         rl.cmdline = cold.cmdline.clone();
-        rl.ram_file = Some(format!("/proc/self/fd/{RAM_FD}").into());
         let mut q = Command::new(&bins.qemu);
-        q.fd_mappings(vec![FdMapping {
-            parent_fd: for_qemu,
-            child_fd: RAM_FD,
-        }])
-        .map_err(|e| Error::io("hand QEMU the guest RAM", std::io::Error::other(e)))?;
+        let own_copy = own_ram_copy(cfg, spec, &cold, bins.version);
+        let filling = match &own_copy {
+            // A clone: QEMU maps the template's RAM file itself, read-only and private.
+            None => {
+                log::info!("VM {}: RAM copy-on-write from the template's", spec.id);
+                rl.ram_file = Some(id.ram());
+                rl.ram_private = true;
+                self.ram_cloned = true;
+                None
+            }
+            // The pod's RAM: a memfd QEMU maps as a file, filled from the template's RAM while
+            // QEMU starts (`template_ram.rs`).
+            Some(why) => {
+                log::info!("VM {}: RAM of its own ({why})", spec.id);
+                let ram = template_ram::memfd(rl.memory_bytes())?;
+                let for_qemu = ram
+                    .try_clone()
+                    .map_err(|e| Error::Template(format!("dup the guest RAM memfd: {e}")))?;
+                let ram_file = id.ram();
+                rl.ram_file = Some(format!("/proc/self/fd/{RAM_FD}").into());
+                q.fd_mappings(vec![FdMapping {
+                    parent_fd: for_qemu,
+                    child_fd: RAM_FD,
+                }])
+                .map_err(|e| Error::io("hand QEMU the guest RAM", std::io::Error::other(e)))?;
+                Some(tokio::task::spawn_blocking(move || {
+                    template_ram::fill(&ram_file, &ram)
+                }))
+            }
+        };
         q.args(cmdline::qemu_args(&rl));
         log::debug!("VM {}: {:?}", spec.id, q.as_std());
         self.qemu = Some(self.dir.spawn("qemu", q, spec.netns.as_deref())?);
         let mut qmp = self
             .connect_qmp(&rl.qmp_socket, cfg.vmm.api_timeout())
             .await?;
-        let copied = filling
-            .await
-            .map_err(|e| Error::Template(format!("filling the guest RAM: {e}")))??;
+        let copied = match filling {
+            Some(f) => f
+                .await
+                .map_err(|e| Error::Template(format!("filling the guest RAM: {e}")))??,
+            None => 0,
+        };
         template::set_ignore_shared(&mut qmp).await?;
         let file = std::fs::File::open(&state)
             .map_err(|e| Error::Template(format!("open {}: {e}", state.display())))?;

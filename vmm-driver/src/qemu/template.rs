@@ -99,7 +99,7 @@ fn unix_now() -> u64 {
 }
 
 /// Size, mtime and inode: what changes when a file is replaced (`make image`, a QEMU upgrade).
-fn fingerprint(path: &Path) -> String {
+pub(crate) fn fingerprint(path: &Path) -> String {
     match std::fs::metadata(path) {
         Ok(m) => format!("{} {}.{} {}", m.size(), m.mtime(), m.mtime_nsec(), m.ino()),
         Err(_) => "missing".into(),
@@ -120,6 +120,7 @@ pub fn identity(template_dir: &Path, qemu: &Path, launch: &QemuLaunch) -> Identi
     l.run_as = None;
     l.template = Some(TemplateRole::Build);
     l.ram_file = Some("/ram".into());
+    l.ram_private = false;
     l.agent_key = l.agent_key.as_ref().map(|_| "/key".into());
     let inputs: Vec<(PathBuf, String)> = [qemu, &launch.kernel, &launch.initramfs]
         .into_iter()
@@ -463,6 +464,10 @@ async fn build(
     let data = tokio::task::spawn_blocking(move || super::template_ram::punch_zero_pages(&punched))
         .await
         .map_err(|e| Error::Template(format!("punching zero pages: {e}")))??;
+    // Clones map it (`restore.rs`); from here on nothing may write it, root included by
+    // mistake: read-only for its owner, nothing for anyone else.
+    std::fs::set_permissions(&ram, std::os::unix::fs::PermissionsExt::from_mode(0o400))
+        .map_err(|e| Error::Template(format!("make {} read-only: {e}", ram.display())))?;
     log::info!(
         "VM template RAM: {} of {} MiB hold data; the zero pages are holes",
         data >> 20,

@@ -7,6 +7,7 @@ use crate::qemu::cmdline::VsockDevice;
 fn launch(dir: &Path) -> QemuLaunch {
     QemuLaunch {
         name: "cocoon-a".into(),
+        version: crate::qemu::version::QemuVersion::new(7, 2),
         accel: Chosen::Tcg,
         vcpus: 1,
         memory_mib: 256,
@@ -23,6 +24,7 @@ fn launch(dir: &Path) -> QemuLaunch {
         run_as: Some((1, 1)),
         template: Some(TemplateRole::Build),
         ram_file: None,
+        ram_private: false,
         agent_key: Some("/run/x/agent-key".into()),
     }
 }
