@@ -7,10 +7,9 @@
 //! to write the template (`restore.rs`).
 //!
 //! Asking QEMU (`-version`) takes ~16 ms, once per pod; the answer is kept in the template dir
-//! (a cache that outlives pods, as the templates do) under the binary's path and fingerprint,
-//! so only the first pod after an upgrade asks.
+//! (a cache that outlives pods, as the templates do; none without one) under the binary's path
+//! and fingerprint, so only the first pods after an upgrade ask.
 
-use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
@@ -93,11 +92,8 @@ pub async fn probe(qemu: &Path, cache_dir: &Path) -> Result<QemuVersion> {
     })?;
     // Written whole and renamed, so that a pod starting beside this one reads all or nothing.
     let tmp = cache_dir.join(format!(".qemu-version-{name}.{}", std::process::id()));
-    let made = std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(cache_dir);
-    if made.is_ok() && std::fs::write(&tmp, text.as_bytes()).is_ok() {
+    // Only into a template dir that exists: with `template = "off"` there is none to make.
+    if cache_dir.is_dir() && std::fs::write(&tmp, text.as_bytes()).is_ok() {
         let _ = std::fs::rename(&tmp, &cached);
     }
     Ok(v)
