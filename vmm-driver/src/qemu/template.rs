@@ -37,6 +37,7 @@ use sha2::{Digest, Sha256};
 use tokio::process::Command;
 
 use super::cmdline::{qemu_args, QemuLaunch, TemplateRole, VsockDevice};
+use super::version::fingerprint;
 use crate::console::{ConsoleRelay, CONSOLE_CAP};
 use crate::daemon::{tail_lines, Daemon, STOP_GRACE};
 use crate::error::{Error, Result};
@@ -96,14 +97,6 @@ fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-/// Size, mtime and inode: what changes when a file is replaced (`make image`, a QEMU upgrade).
-pub(crate) fn fingerprint(path: &Path) -> String {
-    match std::fs::metadata(path) {
-        Ok(m) => format!("{} {}.{} {}", m.size(), m.mtime(), m.mtime_nsec(), m.ino()),
-        Err(_) => "missing".into(),
-    }
 }
 
 /// The template for `launch` (a [`TemplateRole::Build`] launch) run by the QEMU at `qemu`.

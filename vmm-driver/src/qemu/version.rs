@@ -10,6 +10,7 @@
 //! (a cache that outlives pods, as the templates do; none without one) under the binary's path
 //! and fingerprint, so only the first pods after an upgrade ask.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
@@ -61,9 +62,18 @@ impl std::fmt::Display for QemuVersion {
     }
 }
 
+/// Size, mtime and inode: what changes when a file is replaced (`make image`, a QEMU upgrade).
+/// Names a template's inputs (`template.rs`) and a QEMU binary here.
+pub(crate) fn fingerprint(path: &Path) -> String {
+    match std::fs::metadata(path) {
+        Ok(m) => format!("{} {}.{} {}", m.size(), m.mtime(), m.mtime_nsec(), m.ino()),
+        Err(_) => "missing".into(),
+    }
+}
+
 /// The release of the QEMU at `qemu`, asked once per binary and kept under `cache_dir`.
 pub async fn probe(qemu: &Path, cache_dir: &Path) -> Result<QemuVersion> {
-    let key = format!("{} {}", qemu.display(), super::template::fingerprint(qemu));
+    let key = format!("{} {}", qemu.display(), fingerprint(qemu));
     let name: String = Sha256::digest(key.as_bytes())
         .iter()
         .take(8)
