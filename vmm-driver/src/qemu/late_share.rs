@@ -103,8 +103,7 @@ impl LateShare {
     }
 
     async fn plug(&self, sock: &std::path::Path) -> Result<()> {
-        let conn = std::os::unix::net::UnixStream::connect(sock)
-            .map_err(|e| Error::io(format!("connect to {}", sock.display()), e))?;
+        let conn = connect_when_listening(sock).await?;
         let mut qmp = self.qmp.lock().await;
         qmp.getfd(FS_FD_NAME, conn.as_fd()).await?;
         let backend = json!({"type": "socket", "data": {
@@ -122,6 +121,28 @@ impl LateShare {
             return Err(e);
         }
         Ok(())
+    }
+}
+
+/// How long virtiofsd may take from creating its socket to listening on it.
+const LISTEN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Connects to virtiofsd's socket. [`wait_for_socket`] sees the file once virtiofsd has bound
+/// it, a moment before it listens (a connect then is refused: seen under load in the
+/// lean-pods suite); it can't probe by connecting, since virtiofsd serves one connection.
+async fn connect_when_listening(sock: &std::path::Path) -> Result<std::os::unix::net::UnixStream> {
+    let t0 = Instant::now();
+    loop {
+        match std::os::unix::net::UnixStream::connect(sock) {
+            Ok(c) => return Ok(c),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && t0.elapsed() < LISTEN_WAIT =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            Err(e) => return Err(Error::io(format!("connect to {}", sock.display()), e)),
+        }
     }
 }
 
