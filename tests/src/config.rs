@@ -101,10 +101,12 @@ pub fn write_cocoon_toml(path: &Path, hypervisor: Hypervisor, state_dir: &Path) 
         } + &std::env::var("COCOON_TEST_GUEST_LOG")
             .map(|level| format!("log_level = \"{level}\"\n"))
             .unwrap_or_default()
-            // The agent's channel: `make test` runs some suites on hybrid vsock too.
-            + &std::env::var("COCOON_TEST_VSOCK")
-                .map(|mode| format!("vsock = \"{mode}\"\n"))
-                .unwrap_or_default(),
+            // The agent's channel ([`test_vsock`]): `make test` runs some suites on hybrid
+            // vsock too. A JSON string is a TOML string.
+            + &format!(
+                "vsock = {}\n",
+                serde_json::to_string(&cfg.vsock).unwrap_or_default()
+            ),
     )
     .unwrap();
 }
@@ -127,6 +129,7 @@ mod tests {
             assert_eq!(read.kernel, want.kernel);
             assert_eq!(read.initramfs, want.initramfs);
             assert_eq!(read.vm.template, want.vm.template);
+            assert_eq!(read.vsock, want.vsock);
         }
     }
 }

@@ -22,6 +22,12 @@ use crate::paths::shim_dir;
 pub const IMAGE: &str = "docker.io/library/cocoon-test:latest";
 pub const RUNTIME: &str = "io.containerd.cocoon.v2";
 
+/// `ctr run --mount`'s value binding host path `src` at `dst` with `opts`
+/// (`rbind:ro`, `rbind:rw`, …).
+pub fn bind_mount(src: &Path, dst: &str, opts: &str) -> String {
+    format!("type=bind,src={},dst={dst},options={opts}", src.display())
+}
+
 fn sha256(data: &[u8]) -> String {
     Sha256::digest(data)
         .iter()

@@ -76,7 +76,7 @@ pub fn run_once(c: &Containerd, id: &str, runtime_args: &[String], target: Targe
     args.extend(runtime_args.iter().cloned());
     let (image, script, mib) = match target {
         Target::Volume(vol) => {
-            let mount = format!("type=bind,src={},dst=/vol,options=rbind:rw", vol.display());
+            let mount = crate::containerd::bind_mount(vol, "/vol", "rbind:rw");
             args.extend(["--mount".into(), mount]);
             (
                 IMAGE,

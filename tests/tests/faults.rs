@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use cocoon_tests::containerd::{Containerd, IMAGE, RUNTIME};
+use cocoon_tests::containerd::{bind_mount, Containerd, IMAGE, RUNTIME};
 use cocoon_tests::{gate, pids_mentioning, pids_named, signal_all, Need};
 
 fn text(b: &[u8]) -> String {
@@ -37,10 +37,7 @@ fn task_status(c: &Containerd, id: &str) -> String {
 /// `ctr run -d` arguments for a pod that shares a host directory, so that it is a full pod
 /// and runs both helpers (a lean pod has no virtiofsd).
 fn run_with_share(share: &std::path::Path, id: &str) -> Vec<String> {
-    let mount = format!(
-        "type=bind,src={},dst=/share,options=rbind:ro",
-        share.display()
-    );
+    let mount = bind_mount(share, "/share", "rbind:ro");
     [
         "run",
         "-d",

@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
-use cocoon_tests::containerd::{Containerd, IMAGE, RUNTIME};
+use cocoon_tests::containerd::{bind_mount, Containerd, IMAGE, RUNTIME};
 use cocoon_tests::cri::{ContainerSpec, Cri, HANDLER};
 use cocoon_tests::leaks::pids_named;
 use cocoon_tests::{gate, Need};
@@ -55,10 +55,7 @@ async fn a_pod_that_binds_nothing_runs_no_virtiofsd_and_one_that_binds_a_directo
 
     let data = tempfile::tempdir().unwrap();
     std::fs::write(data.path().join("from-host"), "host-data\n").unwrap();
-    let mount = format!(
-        "type=bind,src={},dst=/data,options=rbind:rw",
-        data.path().display()
-    );
+    let mount = bind_mount(data.path(), "/data", "rbind:rw");
     let full = c.ctr(&[
         "run",
         "-d",

@@ -10,7 +10,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
-use cocoon_tests::containerd::{Containerd, IMAGE, RUNTIME};
+use cocoon_tests::containerd::{bind_mount, Containerd, IMAGE, RUNTIME};
 use cocoon_tests::leaks::pids_named;
 use cocoon_tests::{gate, Need};
 use sha2::{Digest, Sha256};
@@ -145,10 +145,7 @@ async fn two_clones_of_one_template_are_two_machines_and_leave_the_template_alon
 
     // A container that joins clone-a's pod with a host directory can't have it.
     let share = tempfile::tempdir().unwrap();
-    let mount = format!(
-        "type=bind,src={},dst=/data,options=rbind:ro",
-        share.path().display()
-    );
+    let mount = bind_mount(share.path(), "/data", "rbind:ro");
     let out = c.ctr(&[
         "run",
         "-d",

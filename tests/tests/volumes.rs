@@ -7,15 +7,11 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cocoon_tests::containerd::{Containerd, IMAGE, RUNTIME};
+use cocoon_tests::containerd::{bind_mount, Containerd, IMAGE, RUNTIME};
 use cocoon_tests::{gate, Need};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-fn mount_arg(src: &Path, dst: &str, opts: &str) -> String {
-    format!("type=bind,src={},dst={dst},options={opts}", src.display())
 }
 
 #[tokio::test]
@@ -50,10 +46,10 @@ async fn ctr_run_bind_mounts_of_files_and_directories_match_runc() {
                   (touch /ro/x) 2>/dev/null && echo dir-ro-broken || echo dir-ro-ok; \
                   set -- $(stat -f -c '%b %S' /dev/shm); echo shm=$(($1*$2))";
     for (rt, name) in [(RUNTIME, "cocoon"), ("io.containerd.runc.v2", "runc")] {
-        let m1 = mount_arg(&vol, "/vol", "rbind:rw");
-        let m2 = mount_arg(&single, "/etc/single", "rbind:ro");
-        let m3 = mount_arg(&ro_dir, "/ro", "rbind:ro");
-        let m4 = mount_arg(&shm, "/dev/shm", "rbind:rw");
+        let m1 = bind_mount(&vol, "/vol", "rbind:rw");
+        let m2 = bind_mount(&single, "/etc/single", "rbind:ro");
+        let m3 = bind_mount(&ro_dir, "/ro", "rbind:ro");
+        let m4 = bind_mount(&shm, "/dev/shm", "rbind:rw");
         let env = format!("RT={name}");
         let id = format!("vol-{name}");
         let args = [
@@ -152,7 +148,7 @@ async fn a_mount_below_a_volume_can_be_removed_on_the_host_while_it_runs_as_unde
         let host = tempfile::tempdir().unwrap();
         let (vol, sub) =
             volume_with_tmpfs_below(host.path(), "tmpfs", nix::mount::MsFlags::empty());
-        let m = mount_arg(&vol, "/vol", "rbind:ro");
+        let m = bind_mount(&vol, "/vol", "rbind:ro");
         let id = format!("rm-{name}");
         let out = c.ctr(&[
             "run",
@@ -215,7 +211,7 @@ fn read_only_against_runc(options: &str) -> String {
                   grep -c ' /vol/sub ' /proc/self/mountinfo";
     let mut seen = vec![];
     for (rt, name) in [("io.containerd.runc.v2", "runc"), (RUNTIME, "cocoon")] {
-        let m = mount_arg(&vol, "/vol", options);
+        let m = bind_mount(&vol, "/vol", options);
         let env = format!("RT={name}");
         let id = format!("ro-{name}");
         let args = [
@@ -276,8 +272,8 @@ async fn host_writes_and_a_data_symlink_swap_reach_a_running_container() {
     let script = "cat /cm/key > /vol/before; touch /vol/ready; \
                   i=0; while [ ! -f /vol/late.txt ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done; \
                   cat /vol/late.txt /cm/key > /vol/seen.tmp; mv /vol/seen.tmp /vol/seen";
-    let m1 = mount_arg(&vol, "/vol", "rbind:rw");
-    let m2 = mount_arg(&cm, "/cm", "rbind:ro");
+    let m1 = bind_mount(&vol, "/vol", "rbind:rw");
+    let m2 = bind_mount(&cm, "/cm", "rbind:ro");
     let args: Vec<String> = [
         "run",
         "--rm",
@@ -349,7 +345,7 @@ async fn a_missing_or_unshareable_source_fails_the_run_by_name() {
         (host.path().join("missing"), "missing"),
         (sock_path.clone(), "unix socket"),
     ] {
-        let m = mount_arg(&src, "/x", "rbind:rw");
+        let m = bind_mount(&src, "/x", "rbind:rw");
         let args = [
             "run",
             "--rm",
@@ -384,7 +380,7 @@ async fn a_destination_through_a_symlink_stays_inside_the_container() {
     let host = tempfile::tempdir().unwrap();
     std::fs::write(host.path().join("marker"), "inside\n").unwrap();
     for (rt, name) in [(RUNTIME, "cocoon"), ("io.containerd.runc.v2", "runc")] {
-        let m = mount_arg(host.path(), "/escape/cocoon-vol", "rbind:ro");
+        let m = bind_mount(host.path(), "/escape/cocoon-vol", "rbind:ro");
         let id = format!("esc-{name}");
         let args = [
             "run",
@@ -458,9 +454,9 @@ async fn the_export_copy_of_a_volume_is_as_restricted_as_its_host_bind() {
     let rw = host.path().join("rw");
     std::fs::create_dir(&ro).unwrap();
     std::fs::create_dir(&rw).unwrap();
-    let m1 = mount_arg(&ro, "/ro", "rbind:ro");
-    let m2 = mount_arg(&rw, "/rw", "rbind:rw");
-    let m3 = mount_arg(&rw, "/rw-again", "rbind:rw");
+    let m1 = bind_mount(&ro, "/ro", "rbind:ro");
+    let m2 = bind_mount(&rw, "/rw", "rbind:rw");
+    let m3 = bind_mount(&rw, "/rw-again", "rbind:rw");
     let out = c.ctr(&[
         "run",
         "-d",
@@ -514,7 +510,7 @@ async fn the_export_copy_of_an_rro_volume_is_read_only_below_too() {
     c.import_test_image();
     let host = tempfile::tempdir().unwrap();
     let (vol, sub) = volume_with_tmpfs_below(host.path(), "sub", nix::mount::MsFlags::MS_NOEXEC);
-    let m = mount_arg(&vol, "/vol", "rbind:rro");
+    let m = bind_mount(&vol, "/vol", "rbind:rro");
     let out = c.ctr(&[
         "run",
         "-d",
