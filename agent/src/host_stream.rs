@@ -1,41 +1,62 @@
 //! A connection from the host, whichever channel brought it: a vsock connection, or one stream
-//! of the multiplexed virtio-serial channel (`serial.rs`), which reaches the agent's code as
-//! one end of a socket pair so that it is a socket too: the stdio code hands such an fd to a
-//! process or a blocking relay thread, whatever the channel.
+//! of the multiplexed virtio-serial channel (`serial.rs`).
+//!
+//! A serial stream is read and written in place (the API's calls, a process's output): every
+//! copy of the data is emulated work under TCG. Code that needs a socket fd (a terminal's
+//! blocking relay threads, a stdin that CloseStdin shuts) asks for one with
+//! [`HostStream::into_socket`], which bridges the stream to one end of a socket pair.
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use cocoon_mux::MuxStream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 use tokio_vsock::VsockStream;
+
+/// A bridge's copy size each way: a default pipe's worth (tokio's default is 8 KiB), which
+/// yamux cuts into frames of one port write each.
+const BRIDGE_BUF: usize = 64 * 1024;
 
 /// One host connection.
 #[derive(Debug)]
 pub enum HostStream {
     Vsock(VsockStream),
+    /// A stream of the serial channel's session.
+    Mux(MuxStream),
     /// The agent's end of a socket pair bridged to a stream of the serial channel.
     Bridged(UnixStream),
 }
 
 impl HostStream {
-    /// Half-closes the stream: the host reads end of file.
-    pub fn shutdown_write(&self) -> std::io::Result<()> {
-        match self {
-            HostStream::Vsock(s) => s.shutdown(std::net::Shutdown::Write),
-            HostStream::Bridged(s) => {
-                rustix::net::shutdown(s, rustix::net::Shutdown::Write).map_err(Into::into)
-            }
-        }
+    /// This connection with a socket under it: a serial stream is bridged to a socket pair,
+    /// whose other end a task copies both ways until either side ends.
+    pub fn into_socket(self) -> std::io::Result<HostStream> {
+        let HostStream::Mux(mut stream) = self else {
+            return Ok(self);
+        };
+        let (ours, theirs) = UnixStream::pair()?;
+        tokio::spawn(async move {
+            let mut ours = ours;
+            let _ = tokio::io::copy_bidirectional_with_sizes(
+                &mut stream,
+                &mut ours,
+                BRIDGE_BUF,
+                BRIDGE_BUF,
+            )
+            .await;
+        });
+        Ok(HostStream::Bridged(theirs))
     }
-}
 
-impl AsFd for HostStream {
-    fn as_fd(&self) -> BorrowedFd<'_> {
+    /// The socket's fd; `None` for a serial stream, which has none until
+    /// [`Self::into_socket`].
+    pub fn socket_fd(&self) -> Option<BorrowedFd<'_>> {
         match self {
-            HostStream::Vsock(s) => s.as_fd(),
-            HostStream::Bridged(s) => s.as_fd(),
+            HostStream::Vsock(s) => Some(s.as_fd()),
+            HostStream::Mux(_) => None,
+            HostStream::Bridged(s) => Some(s.as_fd()),
         }
     }
 }
@@ -48,6 +69,7 @@ impl AsyncRead for HostStream {
     ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             HostStream::Vsock(s) => Pin::new(s).poll_read(cx, buf),
+            HostStream::Mux(s) => Pin::new(s).poll_read(cx, buf),
             HostStream::Bridged(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
@@ -61,6 +83,7 @@ impl AsyncWrite for HostStream {
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             HostStream::Vsock(s) => Pin::new(s).poll_write(cx, buf),
+            HostStream::Mux(s) => Pin::new(s).poll_write(cx, buf),
             HostStream::Bridged(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
@@ -68,6 +91,7 @@ impl AsyncWrite for HostStream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             HostStream::Vsock(s) => Pin::new(s).poll_flush(cx),
+            HostStream::Mux(s) => Pin::new(s).poll_flush(cx),
             HostStream::Bridged(s) => Pin::new(s).poll_flush(cx),
         }
     }
@@ -75,6 +99,7 @@ impl AsyncWrite for HostStream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             HostStream::Vsock(s) => Pin::new(s).poll_shutdown(cx),
+            HostStream::Mux(s) => Pin::new(s).poll_shutdown(cx),
             HostStream::Bridged(s) => Pin::new(s).poll_shutdown(cx),
         }
     }

@@ -212,18 +212,14 @@ async fn read_port(stream: &mut MuxStream) -> std::io::Result<u32> {
     Ok(u32::from_le_bytes(b))
 }
 
-/// Bridges a stream to one end of a socket pair and hands the other end to the port's
-/// listener, which checks its key as for any connection.
+/// Hands a stream to its port's listener, which checks its key as for any connection.
 async fn admit(mut stream: MuxStream, gate: &Arc<Gate>) -> std::io::Result<()> {
     let port = read_port(&mut stream).await?;
-    let (ours, theirs) = tokio::net::UnixStream::pair()?;
-    if !gate.offer(port, HostStream::Bridged(theirs)) {
+    if !gate.offer(port, HostStream::Mux(stream)) {
         return Err(std::io::Error::other(format!(
             "nothing listens on port {port}"
         )));
     }
-    let mut ours = ours;
-    let _ = tokio::io::copy_bidirectional(&mut stream, &mut ours).await;
     Ok(())
 }
 

@@ -168,12 +168,12 @@ impl Wiring {
         }
         let mut outputs = Vec::new();
         if let Some(host) = streams.stdout {
-            let (r, w) = stdin::pipe()?;
+            let (r, w) = output::pipe()?;
             cmd.stdout(Stdio::from(w));
             outputs.push((r, host));
         }
         if let Some(host) = streams.stderr {
-            let (r, w) = stdin::pipe()?;
+            let (r, w) = output::pipe()?;
             cmd.stderr(Stdio::from(w));
             outputs.push((r, host));
         }

@@ -31,7 +31,10 @@ pub(super) fn pipe() -> Res<(OwnedFd, OwnedFd)> {
 /// Copies the host's stream into the pipe until EOF; answers a duplicate of the stream, for
 /// CloseStdin to shut.
 pub(super) fn feed(stream: HostStream, pipe: OwnedFd) -> Res<OwnedFd> {
-    let dup = dup(&stream)?;
+    let stream = stream.into_socket().map_err(failed("stdin stream"))?;
+    let dup = dup(stream
+        .socket_fd()
+        .ok_or_else(|| Failure::Failed("the stdin stream has no socket".into()))?)?;
     let mut sink =
         tokio::net::unix::pipe::Sender::from_owned_fd(pipe).map_err(failed("stdin pipe"))?;
     tokio::spawn(async move {
