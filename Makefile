@@ -8,6 +8,7 @@ CARGO       ?= cargo
 AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN    := target/$(AGENT_TARGET)/release/cocoon-agent
 SHIM_BIN     := target/release/containerd-shim-cocoon-v2
+CLI_BIN      := target/release/cocoon
 ROOTFS_BIN   := target/release/cocoon-rootfs
 
 APT_PACKAGES := qemu-system-x86 kmod cpio busybox-static dpkg containerd runc runsc bc fonts-dejavu-core \
@@ -45,7 +46,7 @@ qemu:
 	scripts/fetch-qemu.sh $(COCOON_QEMU_PREFIX)
 
 build: agent
-	$(CARGO) build --release -p cocoon-shim -p cocoon-rootfs -p cocoon-tests --bins
+	$(CARGO) build --release -p cocoon-shim -p cocoon-rootfs -p cocoon-cli -p cocoon-tests --bins
 
 agent:
 	LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
@@ -59,6 +60,7 @@ image: agent
 # handler "cocoon" is registered through a drop-in that config.toml imports.
 install: build
 	install -D -m 0755 $(SHIM_BIN) $(PREFIX)/bin/containerd-shim-cocoon-v2
+	install -D -m 0755 $(CLI_BIN) $(PREFIX)/bin/cocoon
 	@if [ -f $(CONFIG_DIR)/config.toml ]; then \
 	  echo "keeping existing $(CONFIG_DIR)/config.toml"; \
 	else \

@@ -13,6 +13,7 @@
 //! - [`rootfs`]: host-side rootfs mounts, behind the [`rootfs::Mounter`] seam.
 //! - [`phase`]: the "phase …" log lines that `make bench` reads.
 
+pub mod admin;
 pub mod annotations;
 pub mod child;
 pub mod convert;

@@ -18,7 +18,7 @@ use vmm_driver::vsock::BoxedStream;
 use vmm_driver::{Config, VmSpec, Vmm};
 
 use crate::network::{self, NetnsRequest, PodNetwork};
-use crate::pod::{BootTimes, GuestLink, PodVm, StdioDialer, VmFactory};
+use crate::pod::{BootTimes, GuestLink, PodVm, StdioDialer, VmFactory, VmFacts};
 use crate::{annotations, host_ns, Error, Result};
 
 /// The deadline of the Shutdown call: a guest that does not answer at once is stopped.
@@ -77,6 +77,8 @@ pub struct Sandbox {
     bounds: crate::guest::Bounds,
     /// The cgroup the VM's processes joined (`crate::placement`).
     placement: Option<crate::placement::Placement>,
+    /// What `cocoon ps` shows of the VM.
+    facts: VmFacts,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -114,6 +116,9 @@ impl Sandbox {
     /// Boots the VM and waits until its agent answers.
     pub async fn boot(cfg: &Config, spec: &VmSpec) -> Result<Sandbox> {
         let t0 = Instant::now();
+        let started_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
         let mut vm = vmm_driver::launch(cfg, spec).await?;
         let vmm_started = t0.elapsed();
         // The agent's time counts from the VMM it runs in: a launch that first made a VM
@@ -130,7 +135,20 @@ impl Sandbox {
                     spec.id,
                     timings.agent_ready
                 );
+                let facts = VmFacts {
+                    hypervisor: match cfg.hypervisor {
+                        vmm_driver::config::Hypervisor::Qemu => "qemu",
+                        vmm_driver::config::Hypervisor::CloudHypervisor => "cloud-hypervisor",
+                    }
+                    .to_owned(),
+                    vcpus: spec.vcpus,
+                    memory_mib: spec.memory_mib,
+                    from_template: vm.restored_from_template(),
+                    ram_cloned: vm.ram_cloned(),
+                    started_unix_ms,
+                };
                 Ok(Sandbox {
+                    facts,
                     id: spec.id.clone(),
                     run_dir: spec.run_dir.clone(),
                     vm,
@@ -380,6 +398,10 @@ impl PodVm for Sandbox {
             let pids: Vec<u32> = self.vm.pids().into_iter().map(|(_, p)| p).collect();
             p.add(&pids);
         }
+    }
+
+    fn facts(&self) -> VmFacts {
+        self.facts.clone()
     }
 
     fn boot_times(&self) -> Option<BootTimes> {

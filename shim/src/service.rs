@@ -12,6 +12,7 @@ use containerd_shim::{Config, Error, Flags, StartOpts};
 use containerd_shim_protos::api::DeleteResponse;
 use containerd_shim_protos::protobuf::MessageField;
 
+use crate::admin::AdminServer;
 use crate::annotations::{bundle_spec, grouping_id};
 use crate::events::RemoteSink;
 use crate::forwarder::Forwarder;
@@ -37,6 +38,8 @@ pub struct CocoonShim {
     forwarder: Arc<std::sync::OnceLock<Forwarder>>,
     /// The pod's guard (`guard.rs`), released once the pod is down.
     guard: Arc<std::sync::Mutex<Option<Guard>>>,
+    /// The pod's admin endpoint (`admin.rs`), removed when the shim exits.
+    admin: Arc<std::sync::Mutex<Option<AdminServer>>>,
 }
 
 /// How long an exiting shim waits for containerd to take the events it still holds.
@@ -47,7 +50,8 @@ fn run_dir_of(sandbox: &str) -> Result<std::path::PathBuf, vmm_driver::error::Er
     vmm_driver::Config::load().map(|cfg| cfg.state_dir.join(sandbox))
 }
 
-/// What a dead shim of pod `sandbox` left: its VM's processes, mounts and runtime directory.
+/// What a dead shim of pod `sandbox` left: its VM's processes, mounts and runtime directory,
+/// and its admin endpoint.
 fn cleanup_sandbox(sandbox: &str) {
     match run_dir_of(sandbox) {
         Ok(run_dir) => crate::state::cleanup(&run_dir),
@@ -78,6 +82,7 @@ impl Shim for CocoonShim {
             exit: Arc::new(ExitSignal::default()),
             forwarder: Arc::default(),
             guard: Arc::default(),
+            admin: Arc::default(),
         }
     }
 
@@ -141,6 +146,7 @@ impl Shim for CocoonShim {
         if let Err(e) = std::fs::remove_file(socket_file(&self.socket)) {
             log::debug!("removing {}: {e}", self.socket);
         }
+        drop(self.admin.lock().ok().and_then(|mut a| a.take()));
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
@@ -158,11 +164,31 @@ impl Shim for CocoonShim {
             )),
         );
         on_stop_signal(pod.clone(), self.exit.clone());
+        self.start_admin(&pod);
         TaskService::new(pod, self.exit.clone())
     }
 }
 
 impl CocoonShim {
+    /// Serves the pod's admin endpoint; a shim without one still runs its pod.
+    fn start_admin(&self, pod: &Pod) {
+        let path = match run_dir_of(pod.id()) {
+            Ok(run_dir) => crate::state::admin_socket(&run_dir),
+            Err(e) => {
+                log::warn!("no admin endpoint for pod {}: {e}", pod.id());
+                return;
+            }
+        };
+        match AdminServer::start(pod.clone(), self.namespace.clone(), path) {
+            Ok(a) => {
+                if let Ok(mut slot) = self.admin.lock() {
+                    *slot = Some(a);
+                }
+            }
+            Err(e) => log::warn!("no admin endpoint for pod {}: {e}", pod.id()),
+        }
+    }
+
     /// Starts the pod's guard before anything of the pod exists, so that a shim killed even
     /// in the middle of a boot leaves nothing behind.
     fn start_guard(&self, sandbox: &str) {

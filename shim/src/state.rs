@@ -28,6 +28,17 @@ pub struct SandboxState {
 
 pub const FILE: &str = "state.json";
 
+/// The admin endpoint's file name after the sandbox id (`crate::admin`).
+pub const ADMIN_SUFFIX: &str = ".admin.sock";
+
+/// Where the admin endpoint of the pod whose run directory is `run_dir` is: beside it,
+/// `<state_dir>/<sandbox>.admin.sock`.
+pub fn admin_socket(run_dir: &Path) -> PathBuf {
+    let mut name = run_dir.file_name().unwrap_or_default().to_os_string();
+    name.push(ADMIN_SUFFIX);
+    run_dir.with_file_name(name)
+}
+
 impl SandboxState {
     pub fn load(run_dir: &Path) -> Option<SandboxState> {
         let text = std::fs::read_to_string(run_dir.join(FILE)).ok()?;
@@ -50,6 +61,7 @@ impl SandboxState {
 /// Only the recorded mount points are unmounted, without following symlinks.
 pub fn cleanup(run_dir: &Path) {
     crate::network::own::remove_at(&crate::network::own::path_for(run_dir));
+    let _ = std::fs::remove_file(admin_socket(run_dir));
     // No state.json: the shim died before the VM answered. The driver's own record still
     // lists every process it started by then.
     let st = SandboxState::load(run_dir).unwrap_or_default();

@@ -33,5 +33,5 @@ pub use leaks::{
     assert_no_leaks, leftovers, pids_mentioning, pids_named, processes_mentioning, signal_all,
 };
 pub use oci::{busybox_rootfs, oci_spec};
-pub use paths::{busybox, image_dir, shim_dir};
+pub use paths::{busybox, cocoon_cli, image_dir, shim_dir};
 pub use pod::{ctx, streams, Io, Pod};

@@ -32,3 +32,10 @@ pub fn shim_dir() -> PathBuf {
             panic!("no containerd-shim-cocoon-v2 near {}: build the workspace first (`cargo test --workspace` does)", here.display())
         })
 }
+
+/// The `cocoon` command `make build` put beside the shim.
+pub fn cocoon_cli() -> PathBuf {
+    let p = shim_dir().join("cocoon");
+    assert!(p.is_file(), "no {}: run `make build`", p.display());
+    p
+}

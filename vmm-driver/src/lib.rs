@@ -136,6 +136,11 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     fn ram_cloned(&self) -> bool {
         false
     }
+    /// Whether the VM was restored from a VM template rather than booted from the kernel
+    /// (`cocoon ps` shows which).
+    fn restored_from_template(&self) -> bool {
+        false
+    }
 }
 
 /// Adds the virtio-fs share (and its virtiofsd) to a VM that started without it.

@@ -299,6 +299,17 @@ impl std::fmt::Debug for FakeVm {
 
 #[async_trait]
 impl PodVm for FakeVm {
+    fn facts(&self) -> super::VmFacts {
+        super::VmFacts {
+            hypervisor: "fake".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            from_template: false,
+            ram_cloned: false,
+            started_unix_ms: 0,
+        }
+    }
+
     fn guest(&self) -> GuestLink {
         GuestLink {
             agent: self.agent.clone(),

@@ -57,8 +57,10 @@ mod attack_tests;
 mod copies;
 #[cfg(test)]
 mod copies_tests;
+mod facts;
 #[cfg(test)]
 mod fake;
+pub use facts::{PodFacts, VmView};
 mod hooks;
 mod layer_rootfs;
 pub use layer_rootfs::{layers_of, LayerPolicy};
@@ -67,7 +69,7 @@ mod layer_tests;
 mod mounts;
 mod ops;
 mod seams;
-pub use seams::{BootTimes, PodVm, VmFactory};
+pub use seams::{BootTimes, PodVm, VmFactory, VmFacts};
 #[cfg(test)]
 mod tests;
 mod watchers;

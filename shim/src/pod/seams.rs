@@ -17,9 +17,26 @@ pub struct BootTimes {
     pub agent_ready: Duration,
 }
 
+/// What an operator is shown of a pod's VM (`cocoon ps`, `admin.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VmFacts {
+    /// `qemu` or `cloud-hypervisor`.
+    pub hypervisor: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Restored from the VM template, not booted from the kernel.
+    pub from_template: bool,
+    /// Its RAM maps the template's copy-on-write.
+    pub ram_cloned: bool,
+    /// Wall-clock time the boot began, in ms since the Unix epoch.
+    pub started_unix_ms: u64,
+}
+
 /// A booted pod VM whose agent answered.
 #[async_trait]
 pub trait PodVm: Send + Sync + std::fmt::Debug {
+    /// What `cocoon ps` shows of it.
+    fn facts(&self) -> VmFacts;
     fn guest(&self) -> GuestLink;
     /// `<state_dir>/<sandbox>`: where `state.json` goes.
     fn run_dir(&self) -> PathBuf;

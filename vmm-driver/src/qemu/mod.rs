@@ -70,6 +70,8 @@ pub struct QemuVm {
     supervisor: Option<crate::supervise::Supervisor>,
     /// Whether its RAM is the template's, copy-on-write (`restore.rs`).
     ram_cloned: bool,
+    /// Whether it was restored from the template (`restore.rs`), not booted.
+    restored: bool,
     /// Writes the guest console to `console.log`, capped.
     console: Option<ConsoleRelay>,
 }
@@ -202,6 +204,7 @@ impl QemuVm {
             supervisor: None,
             console: None,
             ram_cloned: false,
+            restored: false,
         };
         match vm.boot(cfg, spec, bins, chosen, from_template).await {
             Ok(()) => {
@@ -534,6 +537,10 @@ impl Vmm for QemuVm {
 
     fn ram_cloned(&self) -> bool {
         self.ram_cloned
+    }
+
+    fn restored_from_template(&self) -> bool {
+        self.restored
     }
 
     fn share_hotplug(&self) -> Option<Arc<dyn crate::ShareHotplug>> {

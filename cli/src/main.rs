@@ -1,0 +1,64 @@
+//! `cocoon`: see and operate the pod VMs on this host. It talks to each pod's shim through
+//! the shim's admin endpoint (`shim/src/admin.rs`), never around it: the shim is what knows
+//! the pod. Root only, as the endpoints are.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+mod client;
+mod ps;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cocoon",
+    version,
+    about = "See and operate Cocoon's pod VMs on this host"
+)]
+struct Cli {
+    /// The pods' state directory; by default the `state_dir` of the Cocoon config
+    /// (/etc/cocoon/config.toml, or $COCOON_CONFIG).
+    #[arg(long, global = true)]
+    state_dir: Option<PathBuf>,
+    /// How long one pod's shim may take to answer, in ms; a shim that takes longer is shown
+    /// with an error rather than holding up the rest.
+    #[arg(long, global = true, default_value_t = 2000)]
+    timeout_ms: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Every pod VM on the host: sandbox, namespace, VMM pid, size, how it started, uptime,
+    /// host memory (PSS) and containers.
+    Ps {
+        /// One JSON array, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let state_dir = match cli.state_dir {
+        Some(d) => d,
+        None => vmm_driver::Config::load()?.state_dir,
+    };
+    let limit = Duration::from_millis(cli.timeout_ms);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Ps { json } => {
+            let rows = rt.block_on(ps::rows(&state_dir, limit));
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", ps::table(&rows));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,121 @@
+//! The pod's admin endpoint, for the `cocoon` command (`cli/`): HTTP/1.1 on a unix socket,
+//! `<state_dir>/<sandbox>.admin.sock` ([`crate::state::admin_socket`]), root only (0600),
+//! served by the shim for as long as it runs; a dead shim's goes with its other leftovers
+//! (`state::cleanup`). A thin layer: the answers come from the pod model ([`Pod::facts`]).
+//!
+//! HTTP rather than another ttrpc service, as Kata's shim-monitor does: an operator can ask
+//! with `curl --unix-socket`, and the metrics to come are Prometheus text over HTTP anyway.
+//! Beside the pod's run directory rather than in it, because it lives as long as the shim,
+//! also before the VM boots and after it stopped, and the run directory is the VM's.
+//!
+//! `GET /info`: the pod as JSON ([`Info`]).
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Serialize;
+
+use crate::pod::{Pod, PodFacts};
+
+/// `GET /info`.
+#[derive(Debug, Serialize)]
+pub struct Info {
+    /// The containerd namespace of the pod.
+    pub namespace: String,
+    pub shim_pid: u32,
+    #[serde(flatten)]
+    pub pod: PodFacts,
+}
+
+/// A serving endpoint; dropping it stops serving and removes the socket.
+#[derive(Debug)]
+pub struct AdminServer {
+    path: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AdminServer {
+    /// Serves `pod` on `path`. The socket is bound under a temporary name, made root-only,
+    /// then renamed into place, so that it is never reachable with looser permissions.
+    pub fn start(pod: Pod, namespace: String, path: PathBuf) -> std::io::Result<AdminServer> {
+        use std::os::unix::fs::PermissionsExt;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let listener = tokio::net::UnixListener::bind(&tmp)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&tmp, &path)?;
+        let task = tokio::spawn(async move {
+            loop {
+                let stream = match listener.accept().await {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        log::warn!("admin endpoint: accept: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let (pod, namespace) = (pod.clone(), namespace.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let (pod, namespace) = (pod.clone(), namespace.clone());
+                        async move { Ok::<_, Infallible>(answer(&pod, namespace, &req).await) }
+                    });
+                    if let Err(e) = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await
+                    {
+                        log::debug!("admin endpoint: {e}");
+                    }
+                });
+            }
+        });
+        Ok(AdminServer { path, task })
+    }
+}
+
+impl Drop for AdminServer {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn answer<B>(pod: &Pod, namespace: String, req: &Request<B>) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/info") => {
+            let info = Info {
+                namespace,
+                shim_pid: std::process::id(),
+                pod: pod.facts().await,
+            };
+            match serde_json::to_vec(&info) {
+                Ok(body) => reply(StatusCode::OK, "application/json", body),
+                Err(e) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    e.to_string().into_bytes(),
+                ),
+            }
+        }
+        (_, path) => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            format!("no such endpoint: {path} (there is GET /info)\n").into_bytes(),
+        ),
+    }
+}
+
+fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
