@@ -6,7 +6,7 @@
 //! blocking relay threads, a stdin that CloseStdin shuts) asks for one with
 //! [`HostStream::into_socket`], which bridges the stream to one end of a socket pair.
 
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -50,14 +50,19 @@ impl HostStream {
         Ok(HostStream::Bridged(theirs))
     }
 
-    /// The socket's fd; `None` for a serial stream, which has none until
+    /// A duplicate of the socket's fd; an error for a serial stream, which has none until
     /// [`Self::into_socket`].
-    pub fn socket_fd(&self) -> Option<BorrowedFd<'_>> {
-        match self {
-            HostStream::Vsock(s) => Some(s.as_fd()),
-            HostStream::Mux(_) => None,
-            HostStream::Bridged(s) => Some(s.as_fd()),
-        }
+    pub fn dup_socket(&self) -> std::io::Result<OwnedFd> {
+        let fd = match self {
+            HostStream::Vsock(s) => s.as_fd(),
+            HostStream::Bridged(s) => s.as_fd(),
+            HostStream::Mux(_) => {
+                return Err(std::io::Error::other(
+                    "a serial stream has no socket before into_socket",
+                ))
+            }
+        };
+        Ok(rustix::io::dup(fd)?)
     }
 }
 

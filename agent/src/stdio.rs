@@ -133,13 +133,7 @@ pub(crate) async fn read_hello(stream: &mut HostStream) -> Option<Vec<u8>> {
 /// The stream's socket as a plain blocking fd, for a child process's stdio or a relay thread.
 /// Consumes the stream: the runtime must not poll a socket that is now blocking.
 pub fn into_blocking_fd(stream: HostStream) -> std::io::Result<OwnedFd> {
-    let stream = stream.into_socket()?;
-    let fd = rustix::io::dup(
-        stream
-            .socket_fd()
-            .ok_or_else(|| std::io::Error::other("the stream has no socket"))?,
-    )?;
-    drop(stream);
+    let fd = stream.into_socket()?.dup_socket()?;
     let flags = rustix::fs::fcntl_getfl(&fd)?;
     rustix::fs::fcntl_setfl(&fd, flags - rustix::fs::OFlags::NONBLOCK)?;
     Ok(fd)

@@ -116,9 +116,7 @@ impl Sandbox {
     /// Boots the VM and waits until its agent answers.
     pub async fn boot(cfg: &Config, spec: &VmSpec) -> Result<Sandbox> {
         let t0 = Instant::now();
-        let started_unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
+        let started_unix_ms = crate::process::now_nanos() / 1_000_000;
         let mut vm = vmm_driver::launch(cfg, spec).await?;
         let vmm_started = t0.elapsed();
         // The agent's time counts from the VMM it runs in: a launch that first made a VM
@@ -136,11 +134,7 @@ impl Sandbox {
                     timings.agent_ready
                 );
                 let facts = VmFacts {
-                    hypervisor: match cfg.hypervisor {
-                        vmm_driver::config::Hypervisor::Qemu => "qemu",
-                        vmm_driver::config::Hypervisor::CloudHypervisor => "cloud-hypervisor",
-                    }
-                    .to_owned(),
+                    hypervisor: cfg.hypervisor,
                     vcpus: spec.vcpus,
                     memory_mib: spec.memory_mib,
                     from_template: vm.restored_from_template(),

@@ -16,32 +16,28 @@ use cocoon_tests::{cocoon_cli, gate, Need};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-/// `cocoon ps` against the test containerd's pods; its stdout, and how long it took.
-fn ps(c: &Containerd, extra: &[&str]) -> (String, Duration) {
+/// `cocoon ARGS…` against the test containerd's pods; its stdout, and how long it took.
+fn cocoon(c: &Containerd, args: &[&str]) -> (String, Duration) {
     let t0 = Instant::now();
     let out = Command::new(cocoon_cli())
         .arg("--state-dir")
         .arg(&c.cocoon_state)
-        .args(extra.iter().filter(|a| **a != "--table"))
-        .arg("ps")
-        .args(if extra.contains(&"--table") {
-            &[][..]
-        } else {
-            &["--json"][..]
-        })
+        .args(args)
         .output()
         .unwrap();
     let took = t0.elapsed();
     assert!(
         out.status.success(),
-        "cocoon ps: {}",
+        "cocoon {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     (String::from_utf8(out.stdout).unwrap(), took)
 }
 
-fn rows(c: &Containerd, extra: &[&str]) -> (Vec<serde_json::Value>, Duration) {
-    let (text, took) = ps(c, extra);
+/// `cocoon [OPTIONS…] ps --json`, parsed.
+fn rows(c: &Containerd, options: &[&str]) -> (Vec<serde_json::Value>, Duration) {
+    let args: Vec<&str> = options.iter().copied().chain(["ps", "--json"]).collect();
+    let (text, took) = cocoon(c, &args);
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     (v.as_array().unwrap().clone(), took)
 }
@@ -85,7 +81,7 @@ async fn cocoon_ps_lists_the_pod_vm_and_a_frozen_pod_does_not_stall_it() {
         .iter()
         .any(|p| p[1] == qemu[0]));
 
-    let (table, _) = ps(&c, &["--table"]);
+    let (table, _) = cocoon(&c, &["ps"]);
     let line = table
         .lines()
         .find(|l| l.starts_with("ops "))

@@ -8,7 +8,7 @@ use std::os::fd::OwnedFd;
 use crate::host_stream::HostStream;
 use cocoon_protocol::ProcessRef;
 
-use super::{dup, failed, Failure, Manager, Res};
+use super::{failed, Failure, Manager, Res};
 
 impl Manager {
     pub fn close_stdin(&self, p: &ProcessRef) -> Res<()> {
@@ -32,9 +32,9 @@ pub(super) fn pipe() -> Res<(OwnedFd, OwnedFd)> {
 /// CloseStdin to shut.
 pub(super) fn feed(stream: HostStream, pipe: OwnedFd) -> Res<OwnedFd> {
     let stream = stream.into_socket().map_err(failed("stdin stream"))?;
-    let dup = dup(stream
-        .socket_fd()
-        .ok_or_else(|| Failure::Failed("the stdin stream has no socket".into()))?)?;
+    let dup = stream
+        .dup_socket()
+        .map_err(failed("dup the stdin stream"))?;
     let mut sink =
         tokio::net::unix::pipe::Sender::from_owned_fd(pipe).map_err(failed("stdin pipe"))?;
     tokio::spawn(async move {

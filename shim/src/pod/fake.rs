@@ -301,7 +301,7 @@ impl std::fmt::Debug for FakeVm {
 impl PodVm for FakeVm {
     fn facts(&self) -> super::VmFacts {
         super::VmFacts {
-            hypervisor: "fake".into(),
+            hypervisor: vmm_driver::config::Hypervisor::Qemu,
             vcpus: 1,
             memory_mib: 256,
             from_template: false,

@@ -20,8 +20,8 @@ pub struct BootTimes {
 /// What an operator is shown of a pod's VM (`cocoon ps`, `admin.rs`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct VmFacts {
-    /// `qemu` or `cloud-hypervisor`.
-    pub hypervisor: String,
+    /// `qemu` or `cloud-hypervisor`, as the config names it.
+    pub hypervisor: vmm_driver::config::Hypervisor,
     pub vcpus: u32,
     pub memory_mib: u32,
     /// Restored from the VM template, not booted from the kernel.
