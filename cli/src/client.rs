@@ -19,13 +19,63 @@ pub async fn get(socket: &Path, path: &str, limit: Duration) -> anyhow::Result<B
         .map_err(|_| anyhow!("no answer within {} ms", limit.as_millis()))?
 }
 
-async fn exchange(socket: &Path, path: &str) -> anyhow::Result<Bytes> {
+/// `GET path` on `socket`, writing the body of a 200 answer to stdout as it comes. Only the
+/// answer's head is bounded by `limit`: a followed log goes on until the shim ends it. With
+/// `cut_is_end`, a body cut short is its end: a followed pod's shim exits with its VM.
+pub async fn stream(
+    socket: &Path,
+    path: &str,
+    limit: Duration,
+    cut_is_end: bool,
+) -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let (mut sender, io) = connect(socket).await?;
+    let req = Request::get(path)
+        .header(hyper::header::HOST, "localhost")
+        .body(Empty::<Bytes>::new())?;
+    let resp = tokio::time::timeout(limit, sender.send_request(req))
+        .await
+        .map_err(|_| anyhow!("no answer within {} ms", limit.as_millis()))??;
+    let status = resp.status();
+    let mut body = resp.into_body();
+    if status != StatusCode::OK {
+        let text = body.collect().await?.to_bytes();
+        bail!("{status}: {}", String::from_utf8_lossy(&text).trim());
+    }
+    let mut out = tokio::io::stdout();
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(_) if cut_is_end => break,
+            Err(e) => return Err(e.into()),
+        };
+        if let Ok(data) = frame.into_data() {
+            out.write_all(&data).await?;
+            out.flush().await?;
+        }
+    }
+    drop(sender);
+    io.abort();
+    Ok(())
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+/// An HTTP/1 connection to `socket`, and the task that does its I/O.
+async fn connect(socket: &Path) -> anyhow::Result<(Sender, tokio::task::JoinHandle<()>)> {
     let stream = UnixStream::connect(socket)
         .await
         .with_context(|| format!("connect to {}", socket.display()))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     // The connection future does the I/O; it ends when the sender is dropped.
-    let io = tokio::spawn(conn);
+    let io = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok((sender, io))
+}
+
+async fn exchange(socket: &Path, path: &str) -> anyhow::Result<Bytes> {
+    let (mut sender, io) = connect(socket).await?;
     let req = Request::get(path)
         .header(hyper::header::HOST, "localhost")
         .body(Empty::<Bytes>::new())?;

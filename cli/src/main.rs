@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod client;
 mod ps;
+mod target;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,6 +39,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The guest's console: kernel and agent lines, stamped with the host's time. For a pod
+    /// restored from the VM template, the template's boot comes first.
+    Logs {
+        /// The pod's sandbox id, or a prefix of it that names one pod.
+        sandbox: String,
+        /// Go on printing what the guest adds until the pod's VM stops.
+        #[arg(short, long)]
+        follow: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,6 +68,11 @@ fn main() -> anyhow::Result<()> {
             } else {
                 print!("{}", ps::table(&rows));
             }
+        }
+        Command::Logs { sandbox, follow } => {
+            let socket = target::endpoint(&state_dir, &sandbox)?;
+            let path = if follow { "/logs?follow" } else { "/logs" };
+            rt.block_on(client::stream(&socket, path, limit, follow))?;
         }
     }
     Ok(())

@@ -140,6 +140,8 @@ impl Sandbox {
                     from_template: vm.restored_from_template(),
                     ram_cloned: vm.ram_cloned(),
                     started_unix_ms,
+                    console_log: vm.console_log(),
+                    template_console_log: vm.template_console_log(),
                 };
                 Ok(Sandbox {
                     facts,

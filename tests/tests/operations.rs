@@ -120,3 +120,77 @@ async fn cocoon_ps_lists_the_pod_vm_and_a_frozen_pod_does_not_stall_it() {
     let (after, _) = rows(&c, &[]);
     assert!(after.is_empty(), "{after:#?}");
 }
+
+/// `cocoon logs`: the guest's boot lines (the template's, for a restored pod), each stamped
+/// with the host's time; `-f` goes on until the pod's VM stops. The agent's lines also reach
+/// containerd's log at the configured level.
+#[tokio::test]
+async fn cocoon_logs_prints_the_guest_console_and_follows_it() {
+    let Some(_gate) = gate(&[Need::selected_guest()]).await else {
+        return;
+    };
+    let c = Containerd::start();
+    // Every agent line at info or above into the shim's log (the default is warn).
+    let toml = std::fs::read_to_string(&c.cocoon_config).unwrap();
+    std::fs::write(&c.cocoon_config, toml + "agent_log_in_shim = \"info\"\n").unwrap();
+    c.import_test_image();
+    c.run_detached("logs", &["sleep", "600"]);
+
+    let (text, _) = cocoon(&c, &["logs", "log"]); // a prefix names the pod
+    assert!(text.contains("cocoon-agent 0.1.0 starting"), "{text}");
+    assert!(text.contains("cocoon-agent INFO"), "{text}");
+    for line in text.lines().filter(|l| !l.starts_with("--- ")) {
+        let stamp = line.split(' ').next().unwrap();
+        assert!(
+            humantime::parse_rfc3339(stamp).is_ok(),
+            "not stamped: {line:?}\n{text}"
+        );
+    }
+    let log = c.log();
+    assert!(
+        log.contains("agent: ") && log.contains("guest"),
+        "no agent line in containerd's log:\n{log}"
+    );
+
+    // Following: the boot lines come, and the command ends with the VM.
+    let mut follow = Command::new(cocoon_cli())
+        .arg("--state-dir")
+        .arg(&c.cocoon_state)
+        .args(["logs", "-f", "logs"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        follow.try_wait().unwrap().is_none(),
+        "logs -f ended while the pod runs"
+    );
+    c.kill_and_remove("logs");
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = follow.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "logs -f outlived the pod"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success());
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut follow.stdout.take().unwrap(), &mut out).unwrap();
+    assert!(out.contains("cocoon-agent 0.1.0 starting"), "{out}");
+
+    // A pod that isn't there is named in the error.
+    let out = Command::new(cocoon_cli())
+        .arg("--state-dir")
+        .arg(&c.cocoon_state)
+        .args(["logs", "nosuchpod"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no pod \"nosuchpod\""), "{err}");
+    c.assert_clean();
+}

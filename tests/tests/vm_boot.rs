@@ -99,8 +99,8 @@ async fn boots_the_guest_and_reads_its_kernel_then_leaves_nothing() {
 /// Guest uptime the console shows for the first line containing `marker`, in ms.
 fn console_uptime_ms(console: &str, marker: &str) -> Option<u64> {
     let line = console.lines().find(|l| l.contains(marker))?;
-    let stamp = line
-        .trim_start()
+    // After the host's wall-clock stamp (`vmm-driver/src/console.rs`).
+    let stamp = line[line.find('[')?..]
         .strip_prefix('[')?
         .split(']')
         .next()?

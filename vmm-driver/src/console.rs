@@ -8,6 +8,11 @@
 //! the error paths read their tail. If the relay is gone (the shim died), QEMU drops the
 //! output rather than stalling the guest.
 //!
+//! Each line is stamped with the host's wall-clock time (RFC 3339, UTC) as it arrives: the
+//! guest's own stamps count uptime, which for a pod restored from a VM template goes on from
+//! the template's boot. The agent's lines at the config's `agent_log_in_shim` level or above
+//! also go to the shim's log ([`Forward`]), so they reach containerd's.
+//!
 //! Cloud Hypervisor has no client-mode socket: its serial `Socket` mode listens itself (bound
 //! at `vm.boot`, output buffered until a client comes, non-blocking towards it), so for CH the
 //! relay is the client ([`ConsoleRelay::connect`]); the file and its cap are the same.
@@ -24,6 +29,40 @@ use crate::error::{Error, Result};
 
 /// The most one console file holds.
 pub const CONSOLE_CAP: u64 = 1 << 20;
+
+/// A line the guest has not ended after this many bytes is written as one anyway.
+const LONGEST_LINE: usize = 4096;
+
+/// Where the console goes.
+#[derive(Debug, Clone)]
+pub(crate) struct Output {
+    pub log: PathBuf,
+    /// The most one file holds ([`CONSOLE_CAP`]).
+    pub cap: u64,
+    pub forward: Forward,
+}
+
+/// Which of the agent's lines also go to the host's log, and as whose.
+#[derive(Debug, Clone)]
+pub(crate) struct Forward {
+    /// Names the VM in the host's log.
+    pub label: String,
+    pub level: log::LevelFilter,
+}
+
+impl Output {
+    /// The console of the VM `label`, into `log`, capped, forwarding as `cfg` says.
+    pub(crate) fn new(log: PathBuf, label: &str, cfg: &crate::Config) -> Output {
+        Output {
+            log,
+            cap: CONSOLE_CAP,
+            forward: Forward {
+                label: label.to_owned(),
+                level: cfg.agent_log_filter(),
+            },
+        }
+    }
+}
 
 /// The relay task; it ends when the VMM closes the console, and is aborted on drop.
 #[derive(Debug)]
@@ -44,14 +83,13 @@ impl ConsoleRelay {
     }
 
     /// Binds `socket` (before the VMM starts, which connects to it) and relays what arrives
-    /// into `log`, capped at `cap` bytes per file.
-    pub(crate) fn start(socket: &Path, log: &Path, cap: u64) -> Result<ConsoleRelay> {
+    /// into `out`.
+    pub(crate) fn start(socket: &Path, out: Output) -> Result<ConsoleRelay> {
         let listener = UnixListener::bind(socket)
             .map_err(|e| Error::io(format!("bind {}", socket.display()), e))?;
-        let log = log.to_owned();
         let task = tokio::spawn(async move {
             if let Ok((stream, _)) = listener.accept().await {
-                relay(stream, log, cap).await;
+                relay(stream, out).await;
             }
         });
         Ok(ConsoleRelay { task })
@@ -59,18 +97,13 @@ impl ConsoleRelay {
 
     /// Connects to the socket a VMM listens on (Cloud Hypervisor's serial `Socket` mode),
     /// retrying while it does not exist yet for at most `within`, and relays as [`Self::start`].
-    pub(crate) fn connect(
-        socket: &Path,
-        log: &Path,
-        cap: u64,
-        within: std::time::Duration,
-    ) -> ConsoleRelay {
-        let (socket, log) = (socket.to_owned(), log.to_owned());
+    pub(crate) fn connect(socket: &Path, out: Output, within: std::time::Duration) -> ConsoleRelay {
+        let socket = socket.to_owned();
         let task = tokio::spawn(async move {
             let deadline = tokio::time::Instant::now() + within;
             loop {
                 match UnixStream::connect(&socket).await {
-                    Ok(stream) => return relay(stream, log, cap).await,
+                    Ok(stream) => return relay(stream, out).await,
                     Err(e) if tokio::time::Instant::now() >= deadline => {
                         log::warn!(
                             "console {}: {e}; the guest's console is not recorded",
@@ -86,18 +119,91 @@ impl ConsoleRelay {
     }
 }
 
-/// Copies the console stream into the capped file until the VMM closes it.
-async fn relay(mut stream: UnixStream, log: PathBuf, cap: u64) {
-    let mut file = Capped::new(log, cap);
+/// Copies the console stream into the capped file, line by line, until the VMM closes it.
+async fn relay(mut stream: UnixStream, out: Output) {
+    let mut lines = Lines::new(Capped::new(out.log, out.cap), out.forward);
     let mut buf = vec![0u8; 16 * 1024];
     while let Ok(n) = stream.read(&mut buf).await {
         if n == 0 {
             break;
         }
-        if let Err(e) = file.write(&buf[..n]) {
-            log::warn!("console log: {e}; dropping guest output");
+        lines.push(&buf[..n]);
+    }
+    lines.finish();
+}
+
+/// Splits the console into lines, stamps them and forwards the agent's.
+struct Lines {
+    file: Capped,
+    forward: Forward,
+    /// The start of a line not ended yet, and when its first byte came.
+    partial: Vec<u8>,
+    partial_at: std::time::SystemTime,
+}
+
+impl Lines {
+    fn new(file: Capped, forward: Forward) -> Lines {
+        Lines {
+            file,
+            forward,
+            partial: Vec::new(),
+            partial_at: std::time::SystemTime::now(),
         }
     }
+
+    fn push(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.partial.is_empty() {
+                self.partial_at = std::time::SystemTime::now();
+            }
+            let room = LONGEST_LINE.saturating_sub(self.partial.len()).max(1);
+            let window = &data[..data.len().min(room)];
+            match window.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    self.partial.extend_from_slice(&window[..i]);
+                    data = &data[i + 1..];
+                    self.end_line();
+                }
+                None => {
+                    self.partial.extend_from_slice(window);
+                    data = &data[window.len()..];
+                    if self.partial.len() >= LONGEST_LINE {
+                        self.end_line();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes what is left as a last line.
+    fn finish(&mut self) {
+        if !self.partial.is_empty() {
+            self.end_line();
+        }
+    }
+
+    fn end_line(&mut self) {
+        let line = std::mem::take(&mut self.partial);
+        let line = String::from_utf8_lossy(&line);
+        let line = line.trim_end_matches('\r');
+        let stamp = humantime::format_rfc3339_millis(self.partial_at);
+        if let Err(e) = self.file.write(format!("{stamp} {line}\n").as_bytes()) {
+            log::warn!("console log: {e}; dropping guest output");
+        }
+        if let Some((level, msg)) = agent_line(line) {
+            if level <= self.forward.level {
+                log::log!(target: "guest", level, "VM {}: agent: {msg}", self.forward.label);
+            }
+        }
+    }
+}
+
+/// The level and message of one of the agent's lines (`agent/src/logger.rs`:
+/// `[uptime] cocoon-agent LEVEL: message`).
+fn agent_line(line: &str) -> Option<(log::Level, &str)> {
+    let rest = &line[line.find("] cocoon-agent ")? + "] cocoon-agent ".len()..];
+    let (level, msg) = rest.split_once(": ")?;
+    Some((level.parse().ok()?, msg))
 }
 
 /// `console.log` plus one rotated predecessor.
@@ -158,7 +264,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("console.sock");
         let log = dir.path().join("console.log");
-        let relay = ConsoleRelay::start(&sock, &log, 1000).unwrap();
+        let relay = ConsoleRelay::start(&sock, output(&log)).unwrap();
         let mut guest = tokio::net::UnixStream::connect(&sock).await.unwrap();
         let text: String = (0..2000).map(|i| format!("line {i}\n")).collect();
         guest.write_all(text.as_bytes()).await.unwrap();
@@ -173,7 +279,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("console.sock");
         let log = dir.path().join("console.log");
-        let relay = ConsoleRelay::connect(&sock, &log, 1000, std::time::Duration::from_secs(10));
+        let relay = ConsoleRelay::connect(&sock, output(&log), std::time::Duration::from_secs(10));
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let vmm = tokio::net::UnixListener::bind(&sock).unwrap();
         let (mut guest, _) = vmm.accept().await.unwrap();
@@ -188,14 +294,63 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut relay = ConsoleRelay::connect(
             &dir.path().join("none.sock"),
-            &dir.path().join("console.log"),
-            1000,
+            output(&dir.path().join("console.log")),
             std::time::Duration::from_millis(50),
         );
         tokio::time::timeout(std::time::Duration::from_secs(5), &mut relay.task)
             .await
             .expect("the relay gives up")
             .unwrap();
+    }
+
+    fn output(log: &Path) -> Output {
+        Output {
+            log: log.to_owned(),
+            cap: 1000,
+            forward: Forward {
+                label: "test".into(),
+                level: log::LevelFilter::Warn,
+            },
+        }
+    }
+
+    /// Each line with its stamp taken off (`<RFC 3339 time> `), checking that it has one.
+    fn unstamped(text: &str) -> String {
+        text.lines()
+            .map(|l| {
+                let (stamp, line) = l.split_once(' ').unwrap_or(("", l));
+                assert!(
+                    humantime::parse_rfc3339(stamp).is_ok(),
+                    "{l:?} starts with a time"
+                );
+                format!("{line}\n")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn agent_lines_are_recognised() {
+        assert_eq!(
+            agent_line("[    2.171] cocoon-agent WARN: no shared directory: later"),
+            Some((log::Level::Warn, "no shared directory: later"))
+        );
+        assert_eq!(agent_line("[    0.5] virtio: something: else"), None);
+        assert_eq!(agent_line("cocoon-agent: template ready"), None);
+    }
+
+    #[tokio::test]
+    async fn lines_are_stamped_and_unended_ones_kept_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        let mut lines = Lines::new(Capped::new(log.clone(), 1 << 20), output(&log).forward);
+        lines.push(b"one\ntw");
+        lines.push(b"o\r\nthree");
+        lines.push(&[b'x'; LONGEST_LINE]);
+        lines.push(b"four");
+        lines.finish();
+        let text = std::fs::read_to_string(&log).unwrap();
+        let long = format!("three{}", "x".repeat(LONGEST_LINE - 5));
+        assert_eq!(unstamped(&text), format!("one\ntwo\n{long}\nxxxxxfour\n"));
     }
 
     async fn assert_capped(relay: ConsoleRelay, dir: &Path, text: &str) {
@@ -215,11 +370,11 @@ mod tests {
             newest.len(),
             older.len()
         );
-        assert!(newest.ends_with("line 1999\n"), "{newest}");
-        assert_eq!(
-            format!("{older}{newest}"),
-            text[text.len() - older.len() - newest.len()..]
-        );
-        assert_eq!(crate::tail_lines(&log, 1), "line 1999");
+        // Rotation cuts a stamped line anywhere: compare from the first whole line on.
+        let both = format!("{older}{newest}");
+        let kept = unstamped(&both[both.find('\n').unwrap() + 1..]);
+        assert!(kept.len() > 400, "{kept}");
+        assert!(text.ends_with(&kept), "the newest output, in order: {kept}");
+        assert!(crate::tail_lines(&log, 1).ends_with(" line 1999"));
     }
 }

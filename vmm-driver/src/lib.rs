@@ -141,6 +141,11 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     fn restored_from_template(&self) -> bool {
         false
     }
+    /// The console of the template's boot, for a VM restored from one: its kernel and agent
+    /// start lines are there, not in [`Vmm::console_log`] (`cocoon logs` shows both).
+    fn template_console_log(&self) -> Option<PathBuf> {
+        None
+    }
 }
 
 /// Adds the virtio-fs share (and its virtiofsd) to a VM that started without it.

@@ -307,6 +307,8 @@ impl PodVm for FakeVm {
             from_template: false,
             ram_cloned: false,
             started_unix_ms: 0,
+            console_log: self.dir.join("console.log"),
+            template_console_log: None,
         }
     }
 

@@ -30,6 +30,10 @@ pub struct VmFacts {
     pub ram_cloned: bool,
     /// Wall-clock time the boot began, in ms since the Unix epoch.
     pub started_unix_ms: u64,
+    /// The guest's console (`console.log`, and `console.log.1` before it once it rotated).
+    pub console_log: PathBuf,
+    /// The console of the VM template's boot, for a VM restored from one.
+    pub template_console_log: Option<PathBuf>,
 }
 
 /// A booted pod VM whose agent answered.

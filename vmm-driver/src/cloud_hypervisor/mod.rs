@@ -14,7 +14,7 @@ use tokio::process::Command;
 use crate::accel::HostFacts;
 use crate::boot::{check_image, kernel_cmdline};
 use crate::config::{Accel, Config, VsockMode};
-use crate::console::{ConsoleRelay, CONSOLE_CAP};
+use crate::console::{ConsoleRelay, Output};
 use crate::daemon::{
     exited_within, resolve_binary, tail_lines, wait_for_socket, Daemon, DAEMON_READY, STOP_GRACE,
 };
@@ -93,8 +93,7 @@ impl ChVm {
                 // CH bound the console socket at vm.boot and buffers until a reader comes.
                 vm.console = Some(ConsoleRelay::connect(
                     &vm.dir.console_socket(),
-                    &vm.dir.console_log(),
-                    CONSOLE_CAP,
+                    Output::new(vm.dir.console_log(), &spec.id, cfg),
                     DAEMON_READY,
                 ));
                 // CH made the hybrid vsock socket at vm.create.

@@ -25,7 +25,7 @@ use tokio::process::Command;
 use crate::accel::{self, Chosen, HostFacts};
 use crate::boot::{check_image, kernel_cmdline};
 use crate::config::{Config, VsockMode};
-use crate::console::{ConsoleRelay, CONSOLE_CAP};
+use crate::console::{ConsoleRelay, Output};
 use crate::daemon::with_helpers;
 use crate::daemon::{
     exited_within, resolve_binary, wait_for_socket, Daemon, DAEMON_READY, STOP_GRACE,
@@ -70,8 +70,8 @@ pub struct QemuVm {
     supervisor: Option<crate::supervise::Supervisor>,
     /// Whether its RAM is the template's, copy-on-write (`restore.rs`).
     ram_cloned: bool,
-    /// Whether it was restored from the template (`restore.rs`), not booted.
-    restored: bool,
+    /// The template it was restored from (`restore.rs`), if it was not booted.
+    restored_from: Option<PathBuf>,
     /// Writes the guest console to `console.log`, capped.
     console: Option<ConsoleRelay>,
 }
@@ -204,7 +204,7 @@ impl QemuVm {
             supervisor: None,
             console: None,
             ram_cloned: false,
-            restored: false,
+            restored_from: None,
         };
         match vm.boot(cfg, spec, bins, chosen, from_template).await {
             Ok(()) => {
@@ -292,8 +292,7 @@ impl QemuVm {
         let console_socket = self.dir.console_socket();
         self.console = Some(ConsoleRelay::start(
             &console_socket,
-            &self.dir.console_log(),
-            CONSOLE_CAP,
+            Output::new(self.dir.console_log(), &spec.id, cfg),
         )?);
         let launch = QemuLaunch {
             name: format!("cocoon-{}", spec.id),
@@ -540,7 +539,11 @@ impl Vmm for QemuVm {
     }
 
     fn restored_from_template(&self) -> bool {
-        self.restored
+        self.restored_from.is_some()
+    }
+
+    fn template_console_log(&self) -> Option<PathBuf> {
+        self.restored_from.as_ref().map(|d| d.join("console.log"))
     }
 
     fn share_hotplug(&self) -> Option<Arc<dyn crate::ShareHotplug>> {

@@ -224,7 +224,7 @@ impl QemuVm {
             (t0.elapsed() - t_restored).as_millis(),
             copied >> 20
         );
-        self.restored = true;
+        self.restored_from = Some(id.dir.clone());
         Ok(())
     }
 }

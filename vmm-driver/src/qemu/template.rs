@@ -38,7 +38,7 @@ use tokio::process::Command;
 
 use super::cmdline::{qemu_args, QemuLaunch, TemplateRole, VsockDevice};
 use super::version::fingerprint;
-use crate::console::{ConsoleRelay, CONSOLE_CAP};
+use crate::console::{ConsoleRelay, Forward, Output, CONSOLE_CAP};
 use crate::daemon::{tail_lines, Daemon, STOP_GRACE};
 use crate::error::{Error, Result};
 use crate::run_dir::RunDir;
@@ -46,8 +46,9 @@ use crate::run_dir::RunDir;
 /// Root ports a template VM keeps free for NICs: a pod with more NICs boots cold.
 pub const NIC_PORTS: u8 = 4;
 /// Bumped whenever what a template holds changes in a way its command line does not show
-/// (2: the state is saved without guest RAM's zero pages; 3: guest RAM in its own file).
-const FORMAT: u32 = 3;
+/// (2: the state is saved without guest RAM's zero pages; 3: guest RAM in its own file; 4: its
+/// console stamped with host time, as `cocoon logs` shows it first for every pod of it).
+const FORMAT: u32 = 4;
 /// How long a pod waits for another pod's build of the same template before it boots cold.
 const BUILD_WAIT: Duration = Duration::from_secs(90);
 /// How long saving the stopped template may take (its devices' state: ~400 KB).
@@ -432,7 +433,17 @@ async fn build(
         l.agent_key = Some(placeholder);
     }
     let _ = std::fs::remove_file(&l.console_socket);
-    let relay = ConsoleRelay::start(&l.console_socket, &console_log, CONSOLE_CAP)?;
+    let relay = ConsoleRelay::start(
+        &l.console_socket,
+        Output {
+            log: console_log.clone(),
+            cap: CONSOLE_CAP,
+            forward: Forward {
+                label: "template".into(),
+                level: log::LevelFilter::Warn,
+            },
+        },
+    )?;
     let mut q = Command::new(qemu);
     q.args(qemu_args(&l));
     let mut vm = dir.spawn("qemu-template", q, None)?;

@@ -8,17 +8,24 @@
 //! Beside the pod's run directory rather than in it, because it lives as long as the shim,
 //! also before the VM boots and after it stopped, and the run directory is the VM's.
 //!
-//! `GET /info`: the pod as JSON ([`Info`]).
+//! - `GET /info`: the pod as JSON ([`Info`]).
+//! - `GET /logs[?follow]`: the guest's console ([`logs`]).
+
+mod logs;
 
 use std::convert::Infallible;
 use std::path::PathBuf;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 
 use crate::pod::{Pod, PodFacts};
+
+type Body = BoxBody<Bytes, Infallible>;
 
 /// `GET /info`.
 #[derive(Debug, Serialize)]
@@ -86,8 +93,38 @@ impl Drop for AdminServer {
     }
 }
 
-async fn answer<B>(pod: &Pod, namespace: String, req: &Request<B>) -> Response<Full<Bytes>> {
+async fn answer<B>(pod: &Pod, namespace: String, req: &Request<B>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
+        (&Method::GET, "/logs") => {
+            let follow = req
+                .uri()
+                .query()
+                .is_some_and(|q| q.split('&').any(|kv| kv == "follow" || kv == "follow=1"));
+            let Some(vm) = pod.facts().await.vm else {
+                return reply(
+                    StatusCode::CONFLICT,
+                    "text/plain",
+                    format!(
+                        "pod {} has no VM now (not started yet, or stopped)\n",
+                        pod.id()
+                    )
+                    .into_bytes(),
+                );
+            };
+            let (tx, rx) = tokio::sync::mpsc::channel(16);
+            tokio::spawn(logs::stream(logs::Sources::of(&vm.facts), follow, tx));
+            let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+                rx.recv()
+                    .await
+                    .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+            });
+            let mut r = Response::new(BodyExt::boxed(StreamBody::new(frames)));
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            r
+        }
         (&Method::GET, "/info") => {
             let info = Info {
                 namespace,
@@ -106,13 +143,13 @@ async fn answer<B>(pod: &Pod, namespace: String, req: &Request<B>) -> Response<F
         (_, path) => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            format!("no such endpoint: {path} (there is GET /info)\n").into_bytes(),
+            format!("no such endpoint: {path} (there are GET /info, GET /logs)\n").into_bytes(),
         ),
     }
 }
 
-fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
     *r.status_mut() = status;
     if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
         r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
