@@ -226,7 +226,8 @@ pub struct Booted {
 /// It runs after every module is loaded, so nothing needs copying: the pseudo filesystems
 /// move over, the initramfs is emptied, and the running agent keeps its (now unlinked) image;
 /// `/proc/self/exe` still executes it for the runner.
-pub fn switch_root() -> Result<()> {
+/// With `debug_shell`, busybox and its applets come along (`keep_debug_shell`).
+pub fn switch_root(debug_shell: bool) -> Result<()> {
     let new = Path::new("/newroot");
     mount_fs(
         "root",
@@ -248,6 +249,12 @@ pub fn switch_root() -> Result<()> {
         .with_context(|| format!("move {m} to the new root"))?;
     }
     let kept = keep_on_demand_modules(new);
+    if debug_shell {
+        match keep_debug_shell(new) {
+            Ok(n) => log::warn!("debug console enabled: busybox with {n} applets in /bin, /sbin"),
+            Err(e) => log::warn!("debug console: no shell in the guest: {e:#}"),
+        }
+    }
     clear_tree(Path::new("/"), new);
     nix::unistd::chdir(new).context("chdir /newroot")?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
@@ -297,6 +304,35 @@ fn keep_on_demand_modules(new: &Path) -> Result<usize> {
     }
     fs::write(new.join(index_path.strip_prefix("/")?), text)?;
     Ok(files.len())
+}
+
+/// Where the image keeps busybox for the debug console, and its applets' paths
+/// (`busybox --list-full`, written by `rootfs/`).
+const DEBUG_SHELL: &str = "/lib/cocoon/busybox";
+const DEBUG_APPLETS: &str = "/lib/cocoon/busybox.applets";
+
+/// Copies busybox into the new root as `/bin/busybox` with a link for each applet, for the
+/// debug console's commands; answers how many links. Only in a VM booted with the console:
+/// in any other the guest has no shell at all.
+fn keep_debug_shell(new: &Path) -> Result<usize> {
+    let bin = new.join("bin");
+    fs::create_dir_all(&bin)?;
+    fs::copy(DEBUG_SHELL, bin.join("busybox")).context("copy busybox")?;
+    let applets = fs::read_to_string(DEBUG_APPLETS).context("read the applet list")?;
+    let mut n = 0;
+    for rel in applets.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let link = new.join(rel.trim_start_matches('/'));
+        if link.exists() || rel.contains("..") {
+            continue;
+        }
+        if let Some(dir) = link.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        std::os::unix::fs::symlink("/bin/busybox", &link)
+            .with_context(|| format!("link {}", link.display()))?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// Flushes and powers the VM off. Never returns on success.

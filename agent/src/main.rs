@@ -2,9 +2,11 @@
 
 mod auth;
 mod containers;
+mod debug_exec;
 mod dns;
 mod exec_seccomp;
 mod forward;
+mod guest_stats;
 mod host_stream;
 mod init;
 mod logger;
@@ -28,6 +30,10 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("runner") {
         runner::main(&args[2..]);
+    }
+    // A debug console process on its way to its command (`debug_exec.rs`).
+    if args.get(1).map(String::as_str) == Some(debug_exec::ARG) {
+        std::process::exit(debug_exec::main(&args[2..]));
     }
     // The kernel's modprobe helper is the agent itself (`modprobe.rs`).
     if modprobe::is_helper_call(&args[1..]) {
@@ -63,6 +69,10 @@ fn run() -> anyhow::Result<()> {
     let template = cmdline
         .split_whitespace()
         .any(|w| w == cocoon_protocol::TEMPLATE_PARAM);
+    // `[debug] console = true` on the host: DebugExec is served and busybox is kept.
+    let debug_console = cmdline
+        .split_whitespace()
+        .any(|w| w == cocoon_protocol::DEBUG_CONSOLE_PARAM);
 
     // Serve as soon as vsock works; the rest of bring-up (virtio-fs, overlay) finishes in the
     // background while the host already talks to us. Calls that need it wait for `Booted`.
@@ -74,7 +84,7 @@ fn run() -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("bring-up".into())
         .spawn(move || {
-            let state = bring_up(template, move |m| {
+            let state = bring_up(template, debug_console, move |m| {
                 if m == init::VSOCK_TRANSPORT {
                     let _ = vsock_up_tx.send(());
                     let _ = bound_rx.recv_timeout(std::time::Duration::from_secs(1));
@@ -119,6 +129,7 @@ fn run() -> anyhow::Result<()> {
         let manager = containers::Manager::new(reaper, hub, init::SHARED_MOUNT.into());
         let mut agent = server::Agent::new(start_uptime_ms, booted_rx, manager);
         agent.template = template;
+        agent.debug_console = debug_console;
         let _server = server::serve(agent, &gate, move || {
             let _ = bound_tx.send(());
         })
@@ -147,14 +158,14 @@ fn run() -> anyhow::Result<()> {
 }
 
 /// Loads the modules and mounts the share; failures are kept for the calls that need them.
-fn bring_up(template: bool, on_module: impl FnMut(&str)) -> init::Booted {
+fn bring_up(template: bool, debug_console: bool, on_module: impl FnMut(&str)) -> init::Booted {
     let t0 = logger::uptime_ms();
     let modules = init::load_modules(Path::new(init::MODULE_ORDER), on_module);
     let t_modules = logger::uptime_ms();
     let (loaded_modules, shared) = match modules {
         Ok(m) => {
             // Every module is in, so the initramfs can go; the share mounts on the new root.
-            let shared = init::switch_root()
+            let shared = init::switch_root(debug_console)
                 .and_then(|()| match template {
                     true => init::template_ready(),
                     false => init::mount_shared(),

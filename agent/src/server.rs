@@ -6,14 +6,14 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use cocoon_protocol::agent::{
     AddNeighboursRequest, CheckRequest, CheckResponse, CloseStdinRequest, CreateContainerRequest,
-    CreateContainerResponse, Empty, ExecProcessRequest, ExecProcessResponse, GetOOMEventRequest,
-    GuestDetailsRequest, GuestDetailsResponse, Interface, ListProcessesRequest,
-    ListProcessesResponse, ListenPortsRequest, ListenPortsResponse, OOMEvent,
-    PauseContainerRequest, PutFilesRequest, ReadFileRequest, ReadFileResponse, RefreshRequest,
-    RemoveContainerRequest, ResumeContainerRequest, ShutdownRequest, SignalProcessRequest,
-    StartContainerRequest, StartContainerResponse, StatsContainerRequest, StatsContainerResponse,
-    TtyWinResizeRequest, UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest,
-    WaitProcessRequest, WaitProcessResponse,
+    CreateContainerResponse, DebugExecRequest, Empty, ExecProcessRequest, ExecProcessResponse,
+    GetOOMEventRequest, GuestDetailsRequest, GuestDetailsResponse, GuestStatsRequest,
+    GuestStatsResponse, Interface, ListProcessesRequest, ListProcessesResponse, ListenPortsRequest,
+    ListenPortsResponse, OOMEvent, PauseContainerRequest, PutFilesRequest, ReadFileRequest,
+    ReadFileResponse, RefreshRequest, RemoveContainerRequest, ResumeContainerRequest,
+    ShutdownRequest, SignalProcessRequest, StartContainerRequest, StartContainerResponse,
+    StatsContainerRequest, StatsContainerResponse, TtyWinResizeRequest, UpdateContainerRequest,
+    UpdateInterfaceRequest, UpdateRoutesRequest, WaitProcessRequest, WaitProcessResponse,
 };
 use cocoon_protocol::agent_ttrpc::{create_agent_service, AgentService};
 use cocoon_protocol::{ProcessRef, AGENT_PORT, API_VERSION};
@@ -34,6 +34,9 @@ pub struct Agent {
     net: Option<rtnetlink::Handle>,
     /// Booted as a VM template (`cocoon_protocol::TEMPLATE_PARAM`).
     pub template: bool,
+    /// Booted with the debug console (`cocoon_protocol::DEBUG_CONSOLE_PARAM`): DebugExec is
+    /// served.
+    pub debug_console: bool,
     /// The share, once mounted after bring-up (a VM that started without it).
     late_share: tokio::sync::OnceCell<()>,
 }
@@ -51,6 +54,7 @@ impl Agent {
             containers,
             net: None,
             template: false,
+            debug_console: false,
             late_share: tokio::sync::OnceCell::new(),
         }
     }
@@ -158,6 +162,14 @@ impl AgentService for Agent {
         })
     }
 
+    async fn guest_stats(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: GuestStatsRequest,
+    ) -> ttrpc::Result<GuestStatsResponse> {
+        Ok(crate::guest_stats::read())
+    }
+
     async fn create_container(
         &self,
         _ctx: &TtrpcContext,
@@ -229,6 +241,29 @@ impl AgentService for Agent {
         let pid = self
             .containers
             .exec(&req.container_id, &req.exec_id, &req.process_json, &stdio)
+            .await?;
+        Ok(ExecProcessResponse {
+            pid: u32::try_from(pid).unwrap_or(0),
+            ..Default::default()
+        })
+    }
+
+    async fn debug_exec(
+        &self,
+        _ctx: &TtrpcContext,
+        req: DebugExecRequest,
+    ) -> ttrpc::Result<ExecProcessResponse> {
+        if !self.debug_console {
+            return Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
+                ttrpc::Code::PERMISSION_DENIED,
+                "this VM was booted without the debug console ([debug] console = true on the \
+                 host applies to pods started after it is set)",
+            )));
+        }
+        let stdio = req.stdio.clone().unwrap_or_default();
+        let pid = self
+            .containers
+            .debug_exec(&req.exec_id, &req.args, &stdio)
             .await?;
         Ok(ExecProcessResponse {
             pid: u32::try_from(pid).unwrap_or(0),

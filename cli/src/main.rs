@@ -8,6 +8,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 mod client;
+mod exec;
+mod monitor;
 mod ps;
 mod target;
 
@@ -48,13 +50,40 @@ enum Command {
         #[arg(short, long)]
         follow: bool,
     },
+    /// Runs a command in the pod's guest VM as the guest's root, outside every container (a
+    /// debug console). Off unless the host sets `[debug] console = true`; exits with the
+    /// command's status.
+    Exec {
+        /// Allocate a terminal (for a shell: `cocoon exec -it POD -- sh`).
+        #[arg(short, long)]
+        tty: bool,
+        /// Pass this command's stdin to the guest command.
+        #[arg(short, long)]
+        interactive: bool,
+        /// The pod's sandbox id, or a prefix of it that names one pod.
+        sandbox: String,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// A Prometheus endpoint (GET /metrics) with every pod's numbers: host CPU and memory of
+    /// its VM, the guest's memory and CPU, boot phases, agent call latency, OOM kills. Each
+    /// pod gets --timeout-ms per scrape.
+    Monitor {
+        /// Address to serve on, e.g. 127.0.0.1:9464 (port 0: any free port; the first line
+        /// printed names it).
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        listen: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Read only where a default comes from it: `--state-dir` works with any config file.
+    let cfg = || vmm_driver::Config::load();
     let state_dir = match cli.state_dir {
         Some(d) => d,
-        None => vmm_driver::Config::load()?.state_dir,
+        None => cfg()?.state_dir,
     };
     let limit = Duration::from_millis(cli.timeout_ms);
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -68,6 +97,30 @@ fn main() -> anyhow::Result<()> {
             } else {
                 print!("{}", ps::table(&rows));
             }
+        }
+        Command::Exec {
+            tty,
+            interactive,
+            sandbox,
+            command,
+        } => {
+            let socket = target::endpoint(&state_dir, &sandbox)?;
+            let status = rt.block_on(exec::run(&socket, &command, tty, interactive, limit))?;
+            // Not a return through the runtime's drop: a read of stdin may still be blocked.
+            std::process::exit(status);
+        }
+        Command::Monitor { listen } => {
+            // Scrapes overlap freely: a multi-threaded runtime of its own.
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(monitor::serve(
+                state_dir,
+                cfg()?.template_dir,
+                &listen,
+                limit,
+            ))?;
         }
         Command::Logs { sandbox, follow } => {
             let socket = target::endpoint(&state_dir, &sandbox)?;

@@ -16,6 +16,7 @@ mod generated {
 }
 
 pub mod auth;
+pub mod console;
 pub mod dns;
 pub mod forward;
 pub mod process;
@@ -57,6 +58,13 @@ pub const API_VERSION: u32 = 9;
 pub const TEMPLATE_PARAM: &str = "cocoon.template=1";
 /// The line a template guest's agent writes on its console once it is ready to be saved.
 pub const TEMPLATE_READY: &str = "cocoon-agent: template ready";
+
+/// On the kernel command line of a VM whose agent serves `DebugExec` (`[debug] console =
+/// true` on the host); without it the agent refuses the call.
+pub const DEBUG_CONSOLE_PARAM: &str = "cocoon.debug_console=1";
+/// The container id by which `DebugExec` processes are addressed in the calls that name a
+/// process (wait, signal, resize, stdin): no container can have it (ids never start with '.').
+pub const DEBUG_CONTAINER: &str = ".debug";
 
 pub use dns::DnsFrame;
 pub use process::{ProcessRef, StdioHello, StdioKind};

@@ -15,6 +15,9 @@ use cocoon_rootfs::on_demand::{plan as plan_on_demand, ON_DEMAND};
 use sha2::{Digest, Sha256};
 
 const META_PACKAGE: &str = "linux-image-cloud-amd64";
+/// The debug console's shell and tools (`cocoon exec`): one static binary, copied into the
+/// guest's root only in a VM booted with the console (agent/src/init.rs).
+const SHELL_PACKAGE: &str = "busybox-static";
 /// What the agent needs: PCI transport, vsock for its API, virtio-fs for rootfs, overlay, and
 /// the balloon for free page reporting, virtio-net for the pod's NICs, virtio-scsi, SCSI
 /// disks and EROFS for the image layers (issue #29). Loaded in this order (vsock first: the
@@ -126,6 +129,21 @@ fn download(pkg: &str, work: &Path) -> Result<PathBuf> {
     find()?.with_context(|| format!("apt-get download {pkg} left no .deb in {}", work.display()))
 }
 
+/// busybox from its Debian package, and the paths of its applets (`--list-full`, asked of the
+/// binary itself: it is static and runs on the host too).
+fn debug_shell(work: &Path) -> Result<(Vec<u8>, String)> {
+    let deb = download(SHELL_PACKAGE, work)?;
+    let tree = work.join("busybox");
+    if tree.exists() {
+        fs::remove_dir_all(&tree)?;
+    }
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree))?;
+    let bin = tree.join("bin/busybox");
+    let applets = run(Command::new(&bin).arg("--list-full"))?;
+    let data = fs::read(&bin).with_context(|| format!("read {}", bin.display()))?;
+    Ok((data, applets))
+}
+
 fn install(out: &Path, name: &str, data: &[u8]) -> Result<()> {
     let tmp = out.join(format!(".{name}.tmp"));
     fs::write(&tmp, data).with_context(|| format!("write {}", tmp.display()))?;
@@ -195,6 +213,9 @@ fn main() -> Result<()> {
         img.file(&format!("lib/modules/{release}/{rel}"), 0o644, data)?;
     }
     img.file("lib/modules/on-demand", 0o644, on_demand.index.into_bytes())?;
+    let (busybox, applets) = debug_shell(&work)?;
+    img.file("lib/cocoon/busybox", 0o755, busybox.clone())?;
+    img.file("lib/cocoon/busybox.applets", 0o644, applets.into_bytes())?;
     let initramfs = img.write(Vec::new())?;
 
     let vmlinuz = fs::read(tree.join("boot").join(format!("vmlinuz-{release}")))?;
@@ -210,6 +231,7 @@ fn main() -> Result<()> {
         "modules": order.iter().map(|p| module_name(p)).collect::<Vec<_>>(),
         "on_demand_modules": on_demand.files.iter().map(|p| module_name(p)).collect::<Vec<_>>(),
         "on_demand_bytes": on_demand_bytes,
+        "busybox_sha256": sha256(&busybox),
     });
     fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
     install(&args.out, "vmlinuz", &vmlinuz)?;

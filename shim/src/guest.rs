@@ -45,6 +45,8 @@ pub struct Bounds {
     pub pod: Arc<str>,
     pub call: Duration,
     pub stdio: Duration,
+    /// Every call's latency and outcome, for `cocoon monitor`.
+    pub calls: Arc<crate::metrics::CallStats>,
 }
 
 impl Bounds {
@@ -53,6 +55,7 @@ impl Bounds {
             pod: pod.into(),
             call: cfg.agent.call_timeout(),
             stdio: cfg.agent.stdio_timeout(),
+            calls: Arc::default(),
         }
     }
 
@@ -81,10 +84,13 @@ impl GuestLink {
         name: &'static str,
         call: impl Future<Output = ttrpc::Result<T>>,
     ) -> Result<T> {
-        match tokio::time::timeout(self.bounds.call, call).await {
+        let t0 = std::time::Instant::now();
+        let r = match tokio::time::timeout(self.bounds.call, call).await {
             Ok(r) => r.map_err(|e| Error::agent(name, e)),
             Err(_) => Err(self.bounds.timeout(name, self.bounds.call)),
-        }
+        };
+        self.bounds.calls.record(name, t0.elapsed(), r.is_ok());
+        r
     }
 
     /// Opens one stdio stream within `agent.stdio_timeout_ms`.

@@ -26,6 +26,7 @@ pub mod host_ns;
 pub mod info;
 pub mod io;
 pub mod layers;
+pub mod metrics;
 pub mod network;
 pub mod phase;
 pub mod placement;

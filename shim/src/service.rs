@@ -172,14 +172,17 @@ impl Shim for CocoonShim {
 impl CocoonShim {
     /// Serves the pod's admin endpoint; a shim without one still runs its pod.
     fn start_admin(&self, pod: &Pod) {
-        let path = match run_dir_of(pod.id()) {
-            Ok(run_dir) => crate::state::admin_socket(&run_dir),
+        let cfg = match vmm_driver::Config::load() {
+            Ok(cfg) => cfg,
             Err(e) => {
                 log::warn!("no admin endpoint for pod {}: {e}", pod.id());
                 return;
             }
         };
-        match AdminServer::start(pod.clone(), self.namespace.clone(), path) {
+        let path = crate::state::admin_socket(&cfg.state_dir.join(pod.id()));
+        let admin =
+            AdminServer::start(pod.clone(), self.namespace.clone(), path, cfg.debug.console);
+        match admin {
             Ok(a) => {
                 if let Ok(mut slot) = self.admin.lock() {
                     *slot = Some(a);

@@ -30,6 +30,11 @@ pub fn kernel_cmdline(cfg: &Config, spec: &VmSpec) -> String {
     if !cfg.debug_console {
         parts.push("quiet");
     }
+    // The agent serves `cocoon exec` only in a VM booted with it: a host whose config turns
+    // the console off can't reach it in its VMs, whatever a shim asks.
+    if cfg.debug.console {
+        parts.push(cocoon_protocol::DEBUG_CONSOLE_PARAM);
+    }
     parts.push(&log);
     parts.extend(
         spec.kernel_params
@@ -75,5 +80,8 @@ mod tests {
         );
         cfg.debug_console = true;
         assert!(!kernel_cmdline(&cfg, &spec).contains("quiet"));
+        assert!(!kernel_cmdline(&cfg, &spec).contains("cocoon.debug_console"));
+        cfg.debug.console = true;
+        assert!(kernel_cmdline(&cfg, &spec).contains(" cocoon.debug_console=1 "));
     }
 }

@@ -23,15 +23,15 @@ const STREAM_WAIT: Duration = Duration::from_secs(10);
 
 /// The host's streams for one process, those the call said it has.
 #[derive(Debug)]
-struct HostStreams {
-    stdin: Option<HostStream>,
-    stdout: Option<HostStream>,
-    stderr: Option<HostStream>,
+pub(super) struct HostStreams {
+    pub(super) stdin: Option<HostStream>,
+    pub(super) stdout: Option<HostStream>,
+    pub(super) stderr: Option<HostStream>,
 }
 
 /// How a process's stdio is wired: set up before the runner runs, finished after it.
 #[derive(Debug)]
-enum Wiring {
+pub(super) enum Wiring {
     /// The pty master comes back over the console socket; the agent relays both directions.
     Terminal {
         console: ConsoleSocket,
@@ -117,7 +117,11 @@ impl Manager {
     }
 
     /// Claims the streams `stdio` announces, one after the other.
-    async fn claim_streams(&self, p: &ProcessRef, stdio: &StdioStreams) -> Res<HostStreams> {
+    pub(super) async fn claim_streams(
+        &self,
+        p: &ProcessRef,
+        stdio: &StdioStreams,
+    ) -> Res<HostStreams> {
         Ok(HostStreams {
             stdin: self.claim(p, stdio.stdin, StdioKind::Stdin).await?,
             stdout: self.claim(p, stdio.stdout, StdioKind::Stdout).await?,
@@ -159,7 +163,7 @@ impl Manager {
 impl Wiring {
     /// Gives the helper a pipe end for each stream: the read end for stdin, the write ends for
     /// stdout and stderr.
-    fn plain(cmd: &mut Command, streams: HostStreams) -> Res<Wiring> {
+    pub(super) fn plain(cmd: &mut Command, streams: HostStreams) -> Res<Wiring> {
         let mut stdin = None;
         if let Some(host) = streams.stdin {
             let (r, w) = stdin::pipe()?;
@@ -188,7 +192,7 @@ impl Wiring {
     }
 
     /// Starts the relays once the process exists.
-    fn attach(self) -> Res<Relays> {
+    pub(super) fn attach(self) -> Res<Relays> {
         match self {
             Wiring::Terminal {
                 console,

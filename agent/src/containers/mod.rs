@@ -7,6 +7,7 @@
 //! Exit statuses come from the [`Reaper`].
 
 mod create;
+mod debug;
 pub use create::{provide_ephemeral, reach_submounts, RootfsFrom};
 mod delete;
 mod exec;
@@ -108,6 +109,8 @@ pub struct Manager {
     containers: Mutex<HashMap<String, Arc<Container>>>,
     oom_tx: mpsc::UnboundedSender<String>,
     oom_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>,
+    /// Processes of the debug console (`debug.rs`), by exec id.
+    debug: Mutex<HashMap<String, Arc<Process>>>,
 }
 
 /// Ids become file names (bundles, state, console sockets), so they are kept to a safe set.
@@ -138,6 +141,7 @@ impl Manager {
             containers: Mutex::new(HashMap::new()),
             oom_tx,
             oom_rx: tokio::sync::Mutex::new(oom_rx),
+            debug: Mutex::default(),
         }
     }
 
@@ -155,6 +159,9 @@ impl Manager {
     }
 
     fn process(&self, p: &ProcessRef) -> Res<Arc<Process>> {
+        if p.container_id == cocoon_protocol::DEBUG_CONTAINER {
+            return self.debug_process(p.exec_id.as_deref());
+        }
         let c = self.get(&p.container_id)?;
         let Some(exec_id) = &p.exec_id else {
             return Ok(c.init.clone());

@@ -83,6 +83,17 @@ impl ConsoleSocket {
             .accept()
             .map_err(failed("accept on the console socket"))?;
         let master = recv_master(&conn).map_err(failed("receive the pty master"))?;
+        relay_terminal(master, stdin, stdout)
+    }
+}
+
+/// Starts the relays between a pty `master` and the host's streams.
+pub(super) fn relay_terminal(
+    master: OwnedFd,
+    stdin: Option<HostStream>,
+    stdout: Option<HostStream>,
+) -> Res<Relays> {
+    {
         let mut relays = Relays::default();
         if let Some(s) = stdout {
             let (tx, rx) = oneshot::channel();

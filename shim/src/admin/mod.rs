@@ -10,7 +10,11 @@
 //!
 //! - `GET /info`: the pod as JSON ([`Info`]).
 //! - `GET /logs[?follow]`: the guest's console ([`logs`]).
+//! - `POST /exec` (upgraded): the debug console, when enabled ([`exec`]).
+//! - `GET /stats[?guest_ms=N]`: the pod's numbers for `cocoon monitor` ([`PodStats`]); the
+//!   guest gets N ms (default 1000) to answer its part.
 
+pub mod exec;
 mod logs;
 
 use std::convert::Infallible;
@@ -23,9 +27,9 @@ use hyper::body::Frame;
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 
-use crate::pod::{Pod, PodFacts};
+use crate::pod::{Pod, PodFacts, PodStats};
 
-type Body = BoxBody<Bytes, Infallible>;
+pub(crate) type Body = BoxBody<Bytes, Infallible>;
 
 /// `GET /info`.
 #[derive(Debug, Serialize)]
@@ -35,6 +39,27 @@ pub struct Info {
     pub shim_pid: u32,
     #[serde(flatten)]
     pub pod: PodFacts,
+}
+
+/// `GET /stats`.
+#[derive(Debug, Serialize)]
+pub struct Stats {
+    pub namespace: String,
+    pub shim_pid: u32,
+    #[serde(flatten)]
+    pub pod: PodStats,
+}
+
+/// How long the guest gets to answer a `/stats` by default.
+const GUEST_MS: u64 = 1000;
+
+/// The value of `key` in a query string (`a=1&b`), if it is there.
+fn query<'q>(q: Option<&'q str>, key: &str) -> Option<&'q str> {
+    q?.split('&').find_map(|kv| match kv.split_once('=') {
+        Some((k, v)) if k == key => Some(v),
+        None if kv == key => Some(""),
+        _ => None,
+    })
 }
 
 /// A serving endpoint; dropping it stops serving and removes the socket.
@@ -47,7 +72,13 @@ pub struct AdminServer {
 impl AdminServer {
     /// Serves `pod` on `path`. The socket is bound under a temporary name, made root-only,
     /// then renamed into place, so that it is never reachable with looser permissions.
-    pub fn start(pod: Pod, namespace: String, path: PathBuf) -> std::io::Result<AdminServer> {
+    /// `debug_console`: `[debug] console` of the config, whether `POST /exec` is served.
+    pub fn start(
+        pod: Pod,
+        namespace: String,
+        path: PathBuf,
+        debug_console: bool,
+    ) -> std::io::Result<AdminServer> {
         use std::os::unix::fs::PermissionsExt;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
@@ -71,10 +102,13 @@ impl AdminServer {
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let (pod, namespace) = (pod.clone(), namespace.clone());
-                        async move { Ok::<_, Infallible>(answer(&pod, namespace, &req).await) }
+                        async move {
+                            Ok::<_, Infallible>(answer(pod, namespace, debug_console, req).await)
+                        }
                     });
                     if let Err(e) = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .with_upgrades()
                         .await
                     {
                         log::debug!("admin endpoint: {e}");
@@ -93,13 +127,17 @@ impl Drop for AdminServer {
     }
 }
 
-async fn answer<B>(pod: &Pod, namespace: String, req: &Request<B>) -> Response<Body> {
+async fn answer(
+    pod: Pod,
+    namespace: String,
+    debug_console: bool,
+    req: Request<hyper::body::Incoming>,
+) -> Response<Body> {
+    let pod = &pod;
     match (req.method(), req.uri().path()) {
+        (&Method::POST, "/exec") => exec::serve(pod.clone(), debug_console, req).await,
         (&Method::GET, "/logs") => {
-            let follow = req
-                .uri()
-                .query()
-                .is_some_and(|q| q.split('&').any(|kv| kv == "follow" || kv == "follow=1"));
+            let follow = query(req.uri().query(), "follow").is_some_and(|v| v != "0");
             let Some(vm) = pod.facts().await.vm else {
                 return reply(
                     StatusCode::CONFLICT,
@@ -125,34 +163,67 @@ async fn answer<B>(pod: &Pod, namespace: String, req: &Request<B>) -> Response<B
             );
             r
         }
+        (&Method::GET, "/stats") => {
+            let guest_ms = query(req.uri().query(), "guest_ms")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(GUEST_MS);
+            let stats = Stats {
+                namespace,
+                shim_pid: std::process::id(),
+                pod: pod
+                    .pod_stats(std::time::Duration::from_millis(guest_ms))
+                    .await,
+            };
+            json(&stats)
+        }
         (&Method::GET, "/info") => {
             let info = Info {
                 namespace,
                 shim_pid: std::process::id(),
                 pod: pod.facts().await,
             };
-            match serde_json::to_vec(&info) {
-                Ok(body) => reply(StatusCode::OK, "application/json", body),
-                Err(e) => reply(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "text/plain",
-                    e.to_string().into_bytes(),
-                ),
-            }
+            json(&info)
         }
         (_, path) => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            format!("no such endpoint: {path} (there are GET /info, GET /logs)\n").into_bytes(),
+            format!(
+                "no such endpoint: {path} (there are GET /info, /logs, /stats and POST /exec)\n"
+            )
+            .into_bytes(),
         ),
     }
 }
 
-fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Body> {
+fn json(value: &impl Serialize) -> Response<Body> {
+    match serde_json::to_vec(value) {
+        Ok(body) => reply(StatusCode::OK, "application/json", body),
+        Err(e) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            e.to_string().into_bytes(),
+        ),
+    }
+}
+
+pub(crate) fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
     *r.status_mut() = status;
     if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
         r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::query;
+
+    #[test]
+    fn query_values() {
+        assert_eq!(query(Some("follow"), "follow"), Some(""));
+        assert_eq!(query(Some("a=1&guest_ms=250"), "guest_ms"), Some("250"));
+        assert_eq!(query(Some("a=1"), "guest_ms"), None);
+        assert_eq!(query(None, "follow"), None);
+    }
 }

@@ -321,6 +321,7 @@ impl PodVm for FakeVm {
                 pod: "pod1".into(),
                 call: FAKE_CALL_TIMEOUT,
                 stdio: FAKE_CALL_TIMEOUT,
+                calls: Arc::default(),
             },
         }
     }

@@ -57,6 +57,8 @@ mod attack_tests;
 mod copies;
 #[cfg(test)]
 mod copies_tests;
+mod debug;
+pub use debug::{DebugControl, DebugSession};
 mod facts;
 #[cfg(test)]
 mod fake;
@@ -69,7 +71,9 @@ mod layer_tests;
 mod mounts;
 mod ops;
 mod seams;
+mod stats;
 pub use seams::{BootTimes, PodVm, VmFactory, VmFacts};
+pub use stats::{GuestUsage, HostUsage, PodStats};
 #[cfg(test)]
 mod tests;
 mod watchers;
@@ -112,6 +116,8 @@ struct PodState {
     disks: layer_rootfs::Disks,
     /// The small host files copied into the guest (`copies.rs`).
     copies: copies::Copies,
+    /// OOM kills the guest reported in the pod's containers (`watchers.rs`), for the monitor.
+    oom_events: u64,
 }
 
 impl PodState {

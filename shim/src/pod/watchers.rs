@@ -45,7 +45,11 @@ impl Pod {
                 };
                 let pod = Pod { inner };
                 let ours = pod
-                    .with_state(|s| s.containers.contains_key(&e.container_id))
+                    .with_state(|s| {
+                        let ours = s.containers.contains_key(&e.container_id);
+                        s.oom_events += u64::from(ours);
+                        ours
+                    })
                     .await;
                 if ours {
                     let now = tokio::time::Instant::now();
