@@ -12,6 +12,7 @@ CLI_BIN      := target/release/cocoon
 ROOTFS_BIN   := target/release/cocoon-rootfs
 
 APT_PACKAGES := qemu-system-x86 kmod cpio busybox-static dpkg containerd runc runsc bc fonts-dejavu-core \
+                python3 python3-venv \
                 libseccomp-dev libcap-ng-dev pkg-config ca-certificates \
                 containernetworking-plugins protobuf-compiler iproute2 gcc libc6-dev erofs-utils e2fsprogs
 # Helper daemons from crates.io, pinned to the versions checked on these machines.
@@ -19,9 +20,9 @@ HELPERS      := virtiofsd@1.14.0 vhost-device-vsock@0.3.0
 
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: setup deps helpers qemu build agent image install test test-containerd2 conformance test-cloud-hypervisor test-template-off bench soak demo clean
+.PHONY: setup deps helpers static-helpers tools qemu build agent image deploy-image install test test-containerd2 conformance test-cloud-hypervisor test-template-off bench soak demo clean
 
-setup: deps helpers qemu build image install
+setup: deps helpers static-helpers tools qemu build image install
 
 deps:
 	apt-get update -q
@@ -38,6 +39,21 @@ helpers:
 	    $(CARGO) install --locked --root $(PREFIX) $$h || exit 1; \
 	  fi; \
 	done
+
+# The helpers as static binaries for the deploy image (`make deploy-image`), built once.
+STATIC_HELPERS := /usr/local/lib/cocoon/static-helpers
+static-helpers:
+	scripts/static-helpers.sh $(STATIC_HELPERS)
+
+# kubernetes-validate (Kubernetes' own schemas, in a venv): the tests check deploy/ with it.
+KUBE_VALIDATE := /usr/local/lib/cocoon/kubernetes-validate
+tools:
+	@if [ -x $(KUBE_VALIDATE)/bin/kubernetes-validate ]; then \
+	  echo "kubernetes-validate: already installed in $(KUBE_VALIDATE)"; \
+	else \
+	  python3 -m venv $(KUBE_VALIDATE) && \
+	  $(KUBE_VALIDATE)/bin/pip install -q kubernetes-validate==1.37.0; \
+	fi
 
 # Cocoon's own QEMU (bookworm-backports' 10 beside Debian 12's 7.2): the shim uses it where it
 # is (vmm_driver::config::COCOON_QEMU), and only 8.2 and later let pods share the template's RAM.
@@ -73,7 +89,21 @@ install: build
 # installed system-wide). `make test` runs the restart and ctr suites against it too.
 CONTAINERD2_PREFIX ?= /var/tmp/cocoon-containerd2
 
-test: build image
+# The deploy image (issue #32): an OCI archive of static binaries and the guest image, which
+# cocoon-deploy installs on Kubernetes nodes (docs/kubernetes.md). Loaded with `ctr images import`.
+DEPLOY_IMAGE := target/deploy/cocoon-deploy.oci.tar
+STATIC_BIN   := target/$(AGENT_TARGET)/release
+deploy-image: image static-helpers
+	LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
+	  RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --target $(AGENT_TARGET) \
+	  -p cocoon-shim -p cocoon-cli -p cocoon-deploy --bins
+	$(CARGO) run --release -p cocoon-tests --bin cocoon-deploy-image -- --out $(DEPLOY_IMAGE) \
+	  --image-dir $(IMAGE_DIR) --shim $(STATIC_BIN)/containerd-shim-cocoon-v2 \
+	  --cli $(STATIC_BIN)/cocoon --deploy $(STATIC_BIN)/cocoon-deploy \
+	  --virtiofsd $(STATIC_HELPERS)/bin/virtiofsd \
+	  --vhost-device-vsock $(STATIC_HELPERS)/bin/vhost-device-vsock
+
+test: build image deploy-image
 	$(CARGO) test --release --workspace
 	COCOON_TEST_VSOCK=hybrid $(CARGO) test --release -p cocoon-tests --test ctr --test restart \
 	  --test lean_pods --test faults
