@@ -8,6 +8,7 @@
 //! tree.
 
 pub mod containerd;
+mod files;
 mod install;
 pub mod label;
 pub mod node;

@@ -47,7 +47,7 @@ impl Record {
             path: path.clone(),
             message: e.to_string(),
         })?;
-        crate::install::write_if_changed(&path, text.as_bytes(), 0o600).map(|_| ())
+        crate::files::write_if_changed(&path, text.as_bytes(), 0o600).map(|_| ())
     }
 
     /// Makes `dir` (a node path) with its missing parents, noting each one made.
