@@ -160,6 +160,8 @@ pub struct Containerd {
     /// The config file and PATH the daemon runs with, to start it again ([`Self::restart`]).
     cfg: PathBuf,
     path_env: String,
+    /// A command the daemon runs under (`start_on_node`'s mount namespace); empty: none.
+    wrapper: Vec<String>,
 }
 
 /// The directory of the `containerd` and `ctr` under test: `COCOON_TEST_CONTAINERD_BIN`
@@ -172,17 +174,38 @@ pub fn containerd_bin(name: &str) -> PathBuf {
 }
 
 /// Starts the daemon with `cfg`, logging to `log` (appended: a restart keeps the first log).
-fn spawn_containerd(cfg: &Path, path_env: &str, cocoon_config: &Path, log: &Path) -> Child {
+/// Under `wrapper` (a command that execs its arguments) where it is not empty; the shims get
+/// `cocoon_config` as COCOON_CONFIG unless it is empty (they read the host's own then).
+fn spawn_containerd(
+    cfg: &Path,
+    path_env: &str,
+    cocoon_config: &Path,
+    log: &Path,
+    wrapper: &[String],
+) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap();
-    Command::new(containerd_bin("containerd"))
-        .arg("--config")
+    let containerd = containerd_bin("containerd");
+    let mut cmd = match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest)
+                .arg(which::which(&containerd).unwrap_or(containerd));
+            c
+        }
+        None => Command::new(containerd),
+    };
+    if !cocoon_config.as_os_str().is_empty() {
+        cmd.env("COCOON_CONFIG", cocoon_config);
+    } else {
+        cmd.env_remove("COCOON_CONFIG");
+    }
+    cmd.arg("--config")
         .arg(cfg)
         .env("PATH", path_env)
-        .env("COCOON_CONFIG", cocoon_config)
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -238,7 +261,7 @@ impl Containerd {
             shim_dir().display(),
             std::env::var("PATH").unwrap_or_default()
         );
-        let child = spawn_containerd(&cfg, &path, &cocoon_config, &d.join("containerd.log"));
+        let child = spawn_containerd(&cfg, &path, &cocoon_config, &d.join("containerd.log"), &[]);
         let c = Containerd {
             dir,
             address,
@@ -248,6 +271,80 @@ impl Containerd {
             child,
             cfg,
             path_env: path,
+            wrapper: vec![],
+        };
+        c.wait_serving();
+        c
+    }
+
+    /// A containerd as a node with Cocoon installed under `node` would run it (issue #32):
+    /// in a mount namespace of its own where `node`'s `/opt/cocoon`, `/etc/cocoon`,
+    /// `/etc/containerd/conf.d` and `/usr/local/bin` stand at those paths, with a system PATH
+    /// and no COCOON_CONFIG, so its shims are the node's and read the node's config. Its
+    /// config is a private one (root, state, sockets) that imports the node's drop-ins.
+    /// `cocoon_state` is the `state_dir` of the node's config.
+    pub fn start_on_node(node: &Path, cocoon_state: &Path) -> Containerd {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let address = d.join("containerd.sock");
+        let cfg = d.join("containerd.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
+                 imports = [\"/etc/containerd/conf.d/*.toml\"]\n\
+                 [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n",
+                root = d.join("root").display(),
+                state = d.join("state").display(),
+                sock = address.display(),
+            ),
+        )
+        .unwrap();
+        // /opt gets a tmpfs first: the mount point for /opt/cocoon must not be made on the
+        // host's /opt.
+        let script = d.join("node-ns.sh");
+        std::fs::write(
+            &script,
+            format!(
+                "set -eu\nN={node}\nmount -t tmpfs -o mode=0755 node-opt /opt\n\
+                 mkdir /opt/cocoon\nmount --rbind \"$N/opt/cocoon\" /opt/cocoon\n\
+                 for p in /etc/cocoon /etc/containerd/conf.d /usr/local/bin; do\n\
+                 \x20 [ -d \"$p\" ] || {{ echo \"$p is missing on this host: run make setup\" >&2; exit 1; }}\n\
+                 \x20 mount --rbind \"$N$p\" \"$p\"\ndone\nexec \"$@\"\n",
+                node = node.display()
+            ),
+        )
+        .unwrap();
+        let wrapper: Vec<String> = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            script.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec();
+        let path = format!(
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin{}",
+            containerd_bin("containerd")
+                .parent()
+                .map(|p| format!(":{}", p.display()))
+                .filter(|p| p != ":")
+                .unwrap_or_default()
+        );
+        let none = PathBuf::new();
+        let child = spawn_containerd(&cfg, &path, &none, &d.join("containerd.log"), &wrapper);
+        let c = Containerd {
+            dir,
+            address,
+            cocoon_config: none,
+            cocoon_state: cocoon_state.to_owned(),
+            sockets_before: shim_sockets(),
+            child,
+            cfg,
+            path_env: path,
+            wrapper,
         };
         c.wait_serving();
         c
@@ -282,6 +379,7 @@ impl Containerd {
             &self.path_env,
             &self.cocoon_config,
             &self.dir.path().join("containerd.log"),
+            &self.wrapper,
         );
         self.wait_serving();
     }

@@ -3,8 +3,9 @@
 //! `make setup`), which is shown to refuse a broken one. The deploy image (`make
 //! deploy-image`) imports into a private containerd, and its installer, run from it with
 //! `ctr run` and a scratch node root bound at /host, installs Cocoon there: the static shim
-//! and helpers run, the node's config points at them; install twice is install once, and
-//! uninstall leaves the node root as it was.
+//! and helpers run, the node's config points at them, and a containerd started after the
+//! install with the node's paths runs a pod with the installed shim, guest and helpers;
+//! install twice is install once, and uninstall leaves the node root as it was.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
@@ -14,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use cocoon_tests::containerd::Containerd;
-use cocoon_tests::gate;
+use cocoon_tests::{gate, Need};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -157,9 +158,58 @@ fn deploy(c: &Containerd, node: &Path, name: &str, args: &[&str]) -> String {
     text
 }
 
+/// A containerd started after the install, as the node runs it (`start_on_node`: the node's
+/// paths in a mount namespace of its own), runs a pod with the installed shim, which boots
+/// the installed guest with the installed helpers. The node's config gets a private
+/// `state_dir` for the run and its own bytes back after.
+fn run_a_pod_on(node: &Path, scratch: &Path) {
+    let config = node.join("etc/cocoon/config.toml");
+    let shipped = std::fs::read(&config).unwrap();
+    let state = scratch.join("state");
+    let text = String::from_utf8(shipped.clone()).unwrap().replace(
+        "state_dir = \"/run/cocoon\"",
+        &format!("state_dir = \"{}\"", state.display()),
+    );
+    std::fs::write(&config, text).unwrap();
+    {
+        let n = Containerd::start_on_node(node, &state);
+        n.import_test_image();
+        n.run_detached("on-node", &["sleep", "600"]);
+        let shim = n.shim_pid("on-node");
+        assert_eq!(
+            std::fs::read_link(format!("/proc/{shim}/exe")).unwrap(),
+            Path::new("/opt/cocoon/bin/containerd-shim-cocoon-v2"),
+            "the pod's shim is the installed one"
+        );
+        let qemu = cocoon_tests::leaks::pids_named(&state, "qemu-system-x86_64");
+        assert_eq!(qemu.len(), 1, "{qemu:?}");
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", qemu[0])).unwrap();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(cmdline.contains("/opt/cocoon/share/vmlinuz"), "{cmdline}");
+        let out = n.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "e1",
+            "on-node",
+            "echo",
+            "hello from the node",
+        ]);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "hello from the node",
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        n.kill_and_remove("on-node");
+        n.assert_clean();
+    }
+    std::fs::write(&config, shipped).unwrap();
+}
+
 #[tokio::test]
-async fn the_deploy_image_installs_on_a_node_root_and_uninstall_gives_it_back() {
-    let Some(_gate) = gate(&[]).await else {
+async fn the_deploy_image_installs_a_shim_that_runs_pods_and_uninstall_gives_the_node_back() {
+    let Some(_gate) = gate(&[Need::selected_guest()]).await else {
         return;
     };
     let image = repo().join("target/deploy/cocoon-deploy.oci.tar");
