@@ -161,14 +161,26 @@ fn deploy(c: &Containerd, node: &Path, name: &str, args: &[&str]) -> String {
 /// A containerd started after the install, as the node runs it (`start_on_node`: the node's
 /// paths in a mount namespace of its own), runs a pod with the installed shim, which boots
 /// the installed guest with the installed helpers. The node's config gets a private
-/// `state_dir` for the run and its own bytes back after.
+/// `state_dir` and `template_dir` for the run and its own bytes back after.
 fn run_a_pod_on(node: &Path, scratch: &Path) {
     let config = node.join("etc/cocoon/config.toml");
     let shipped = std::fs::read(&config).unwrap();
     let state = scratch.join("state");
-    let text = String::from_utf8(shipped.clone()).unwrap().replace(
-        "state_dir = \"/run/cocoon\"",
-        &format!("state_dir = \"{}\"", state.display()),
+    // And a private template dir: a template is keyed by its kernel's inode, new with each
+    // install, so one made here would be left behind in the host's.
+    let text = String::from_utf8(shipped.clone())
+        .unwrap()
+        .replace(
+            "state_dir = \"/run/cocoon\"",
+            &format!("state_dir = \"{}\"", state.display()),
+        )
+        .replace(
+            "template_dir = \"/var/lib/cocoon/templates\"",
+            &format!("template_dir = \"{}\"", scratch.join("templates").display()),
+        );
+    assert!(
+        text.contains(&scratch.display().to_string())
+            && !text.contains("/var/lib/cocoon/templates")
     );
     std::fs::write(&config, text).unwrap();
     {
@@ -308,6 +320,8 @@ async fn the_deploy_image_installs_a_shim_that_runs_pods_and_uninstall_gives_the
         "{said}"
     );
     assert_eq!(snapshot(&node), once, "a second install changed the node");
+
+    run_a_pod_on(&node, dir.path());
 
     let said = deploy(
         &c,
