@@ -60,44 +60,60 @@ pub async fn run(
     let (mut from_shim, mut to_shim) = tokio::io::split(io);
 
     let raw = if tty { RawTerminal::enter() } else { None };
+    // One writer for every frame out: stdin, its end, and the window's sizes.
+    let (tx, mut frames) = tokio::sync::mpsc::channel::<(Kind, Vec<u8>)>(16);
+    tokio::spawn(async move {
+        while let Some((kind, data)) = frames.recv().await {
+            if write_frame(&mut to_shim, kind, &data).await.is_err() {
+                break;
+            }
+        }
+        // The write half stays open: closing it would tell the shim the client left.
+        std::future::pending::<()>().await;
+    });
     if tty {
-        if let Ok(ws) = rustix::termios::tcgetwinsize(std::io::stdout()) {
-            write_frame(
-                &mut to_shim,
-                Kind::Resize,
-                &resize_payload(ws.ws_row, ws.ws_col),
-            )
-            .await?;
+        let size = || {
+            rustix::termios::tcgetwinsize(std::io::stdout())
+                .ok()
+                .map(|ws| (Kind::Resize, resize_payload(ws.ws_row, ws.ws_col).to_vec()))
+        };
+        if let Some(frame) = size() {
+            let _ = tx.send(frame).await;
+        }
+        // The local terminal's size changes follow the guest's (SIGWINCH).
+        if let Ok(mut winch) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
+        {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while winch.recv().await.is_some() {
+                    if let Some(frame) = size() {
+                        if tx.send(frame).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
         }
     }
     if interactive {
+        let tx = tx.clone();
         tokio::spawn(async move {
             let mut stdin = tokio::io::stdin();
             let mut buf = vec![0u8; 16 * 1024];
             loop {
                 match stdin.read(&mut buf).await {
                     Ok(0) | Err(_) => {
-                        let _ = write_frame(&mut to_shim, Kind::StdinEnd, &[]).await;
+                        let _ = tx.send((Kind::StdinEnd, vec![])).await;
                         break;
                     }
                     Ok(n) => {
-                        if write_frame(&mut to_shim, Kind::Stdin, &buf[..n])
-                            .await
-                            .is_err()
-                        {
+                        if tx.send((Kind::Stdin, buf[..n].to_vec())).await.is_err() {
                             break;
                         }
                     }
                 }
             }
-            // The write half stays open: closing it would tell the shim the client left.
-            std::future::pending::<()>().await;
-        });
-    } else {
-        // Held, not dropped: a closed connection means the client left.
-        tokio::spawn(async move {
-            let _keep = to_shim;
-            std::future::pending::<()>().await;
         });
     }
     let (mut out, mut err) = (tokio::io::stdout(), tokio::io::stderr());

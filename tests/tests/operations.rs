@@ -350,6 +350,59 @@ fn exec(c: &Containerd, args: &[&str], input: Option<&str>) -> (i32, String, Str
     )
 }
 
+/// `cocoon exec -t` on a terminal of 31x97 (its controlling terminal: `setsid -c`): the
+/// guest's pty gets that size, and when the terminal is resized (SIGWINCH), the new one.
+fn terminal_size_follows(c: &Containerd) {
+    use std::io::Read;
+    let size = |rows, cols| rustix::termios::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(None, None).unwrap();
+    rustix::termios::tcsetwinsize(&pty.master, size(31, 97)).unwrap();
+    let slave = || std::process::Stdio::from(pty.slave.try_clone().unwrap());
+    let mut child = Command::new("setsid")
+        .arg("-c")
+        .arg(cocoon_cli())
+        .arg("--state-dir")
+        .arg(&c.cocoon_state)
+        .args([
+            "exec",
+            "-t",
+            "dbg",
+            "--",
+            "sh",
+            "-c",
+            "stty size; sleep 3; stty size",
+        ])
+        .stdin(slave())
+        .stdout(slave())
+        .stderr(slave())
+        .spawn()
+        .unwrap();
+    drop(pty.slave);
+    let mut master = std::fs::File::from(pty.master);
+    let (mut seen, mut buf, mut resized) = (String::new(), [0u8; 1024], false);
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(30) {
+        // EIO once every slave fd is closed: the session is over.
+        let Ok(n) = master.read(&mut buf) else { break };
+        if n == 0 {
+            break;
+        }
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        if !resized && seen.contains("31 97") {
+            rustix::termios::tcsetwinsize(&master, size(42, 120)).unwrap();
+            resized = true;
+        }
+    }
+    assert!(child.wait().unwrap().success(), "{seen:?}");
+    assert!(seen.contains("31 97"), "the first size: {seen:?}");
+    assert!(seen.contains("42 120"), "the size after SIGWINCH: {seen:?}");
+}
+
 /// The debug console: refused by default with the setting's name; when the host enables it,
 /// `uname -r` runs in the guest (the guest kernel's release, not the host's), outside the
 /// container (PID 1 is the agent), with stdin, a terminal, the exit status; and a command
@@ -396,6 +449,7 @@ async fn cocoon_exec_is_refused_by_default_and_runs_in_the_guest_when_enabled() 
     let (code, out, _) = exec(&c, &["-t", "dbg", "--", "tty"], None);
     assert_eq!(code, 0);
     assert!(out.trim().starts_with("/dev/pts/"), "{out:?}");
+    terminal_size_follows(&c);
     let (code, _, err) = exec(&c, &["dbg", "--", "no-such-command"], None);
     assert_eq!(code, 127, "{err}");
     assert!(err.contains("no-such-command"), "{err}");
