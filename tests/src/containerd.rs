@@ -213,6 +213,25 @@ fn spawn_containerd(
         .expect("containerd is missing: run `make setup`")
 }
 
+/// A containerd config of its own in `d` (root, state, sockets), with `extra` after the
+/// top-level keys and before `[grpc]`; its socket and the config's path.
+fn private_config(d: &Path, extra: &str) -> (PathBuf, PathBuf) {
+    let address = d.join("containerd.sock");
+    let cfg = d.join("containerd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n{extra}\n\
+             [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n",
+            root = d.join("root").display(),
+            state = d.join("state").display(),
+            sock = address.display(),
+        ),
+    )
+    .unwrap();
+    (address, cfg)
+}
+
 impl Containerd {
     /// A containerd whose Cocoon shims use the hypervisor [`test_hypervisor`] selects.
     pub fn start() -> Containerd {
@@ -233,20 +252,7 @@ impl Containerd {
     ) -> Containerd {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let address = d.join("containerd.sock");
-        let cfg = d.join("containerd.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n{extra}\n\
-                 [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n",
-                root = d.join("root").display(),
-                state = d.join("state").display(),
-                sock = address.display(),
-                extra = extra(d),
-            ),
-        )
-        .unwrap();
+        let (address, cfg) = private_config(d, &extra(d));
         let cocoon_state = d.join("cocoon");
         let cocoon_config = d.join("cocoon.toml");
         write_cocoon_toml(&cocoon_config, hypervisor, &cocoon_state);
@@ -286,20 +292,7 @@ impl Containerd {
     pub fn start_on_node(node: &Path, cocoon_state: &Path) -> Containerd {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let address = d.join("containerd.sock");
-        let cfg = d.join("containerd.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
-                 imports = [\"/etc/containerd/conf.d/*.toml\"]\n\
-                 [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n",
-                root = d.join("root").display(),
-                state = d.join("state").display(),
-                sock = address.display(),
-            ),
-        )
-        .unwrap();
+        let (address, cfg) = private_config(d, "imports = [\"/etc/containerd/conf.d/*.toml\"]");
         // /opt gets a tmpfs first: the mount point for /opt/cocoon must not be made on the
         // host's /opt.
         let script = d.join("node-ns.sh");
